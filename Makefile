@@ -1,0 +1,105 @@
+# AFD: a disaggregated Attention/FFN decode cluster for Step3.
+# make            build everything into build/bin (CUDA parts when nvcc is found)
+# make deps       install the Debian packages the build and tests need
+# make test       deps + build + every test suite; ends with "N passed, N failed"
+# make demo       deps + build + the main job on the embedded tiny model
+# make bench      deps + build + the CPU benchmarks on the mini model
+# options: V=1 (show commands), SANITIZE=1 (ASan+UBSan, build in build/san),
+#          CUDA=auto|0|1, DEBUG=1
+.DEFAULT_GOAL := all
+.SUFFIXES:
+
+V ?= 0
+SANITIZE ?= 0
+CUDA ?= auto
+DEBUG ?= 0
+Q := $(if $(filter 1,$(V)),,@)
+msg = $(if $(filter 1,$(V)),,@printf '  %-6s %s\n' $(1) $(2))
+
+ifeq ($(SANITIZE),1)
+BUILD ?= build/san
+SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+else
+BUILD ?= build
+SANFLAGS :=
+endif
+
+NVCC ?= /usr/local/cuda/bin/nvcc
+ifeq ($(CUDA),auto)
+HAVE_CUDA := $(if $(wildcard $(NVCC)),1,0)
+else
+HAVE_CUDA := $(CUDA)
+endif
+
+CC ?= gcc
+OPT := $(if $(filter 1,$(DEBUG)),-O0,-O2)
+INCLUDES := -Icommon/util -Icommon/model -Icommon/kernels -Icommon/net -I$(BUILD)/proto
+CFLAGS := -std=c11 -Wall -Wextra -Werror $(OPT) -g -MMD -MP -pthread $(SANFLAGS) $(INCLUDES)
+LDFLAGS := -pthread $(SANFLAGS)
+LDLIBS := -lcjson -lopenblas -lm
+
+COMMON_SRC := $(wildcard common/util/*.c common/model/*.c common/kernels/*.c common/kernels/cpu/*.c common/net/*.c)
+COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILD)/obj/%.o)
+LIBCOMMON := $(BUILD)/lib/libafdcommon.a
+
+TOOLS := afd_mkmodel afd_run
+BENCH := afd_gemm_bench
+BINS := $(TOOLS:%=$(BUILD)/bin/%) $(BENCH:%=$(BUILD)/bin/%)
+
+UNIT_SRC := $(wildcard tests/unit/test_*.c)
+UNIT_BINS := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+
+all: $(BINS)
+
+tests: $(UNIT_BINS)
+
+$(BUILD)/obj/%.o: %.c
+	$(call msg,CC,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(CFLAGS) -c $< -o $@
+
+$(LIBCOMMON): $(COMMON_OBJ)
+	$(call msg,AR,$@)
+	@mkdir -p $(dir $@)
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/bin/%: $(BUILD)/obj/tools/%.o $(LIBCOMMON)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/bin/%: $(BUILD)/obj/bench/%.o $(LIBCOMMON)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIBCOMMON)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -lcmocka -o $@
+
+deps:
+	@scripts/deps.sh
+
+test: deps
+	@$(MAKE) --no-print-directory all tests
+	@BUILD=$(BUILD) tests/run_all.sh
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@BUILD=$(BUILD) scripts/demo.sh
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@BUILD=$(BUILD) bench/run_cpu.sh
+
+format:
+	clang-format -i $$(git ls-files '*.c' '*.h')
+
+clean:
+	rm -rf build
+
+.PHONY: all tests deps test demo bench format clean
+.SECONDARY:
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -1,0 +1,132 @@
+/*
+ * kn_ops: the kernel interface. One ops table, one implementation per backend
+ * (cpu: fp32 compute over OpenBLAS; cuda: cuBLASLt and custom kernels). The
+ * model code calls only these; every pointer an op takes lives in the backend's
+ * memory (host for cpu, device for cuda). Activations are float32, row-major.
+ */
+#ifndef KN_OPS_H
+#define KN_OPS_H
+
+#include "afd_dtype.h"
+#include "afd_status.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+ * A 2-D weight slice as it sits in a checkpoint: rows [row0, row0+rows) and columns
+ * [col0, col0+cols) of a [full_rows, full_cols] matrix of dtype `dtype` at `data`
+ * (one expert's matrix for fused 3-D tensors). For block-fp8, `scale` points at the
+ * matrix's [ceil(full_rows/128), ceil(full_cols/128)] float32 block scales.
+ */
+typedef struct kn_src {
+    afd_dtype_t dtype;
+    const void *data;
+    int64_t full_rows, full_cols;
+    int64_t row0, rows, col0, cols;
+    const float *scale; /* NULL unless dtype is e4m3 */
+} kn_src_t;
+
+/* A weight owned by a backend: logically [rows, cols] = [out, in]. */
+typedef struct kn_weight {
+    int64_t rows, cols;
+    void *data;  /* cpu: float (rows, cols) */
+    void *aux;   /* backend-private (scales, descriptors) */
+} kn_weight_t;
+
+/*
+ * The paged KV cache storage: one shared KV head per layer.
+ *   k, v:       (layer, block, block_size, head_dim) elements of dtype
+ *   k_scale, v_scale: (layer, block, block_size) float32, only for fp8 (one scale per
+ *               token vector)
+ */
+typedef struct kn_kv {
+    afd_dtype_t dtype;
+    int num_layers, num_blocks, block_size, head_dim;
+    void *k, *v;
+    float *k_scale, *v_scale;
+} kn_kv_t;
+
+/* One sequence's view for attention: its block table (host memory; a device backend
+ * uploads it) and positions. */
+typedef struct kn_seq {
+    const int32_t *block_table; /* blocks covering positions [0, pos0 + ntok) */
+    int pos0;                   /* position of the first new token (tokens already cached) */
+    int ntok;                   /* new tokens in this call */
+} kn_seq_t;
+
+typedef struct kn_backend kn_backend_t;
+
+typedef struct kn_ops {
+    const char *name;
+    void (*destroy)(kn_backend_t *be);
+    /* memory in the backend's space; alloc returns zeroed memory or NULL */
+    void *(*alloc)(kn_backend_t *be, size_t bytes);
+    void (*free)(kn_backend_t *be, void *p);
+    void (*upload)(kn_backend_t *be, void *dst, const void *src, size_t bytes);
+    void (*download)(kn_backend_t *be, void *dst, const void *src, size_t bytes);
+    void (*zero)(kn_backend_t *be, void *p, size_t bytes);
+    /* waits until all queued work is done (cpu: no-op) */
+    void (*sync)(kn_backend_t *be);
+
+    /* weights: dequantise/convert a checkpoint slice into the backend's format */
+    afd_status_t (*weight_load)(kn_backend_t *be, const kn_src_t *src, kn_weight_t *w);
+    void (*weight_free)(kn_backend_t *be, kn_weight_t *w);
+
+    /* y[n, w.rows] = x[n, w.cols] . w^T (+ y when accumulate) */
+    void (*matmul)(kn_backend_t *be, const float *x, int n, const kn_weight_t *w, float *y,
+                   int accumulate);
+    /* out[n, dim] = x / sqrt(mean(x^2) + eps) * weight */
+    void (*rmsnorm)(kn_backend_t *be, const float *x, int n, int dim, const float *weight,
+                    float eps, float *out);
+    /* NeoX rotary embedding over all of head_dim, in place, x: (n, nheads, head_dim) */
+    void (*rope)(kn_backend_t *be, float *x, int n, int nheads, int head_dim, const int32_t *pos,
+                 double theta);
+    /* gathers rows: out[i] = table[ids[i]] (table: weight [vocab, dim]) */
+    void (*embed)(kn_backend_t *be, const kn_weight_t *table, const int32_t *ids, int n,
+                  float *out);
+    /* out[i] = silu(gate[i]) * up[i] for i in [0, n) */
+    void (*swiglu)(kn_backend_t *be, const float *gate, const float *up, size_t n, float *out);
+    /* dst[i] = src[rows[i]] for i < n (rows of dim floats) */
+    void (*gather)(kn_backend_t *be, const float *src, int dim, const int32_t *rows, int n,
+                   float *dst);
+    /* dst[rows[i]] += scale[i] * src[i] for i < n; rows may repeat */
+    void (*scatter_add)(kn_backend_t *be, float *dst, int dim, const int32_t *rows,
+                        const float *scale, int n, const float *src);
+    /* y[i] += x[i] */
+    void (*add)(kn_backend_t *be, float *y, const float *x, size_t n);
+    /*
+     * softmax over nexp logits in float32, then the top k by probability (ties to the
+     * lower id); weights are the probabilities, divided by their sum when renorm.
+     */
+    void (*router_topk)(kn_backend_t *be, const float *logits, int n, int nexp, int k,
+                        int renorm, int32_t *ids, float *weights);
+    /* writes k, v (ntok, head_dim) of a sequence at positions pos0.. into the cache */
+    void (*kv_write)(kn_backend_t *be, const kn_kv_t *kv, int layer, const kn_seq_t *seq,
+                     const float *k, const float *v);
+    /*
+     * causal attention for one sequence: q (ntok, nheads, head_dim) at positions
+     * pos0.. against the cached positions [0, pos0 + ntok); out like q.
+     */
+    void (*attention)(kn_backend_t *be, const kn_kv_t *kv, int layer, const kn_seq_t *seq,
+                      const float *q, int nheads, float scale, float *out);
+    /* x <- dequant(quant(x)) in dtype (fp8 with per-128 scales, bf16, or f32: no-op) */
+    void (*round)(kn_backend_t *be, float *x, int rows, int dim, afd_dtype_t dt);
+} kn_ops_t;
+
+struct kn_backend {
+    const kn_ops_t *ops;
+    int threads;
+};
+
+/* Creates the cpu backend; threads is the OpenBLAS thread count (0: leave as is). */
+afd_status_t kn_cpu_create(int threads, kn_backend_t **out);
+/* Creates a backend by name ("cpu", "cuda"); cuda fails with UNSUPPORTED in a CPU build. */
+afd_status_t kn_backend_create(const char *name, int threads, kn_backend_t **out);
+
+/* The float32 value of element (r, c) of a checkpoint slice, for reference code and tests. */
+float kn_src_get(const kn_src_t *src, int64_t r, int64_t c);
+/* Dequantises a whole slice into dst (rows, cols) float32 on the host. */
+void kn_src_dequant(const kn_src_t *src, float *dst);
+
+#endif
