@@ -33,18 +33,31 @@ endif
 
 CC ?= gcc
 OPT := $(if $(filter 1,$(DEBUG)),-O0,-O2)
-INCLUDES := -Icommon/util -Icommon/model -Icommon/kernels -Icommon/net -I$(BUILD)/proto
+LLHTTP_DIR ?= /usr/share/llhttp
+LLHTTP_INC ?= /usr/share/include/llhttp
+INCLUDES := -Icommon/util -Icommon/model -Icommon/kernels -Icommon/net -I$(BUILD)/proto -I$(LLHTTP_INC)
 CFLAGS := -std=c11 -Wall -Wextra -Werror $(OPT) -g -MMD -MP -pthread $(SANFLAGS) $(INCLUDES)
 LDFLAGS := -pthread $(SANFLAGS)
-LDLIBS := -lcjson -lopenblas -lm
+LDLIBS := -lucp -lucs -luv -lprotobuf-c -lcjson -lopenblas -lm
 
 COMMON_SRC := $(wildcard common/util/*.c common/model/*.c common/kernels/*.c common/kernels/cpu/*.c common/net/*.c)
-COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILD)/obj/%.o)
+PROTO_SRC := $(wildcard proto/*.proto)
+PROTO_C := $(PROTO_SRC:proto/%.proto=$(BUILD)/proto/%.pb-c.c)
+PROTO_H := $(PROTO_C:.c=.h)
+PROTO_OBJ := $(PROTO_C:%.c=%.o)
+LLHTTP_OBJ := $(BUILD)/obj/llhttp/llhttp.o $(BUILD)/obj/llhttp/api.o $(BUILD)/obj/llhttp/http.o
+COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILD)/obj/%.o) $(PROTO_OBJ) $(LLHTTP_OBJ)
 LIBCOMMON := $(BUILD)/lib/libafdcommon.a
 
-TOOLS := afd_mkmodel afd_run
-BENCH := afd_gemm_bench
-BINS := $(TOOLS:%=$(BUILD)/bin/%) $(BENCH:%=$(BUILD)/bin/%)
+TOOLS := $(basename $(notdir $(wildcard tools/*.c)))
+BENCH := $(basename $(notdir $(wildcard bench/*.c)))
+# the daemons: every .c of their folder (afdctl is the coordinator folder's CLI)
+ATTN_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard attn_node/*.c))
+FFN_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard ffn_node/*.c))
+COORD_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(filter-out coordinator/afdctl.c,$(wildcard coordinator/*.c)))
+DAEMONS := $(if $(ATTN_OBJ),attn_node) $(if $(FFN_OBJ),ffn_node) $(if $(COORD_OBJ),afd_coordinator) \
+	$(if $(wildcard coordinator/afdctl.c),afdctl)
+BINS := $(TOOLS:%=$(BUILD)/bin/%) $(BENCH:%=$(BUILD)/bin/%) $(DAEMONS:%=$(BUILD)/bin/%)
 
 UNIT_SRC := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
@@ -58,6 +71,24 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(CFLAGS) -c $< -o $@
 
+# generated protobuf-c code: built before anything that may include it
+$(BUILD)/proto/%.pb-c.c $(BUILD)/proto/%.pb-c.h: proto/%.proto
+	$(call msg,PROTOC,$<)
+	@mkdir -p $(BUILD)/proto
+	$(Q)protoc-c --proto_path=proto --c_out=$(BUILD)/proto $<
+
+$(BUILD)/proto/%.pb-c.o: $(BUILD)/proto/%.pb-c.c
+	$(call msg,CC,$<)
+	$(Q)$(CC) $(filter-out -Wextra,$(CFLAGS)) -Wno-missing-braces -c $< -o $@
+
+# llhttp ships as C sources; they are third-party code, compiled without -Wextra
+$(BUILD)/obj/llhttp/%.o: $(LLHTTP_DIR)/%.c
+	$(call msg,CC,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(filter-out -Wextra,$(CFLAGS)) -Wno-unused-parameter -c $< -o $@
+
+$(COMMON_SRC:%.c=$(BUILD)/obj/%.o): | $(PROTO_H)
+
 $(LIBCOMMON): $(COMMON_OBJ)
 	$(call msg,AR,$@)
 	@mkdir -p $(dir $@)
@@ -69,6 +100,26 @@ $(BUILD)/bin/%: $(BUILD)/obj/tools/%.o $(LIBCOMMON)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 $(BUILD)/bin/%: $(BUILD)/obj/bench/%.o $(LIBCOMMON)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/bin/attn_node: $(ATTN_OBJ) $(LIBCOMMON)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/bin/ffn_node: $(FFN_OBJ) $(LIBCOMMON)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/bin/afd_coordinator: $(COORD_OBJ) $(LIBCOMMON)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/bin/afdctl: $(BUILD)/obj/coordinator/afdctl.o $(LIBCOMMON)
 	$(call msg,LD,$@)
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@

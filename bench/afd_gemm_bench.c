@@ -4,7 +4,9 @@
  * through be->ops->weight_load) and token count n, it times y = x W^T through
  * be->ops->matmul and a direct cblas_sgemm on the same float32 buffers,
  * interleaving the two calls so that both see the same machine state, and prints
- * GFLOP/s (2 n out in per call) for both and their ratio (ours / OpenBLAS).
+ * GFLOP/s (2 n out in / median call time) for both and their ratio (ours / OpenBLAS;
+ * 1.0 means the ops table costs nothing). Each point runs until both sides have
+ * --min-time seconds of calls (at least 3 calls, at most 100000).
  *
  *   afd_gemm_bench [--threads N] [--quick] [--json FILE] [--min-time S] [--info]
  */
@@ -35,10 +37,10 @@ typedef struct bench_opts {
 static const afd_opt_t bench_table[] = {
     {"threads", AFD_OPT_INT, "1", O(threads), 1, 1024, AFD_OPT_NOENV, "OpenBLAS threads"},
     {"quick", AFD_OPT_BOOL, "false", O(quick), 0, 0, AFD_OPT_NOENV,
-     "fewer shapes and a shorter time per point"},
+     "fewer shapes and token counts"},
     {"json", AFD_OPT_STRING, NULL, O(json), 0, 0, AFD_OPT_NOENV, "also write the results here"},
     {"min-time", AFD_OPT_DOUBLE, "0.2", O(min_time), 0.001, 60, AFD_OPT_NOENV,
-     "seconds of timed calls per point and side (0.05 with --quick unless given)"},
+     "seconds of timed calls per point and side (bounded by 100000 calls)"},
     {"info", AFD_OPT_BOOL, "false", O(info), 0, 0, AFD_OPT_NOENV,
      "print the machine and OpenBLAS build, then exit"},
     AFD_OPTS_END};
@@ -98,10 +100,24 @@ static void blas_gemm(const float *x, int n, const float *w, int out, int in, fl
                 out);
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* median of v[0..n) (sorts v) */
+static double median(double *v, long n)
+{
+    qsort(v, (size_t)n, sizeof(double), cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 typedef struct point {
     const shape_t *sh;
     int n;
-    double ours_s, blas_s; /* mean seconds per call */
+    double ours_s, blas_s;           /* median seconds per call */
+    double ours_mean_s, blas_mean_s; /* mean seconds per call */
     long reps;
     double max_rel_diff;
 } point_t;
@@ -121,9 +137,6 @@ int main(int argc, char **argv)
     bench_opts_t o;
     memset(&o, 0, sizeof(o));
     int first, rc = 1;
-    int min_time_given = 0;
-    for (int i = 1; i < argc; i++)
-        if (!strncmp(argv[i], "--min-time", 10)) min_time_given = 1;
     afd_status_t st =
         afd_opts_parse(bench_table, &o, argc, argv,
                        "usage: afd_gemm_bench [--threads N] [--quick] [--json FILE]", &first);
@@ -139,8 +152,6 @@ int main(int argc, char **argv)
         afd_opts_free(bench_table, &o);
         return 0;
     }
-    if (o.quick && !min_time_given) o.min_time = 0.05;
-
     kn_backend_t *be = NULL;
     if (kn_cpu_create((int)o.threads, &be)) {
         afd_error("cannot create the cpu backend");
@@ -152,13 +163,14 @@ int main(int argc, char **argv)
     int maxn = ns[nn - 1];
 
     point_t *pts = calloc((size_t)NSHAPES * (size_t)nn, sizeof(*pts));
+    double *ours_t = malloc(sizeof(double) * MAX_REPS), *blas_t = malloc(sizeof(double) * MAX_REPS);
     int npts = 0;
-    if (!pts) goto out;
+    if (!pts || !ours_t || !blas_t) goto out;
 
     printf("backend %s, %d OpenBLAS thread(s), core %s; %.2f s per point and side, "
-           "interleaved; GFLOP/s = 2*n*out*in / time\n",
+           "interleaved; GFLOP/s = 2*n*out*in / median call time\n",
            be->ops->name, be->threads, openblas_get_corename(), o.min_time);
-    printf("%-22s %11s %5s %12s %12s %7s %7s\n", "shape", "[out,in]", "n", "ours GF/s",
+    printf("%-22s %11s %5s %13s %13s %7s %7s\n", "shape", "[out,in]", "n", "ours GF/s",
            "OpenBLAS GF/s", "ratio", "calls");
     fflush(stdout);
 
@@ -227,18 +239,21 @@ int main(int argc, char **argv)
             }
             double t_ours = 0, t_blas = 0;
             long reps = 0;
-            while (reps < MAX_REPS && (reps < 2 || t_ours < o.min_time || t_blas < o.min_time)) {
+            while (reps < MAX_REPS && (reps < 3 || t_ours < o.min_time || t_blas < o.min_time)) {
                 /* alternate which side goes first so neither always gets the warmer cache */
                 for (int k = 0; k < 2; k++) {
+                    double t0 = now_s(), dt;
                     if ((k ^ (int)(reps & 1)) == 0) {
-                        double t0 = now_s();
                         be->ops->matmul(be, x, n, &w, y1, 0);
                         be->ops->sync(be);
-                        t_ours += now_s() - t0;
+                        dt = now_s() - t0;
+                        t_ours += dt;
+                        ours_t[reps] = dt;
                     } else {
-                        double t0 = now_s();
                         blas_gemm(x, n, wf, sh->out, sh->in, y2);
-                        t_blas += now_s() - t0;
+                        dt = now_s() - t0;
+                        t_blas += dt;
+                        blas_t[reps] = dt;
                     }
                 }
                 reps++;
@@ -247,13 +262,15 @@ int main(int argc, char **argv)
             p->sh = sh;
             p->n = n;
             p->reps = reps;
-            p->ours_s = t_ours / reps;
-            p->blas_s = t_blas / reps;
+            p->ours_s = median(ours_t, reps);
+            p->blas_s = median(blas_t, reps);
+            p->ours_mean_s = t_ours / reps;
+            p->blas_mean_s = t_blas / reps;
             p->max_rel_diff = mref > 0 ? md / mref : md;
             double flop = 2.0 * n * sh->out * (double)sh->in;
             char dims[32];
             snprintf(dims, sizeof(dims), "[%d,%d]", sh->out, sh->in);
-            printf("%-22s %11s %5d %12.2f %12.2f %7.3f %7ld%s\n", sh->name, dims, n,
+            printf("%-22s %11s %5d %13.2f %13.2f %7.3f %7ld%s\n", sh->name, dims, n,
                    flop / p->ours_s * 1e-9, flop / p->blas_s * 1e-9, p->blas_s / p->ours_s, reps,
                    p->max_rel_diff > 1e-5 ? "  MISMATCH" : "");
             fflush(stdout);
@@ -294,6 +311,8 @@ int main(int argc, char **argv)
             cJSON_AddNumberToObject(e, "n", p->n);
             cJSON_AddNumberToObject(e, "ours_s", p->ours_s);
             cJSON_AddNumberToObject(e, "openblas_s", p->blas_s);
+            cJSON_AddNumberToObject(e, "ours_mean_s", p->ours_mean_s);
+            cJSON_AddNumberToObject(e, "openblas_mean_s", p->blas_mean_s);
             cJSON_AddNumberToObject(e, "ours_gflops", flop / p->ours_s * 1e-9);
             cJSON_AddNumberToObject(e, "openblas_gflops", flop / p->blas_s * 1e-9);
             cJSON_AddNumberToObject(e, "ratio", p->blas_s / p->ours_s);
@@ -322,6 +341,8 @@ int main(int argc, char **argv)
     rc = bad ? 1 : 0;
 out:
     free(pts);
+    free(ours_t);
+    free(blas_t);
     if (be) be->ops->destroy(be);
     afd_opts_free(bench_table, &o);
     return rc;

@@ -1,0 +1,900 @@
+/*
+ * attn_node: holds embed, attention, norms, routers, the final norm and lm_head,
+ * and a paged MFA KV cache sized from a memory budget. It runs the steps the
+ * coordinator plans: per layer and micro-batch it computes attention, sends the
+ * post-attention-normed hidden state and the router's top-k (A2F) to every FFN
+ * node and goes on with the next micro-batch while the FFN side works; it sums
+ * the FFN partials (F2A) into the residual, and after the last layer samples.
+ */
+#define _GNU_SOURCE
+#include "afd_log.h"
+#include "afd_opts.h"
+#include "mdl_kv.h"
+#include "mdl_model.h"
+#include "mdl_sampler.h"
+#include "net_node.h"
+#include "net_ucx.h"
+#include "net_wire.h"
+
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define ATTN_MAX_FFN  64
+#define ATTN_MAX_MB   NET_WIRE_MAX_MB
+#define ATTN_LAT_BUCKETS 24
+
+typedef struct attn_opts {
+    char *coordinator, *cluster_token, *model, *backend, *name, *kv_dtype, *a2f_dtype,
+        *f2a_dtype;
+    long threads, cpu, kv_block, kv_budget_mb, max_batch_tokens, busy_poll_us, step_deadline_ms,
+        heartbeat_ms, max_seqs;
+    int ucx_peer_errors;
+} attn_opts_t;
+
+#define O(f) offsetof(attn_opts_t, f)
+static const afd_opt_t attn_table[] = {
+    {"coordinator", AFD_OPT_STRING, "127.0.0.1:7000", O(coordinator), 0, 0, 0,
+     "coordinator control address host:port"},
+    {"cluster-token", AFD_OPT_STRING, NULL, O(cluster_token), 0, 0, AFD_OPT_SECRET,
+     "token nodes present to join the cluster (required)"},
+    {"model", AFD_OPT_STRING, NULL, O(model), 0, 0, 0, "checkpoint directory (required)"},
+    {"backend", AFD_OPT_STRING, "cpu", O(backend), 0, 0, 0, "cpu or cuda"},
+    {"name", AFD_OPT_STRING, NULL, O(name), 0, 0, 0, "node name (default attn-PID)"},
+    {"threads", AFD_OPT_INT, "1", O(threads), 0, 1024, 0, "GEMM threads"},
+    {"cpu", AFD_OPT_INT, "-1", O(cpu), -1, 4095, 0, "pin the process to this CPU (-1: no)"},
+    {"kv-dtype", AFD_OPT_STRING, "bf16", O(kv_dtype), 0, 0, 0, "KV cache storage: bf16, fp8, f32"},
+    {"kv-block", AFD_OPT_INT, "16", O(kv_block), 1, 4096, 0, "KV cache block size (tokens)"},
+    {"kv-budget-mb", AFD_OPT_INT, "256", O(kv_budget_mb), 1, 1 << 24, 0,
+     "KV cache memory in MiB"},
+    {"a2f-dtype", AFD_OPT_STRING, "fp8", O(a2f_dtype), 0, 0, 0,
+     "hidden state sent to FFN nodes: fp8 (per-128 scales), bf16, f32"},
+    {"f2a-dtype", AFD_OPT_STRING, "bf16", O(f2a_dtype), 0, 0, 0,
+     "partial output FFN nodes send back: bf16, f32"},
+    {"max-batch-tokens", AFD_OPT_INT, "512", O(max_batch_tokens), 1, 1 << 20, 0,
+     "prefill tokens per step (chunked prefill); decode tokens always run"},
+    {"max-seqs", AFD_OPT_INT, "1024", O(max_seqs), 1, 1 << 20, 0, "running sequences at most"},
+    {"busy-poll-us", AFD_OPT_INT, "200", O(busy_poll_us), 0, 1000000, 0,
+     "spin this long for FFN answers before sleeping on the event fd"},
+    {"step-deadline-ms", AFD_OPT_INT, "30000", O(step_deadline_ms), 10, 3600000, 0,
+     "a step not finished by then fails (a stuck or dead FFN node)"},
+    {"heartbeat-ms", AFD_OPT_INT, "1000", O(heartbeat_ms), 50, 60000, 0, "heartbeat period"},
+    {"ucx-peer-errors", AFD_OPT_BOOL, "false", O(ucx_peer_errors), 0, 0, 0,
+     "UCX peer failure detection (UCP_ERR_HANDLING_MODE_PEER)"},
+    AFD_OPTS_END};
+#undef O
+
+typedef struct attn_seq {
+    uint64_t id;
+    int32_t *tokens; /* prompt, then generated */
+    int prompt_len, len, cap, cached;
+    int32_t *blocks;
+    int nblocks;
+    mdl_sampling_t sp;
+    int max_tokens, ignore_eos, ngen;
+    int32_t *stop;
+    int nstop;
+    mdl_rng_t rng;
+    struct attn_seq *next;
+} attn_seq_t;
+
+/* one micro-batch of a step */
+typedef struct attn_mb {
+    int nseq, ntok, nrows;
+    int cap_tok, cap_seq;
+    int32_t *tok, *pos, *rows;
+    attn_seq_t **row_seq;
+    kn_seq_t *ks;
+    attn_seq_t **seqs;
+    int32_t *take;
+    float *x, *g, *wts; /* backend (cap_tok, H) */
+    int32_t *ids;
+    int32_t *h_ids;
+    float *h_wts, *h_g;
+    uint8_t *tx;        /* packed A2F */
+    size_t tx_cap;
+    int tx_pending;
+    net_wire_hdr_t txh;
+    uint8_t *rx[ATTN_MAX_FFN];
+    size_t rx_cap[ATTN_MAX_FFN];
+    int got;            /* F2A answers received for `want_layer` */
+    int want_layer;
+    mdl_ws_t ws;
+} attn_mb_t;
+
+typedef struct attn_node {
+    attn_opts_t o;
+    mdl_config_t cfg;
+    mdl_model_t *m;
+    mdl_kv_t *kv;
+    mdl_sampler_t *smp;
+    afd_dtype_t a2f, f2a;
+    net_node_t ctl;
+    net_ucx_t *ucx;
+    uint32_t epoch;
+    int num_ffn;
+    uint32_t ffn_ids[ATTN_MAX_FFN];
+    net_ucx_peer_t *ffn_peers[ATTN_MAX_FFN];
+    attn_seq_t *seqs;   /* running, in admission order */
+    int nseqs;
+    attn_mb_t mb[ATTN_MAX_MB];
+    uint64_t cur_step;
+    int step_failed;
+    float *logits;
+    int logits_cap;
+    /* stats */
+    uint64_t attn_us, wait_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens;
+    uint64_t lat[ATTN_MAX_FFN][ATTN_LAT_BUCKETS], lat_n[ATTN_MAX_FFN], lat_sum[ATTN_MAX_FFN];
+} attn_node_t;
+
+static volatile sig_atomic_t g_stop;
+static void on_signal(int sig)
+{
+    (void)sig;
+    g_stop = 1;
+}
+
+static int ffn_index(attn_node_t *a, uint32_t id)
+{
+    for (int i = 0; i < a->num_ffn; i++)
+        if (a->ffn_ids[i] == id) return i;
+    return -1;
+}
+
+/* ---- data plane callbacks ---- */
+
+static uint8_t g_empty[8];
+
+static void *attn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
+{
+    attn_node_t *a = arg;
+    net_wire_limits_t lim = {.hidden = (uint32_t)a->cfg.hidden_size,
+                             .topk = (uint32_t)a->cfg.top_k,
+                             .num_layers = (uint32_t)a->cfg.num_layers,
+                             .max_tok = 1u << 22};
+    const char *why;
+    if (net_wire_check(hdr, hdr_len, &lim, &why)) {
+        afd_error("dropping a malformed data-plane message: %s", why);
+        return NULL;
+    }
+    net_wire_hdr_t h;
+    memcpy(&h, hdr, sizeof(h));
+    int fi = ffn_index(a, h.src);
+    if (h.kind != NET_WIRE_F2A || fi < 0 || h.epoch != a->epoch || h.step != a->cur_step ||
+        h.payload != len) {
+        afd_warn("dropping an F2A message from node %u (step %llu, epoch %u): not expected",
+                 h.src, (unsigned long long)h.step, h.epoch);
+        return NULL;
+    }
+    attn_mb_t *mb = &a->mb[h.mb];
+    if (h.layer != (uint32_t)mb->want_layer || h.ntok != (uint32_t)mb->ntok ||
+        h.dtype != (uint8_t)a->f2a) {
+        afd_warn("dropping an F2A message from node %u: layer %u / %u tokens not expected", h.src,
+                 h.layer, h.ntok);
+        return NULL;
+    }
+    if (len == 0) return g_empty;
+    if (mb->rx_cap[fi] < len) {
+        uint8_t *nb = realloc(mb->rx[fi], len);
+        if (!nb) return NULL;
+        mb->rx[fi] = nb;
+        mb->rx_cap[fi] = len;
+    }
+    return mb->rx[fi];
+}
+
+static void attn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, size_t len,
+                      afd_status_t status)
+{
+    attn_node_t *a = arg;
+    (void)hdr_len;
+    (void)data;
+    net_wire_hdr_t h;
+    memcpy(&h, hdr, sizeof(h));
+    if (status) {
+        afd_error("F2A transfer from node %u failed: %s", h.src, afd_status_str(status));
+        return;
+    }
+    int fi = ffn_index(a, h.src);
+    if (fi < 0) return;
+    uint64_t now = net_wire_now_ns();
+    if (now > h.send_ns) {
+        uint64_t us = (now - h.send_ns) / 1000;
+        int b = 0;
+        while (b < ATTN_LAT_BUCKETS - 1 && (1ull << b) < us) b++;
+        a->lat[fi][b]++;
+        a->lat_n[fi]++;
+        a->lat_sum[fi] += us;
+    }
+    a->f2a_bytes += len;
+    a->mb[h.mb].got++;
+}
+
+static void attn_send_done(void *arg, afd_status_t status)
+{
+    attn_mb_t *mb = arg;
+    if (status) afd_error("A2F send failed: %s", afd_status_str(status));
+    mb->tx_pending--;
+}
+
+static void attn_peer_err(void *arg, uint32_t peer, afd_status_t status)
+{
+    attn_node_t *a = arg;
+    afd_error("FFN node %u failed: %s", peer, afd_status_str(status));
+    a->step_failed = 1;
+}
+
+/* ---- sequences ---- */
+
+static void seq_free(attn_node_t *a, attn_seq_t *s)
+{
+    if (s->nblocks) mdl_kv_release(a->kv, s->blocks, s->nblocks);
+    free(s->blocks);
+    free(s->tokens);
+    free(s->stop);
+    free(s);
+}
+
+static void seq_remove(attn_node_t *a, attn_seq_t *s)
+{
+    for (attn_seq_t **p = &a->seqs; *p; p = &(*p)->next)
+        if (*p == s) {
+            *p = s->next;
+            a->nseqs--;
+            seq_free(a, s);
+            return;
+        }
+}
+
+static attn_seq_t *seq_find(attn_node_t *a, uint64_t id)
+{
+    for (attn_seq_t *s = a->seqs; s; s = s->next)
+        if (s->id == id) return s;
+    return NULL;
+}
+
+static void add_token(Afd__StepResult *res, Afd__SeqToken ***arr, size_t *cap, Afd__SeqToken *t)
+{
+    if (res->n_tokens == *cap) {
+        *cap = *cap ? 2 * *cap : 16;
+        *arr = realloc(*arr, sizeof(**arr) * *cap);
+        AFD_ASSERT(*arr);
+    }
+    (*arr)[res->n_tokens++] = t;
+    res->tokens = *arr;
+}
+
+static Afd__SeqToken *new_token(uint64_t id, Afd__Finish fin, const char *err)
+{
+    Afd__SeqToken *t = calloc(1, sizeof(*t));
+    AFD_ASSERT(t);
+    afd__seq_token__init(t);
+    t->seq_id = id;
+    t->token = -1;
+    t->finish = fin;
+    t->error = err ? strdup(err) : NULL;
+    return t;
+}
+
+/* Admits a sequence; on failure returns the error text for its result. */
+static const char *seq_admit(attn_node_t *a, const Afd__SeqAdmit *ad)
+{
+    const mdl_config_t *c = &a->cfg;
+    const Afd__Sampling *sp = ad->sampling;
+    if (!sp || ad->n_prompt == 0) return "empty prompt or no sampling parameters";
+    if (seq_find(a, ad->seq_id)) return "duplicate sequence id";
+    if (a->nseqs >= a->o.max_seqs) return "too many running sequences on this node";
+    for (size_t i = 0; i < ad->n_prompt; i++)
+        if (ad->prompt[i] < 0 || ad->prompt[i] >= c->vocab_size) return "token id out of range";
+    if (sp->max_tokens < 1 || ad->n_prompt + sp->max_tokens > (size_t)c->max_position)
+        return "prompt + max_tokens exceed the model's context";
+    mdl_sampling_t p = {.temperature = sp->temperature,
+                        .top_p = sp->top_p > 0 ? sp->top_p : 1.0,
+                        .top_k = sp->top_k < 0 ? 0 : sp->top_k,
+                        .seed = sp->seed,
+                        .logprobs = (int)(sp->logprobs > MDL_MAX_LOGPROBS ? MDL_MAX_LOGPROBS + 1
+                                                                           : sp->logprobs)};
+    const char *why;
+    if (mdl_sampling_validate(&p, &why)) return why;
+    attn_seq_t *s = calloc(1, sizeof(*s));
+    if (!s) return "out of memory";
+    s->id = ad->seq_id;
+    s->cap = (int)(ad->n_prompt + sp->max_tokens);
+    s->tokens = malloc(sizeof(int32_t) * (size_t)s->cap);
+    s->nblocks = mdl_kv_blocks_for(a->kv, s->cap);
+    s->blocks = malloc(sizeof(int32_t) * (size_t)s->nblocks);
+    s->nstop = (int)ad->sampling->n_stop_token_ids;
+    s->stop = malloc(sizeof(int32_t) * (size_t)(s->nstop + 1));
+    if (!s->tokens || !s->blocks || !s->stop) {
+        s->nblocks = 0;
+        seq_free(a, s);
+        return "out of memory";
+    }
+    if (mdl_kv_alloc(a->kv, s->nblocks, s->blocks)) {
+        s->nblocks = 0;
+        seq_free(a, s);
+        return "kv cache full on this node";
+    }
+    for (size_t i = 0; i < ad->n_prompt; i++) s->tokens[i] = ad->prompt[i];
+    for (int i = 0; i < s->nstop; i++) s->stop[i] = sp->stop_token_ids[i];
+    s->prompt_len = s->len = (int)ad->n_prompt;
+    s->sp = p;
+    s->max_tokens = (int)sp->max_tokens;
+    s->ignore_eos = sp->ignore_eos;
+    mdl_rng_seed(&s->rng, sp->seed);
+    attn_seq_t **tail = &a->seqs;
+    while (*tail) tail = &(*tail)->next;
+    *tail = s;
+    a->nseqs++;
+    return NULL;
+}
+
+static int seq_stops(const attn_node_t *a, const attn_seq_t *s, int32_t t)
+{
+    for (int i = 0; i < s->nstop; i++)
+        if (s->stop[i] == t) return 1;
+    if (!s->ignore_eos)
+        for (int i = 0; i < a->cfg.num_eos; i++)
+            if (a->cfg.eos_token_ids[i] == t) return 1;
+    return 0;
+}
+
+/* ---- micro-batch buffers ---- */
+
+static afd_status_t mb_reserve(attn_node_t *a, attn_mb_t *mb, int ntok, int nseq)
+{
+    kn_backend_t *be = a->m->be;
+    size_t H = (size_t)a->cfg.hidden_size, k = (size_t)(a->cfg.top_k ? a->cfg.top_k : 1);
+    if (nseq > mb->cap_seq) {
+        int c = nseq * 2;
+        free(mb->rows);
+        free(mb->row_seq);
+        free(mb->ks);
+        free(mb->seqs);
+        free(mb->take);
+        mb->rows = malloc(4 * (size_t)c);
+        mb->row_seq = malloc(sizeof(*mb->row_seq) * (size_t)c);
+        mb->ks = malloc(sizeof(*mb->ks) * (size_t)c);
+        mb->seqs = malloc(sizeof(*mb->seqs) * (size_t)c);
+        mb->take = malloc(4 * (size_t)c);
+        if (!mb->rows || !mb->row_seq || !mb->ks || !mb->seqs || !mb->take) return AFD_ERR_NOMEM;
+        mb->cap_seq = c;
+    }
+    if (ntok > mb->cap_tok) {
+        int c = ntok < 64 ? 64 : ntok;
+        free(mb->tok);
+        free(mb->pos);
+        free(mb->h_ids);
+        free(mb->h_wts);
+        if (mb->x) be->ops->free(be, mb->x);
+        if (mb->g) be->ops->free(be, mb->g);
+        if (mb->ids) be->ops->free(be, mb->ids);
+        if (mb->wts) be->ops->free(be, mb->wts);
+        free(mb->h_g);
+        mb->tok = malloc(4 * (size_t)c);
+        mb->pos = malloc(4 * (size_t)c);
+        mb->h_ids = malloc(4 * (size_t)c * k);
+        mb->h_wts = malloc(4 * (size_t)c * k);
+        mb->h_g = malloc(4 * (size_t)c * H);
+        mb->x = be->ops->alloc(be, 4 * (size_t)c * H);
+        mb->g = be->ops->alloc(be, 4 * (size_t)c * H);
+        mb->ids = be->ops->alloc(be, 4 * (size_t)c * k);
+        mb->wts = be->ops->alloc(be, 4 * (size_t)c * k);
+        mb->cap_tok = 0;
+        if (!mb->tok || !mb->pos || !mb->h_ids || !mb->h_wts || !mb->h_g || !mb->x || !mb->g ||
+            !mb->ids || !mb->wts)
+            return AFD_ERR_NOMEM;
+        mb->cap_tok = c;
+    }
+    return mdl_ws_reserve(a->m, &mb->ws, ntok > 0 ? ntok : 1);
+}
+
+/* ---- the step ---- */
+
+/* Waits until every FFN node answered micro-batch mb (or the deadline / a failure). */
+static afd_status_t wait_f2a(attn_node_t *a, attn_mb_t *mb, uint64_t deadline)
+{
+    uint64_t t0 = net_now_us();
+    while (mb->got < a->num_ffn) {
+        if (a->step_failed) return AFD_ERR_PEER;
+        if (net_now_us() > deadline) return AFD_ERR_TIMEOUT;
+        if (g_stop) return AFD_ERR_SHUTDOWN;
+        net_node_wait(&a->ctl, a->ucx, (int)a->o.busy_poll_us, 5);
+    }
+    a->wait_us += net_now_us() - t0;
+    return AFD_OK;
+}
+
+static afd_status_t wait_tx(attn_node_t *a, attn_mb_t *mb, uint64_t deadline)
+{
+    while (mb->tx_pending > 0) {
+        if (a->step_failed) return AFD_ERR_PEER;
+        if (net_now_us() > deadline) return AFD_ERR_TIMEOUT;
+        net_node_wait(&a->ctl, a->ucx, (int)a->o.busy_poll_us, 5);
+    }
+    return AFD_OK;
+}
+
+/* Sends micro-batch mb's A2F for a layer to every FFN node. */
+static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int nmb, int layer,
+                             uint64_t deadline)
+{
+    const mdl_config_t *c = &a->cfg;
+    kn_backend_t *be = a->m->be;
+    afd_status_t st = wait_tx(a, mb, deadline);
+    if (st) return st;
+    uint32_t H = (uint32_t)c->hidden_size, k = c->is_moe[layer] ? (uint32_t)c->top_k : 0;
+    uint64_t bytes = net_wire_payload_bytes(NET_WIRE_A2F, (uint32_t)mb->ntok, H, a->a2f, k);
+    if (mb->tx_cap < bytes) {
+        uint8_t *nb = realloc(mb->tx, bytes);
+        if (!nb) return AFD_ERR_NOMEM;
+        mb->tx = nb;
+        mb->tx_cap = bytes;
+    }
+    if (mb->ntok) {
+        size_t n = (size_t)mb->ntok;
+        be->ops->download(be, mb->h_g, mb->g, 4 * n * H);
+        if (k) {
+            be->ops->download(be, mb->h_ids, mb->ids, 4 * n * k);
+            be->ops->download(be, mb->h_wts, mb->wts, 4 * n * k);
+        }
+        net_wire_pack_a2f(mb->h_g, (uint32_t)n, H, a->a2f, mb->h_ids, mb->h_wts, k, mb->tx);
+    }
+    net_wire_hdr_t *h = &mb->txh;
+    memset(h, 0, sizeof(*h));
+    h->magic = NET_WIRE_MAGIC;
+    h->version = NET_WIRE_VERSION;
+    h->kind = NET_WIRE_A2F;
+    h->epoch = a->epoch;
+    h->src = a->ctl.node_id;
+    h->step = a->cur_step;
+    h->layer = (uint16_t)layer;
+    h->mb = (uint8_t)mbi;
+    h->nmb = (uint8_t)nmb;
+    h->ntok = (uint32_t)mb->ntok;
+    h->hidden = H;
+    h->dtype = (uint8_t)a->a2f;
+    h->topk = (uint8_t)k;
+    h->reply_dtype = (uint8_t)a->f2a;
+    h->payload = bytes;
+    mb->got = 0;
+    mb->want_layer = layer;
+    for (int f = 0; f < a->num_ffn; f++) {
+        h->send_ns = net_wire_now_ns();
+        mb->tx_pending++;
+        st = net_ucx_send(a->ffn_peers[f], h, sizeof(*h), mb->tx, bytes, NULL, attn_send_done, mb);
+        if (st) {
+            mb->tx_pending--;
+            return st;
+        }
+        a->a2f_bytes += bytes;
+    }
+    return AFD_OK;
+}
+
+static afd_status_t add_f2a(attn_node_t *a, attn_mb_t *mb)
+{
+    size_t n = (size_t)mb->ntok * a->cfg.hidden_size;
+    if (!n) return AFD_OK;
+    kn_backend_t *be = a->m->be;
+    /* partials arrive on the host; sum them there, then add into the residual */
+    float *sum = mb->h_g;
+    memset(sum, 0, 4 * n);
+    for (int f = 0; f < a->num_ffn; f++) net_wire_add_rows(mb->rx[f], n, a->f2a, sum);
+    if (strcmp(be->ops->name, "cpu") == 0) {
+        be->ops->add(be, mb->x, sum, n);
+    } else {
+        be->ops->upload(be, mb->g, sum, 4 * n);
+        be->ops->add(be, mb->x, mb->g, n);
+    }
+    return AFD_OK;
+}
+
+static afd_status_t run_step(attn_node_t *a, const Afd__StepPlan *plan, Afd__StepResult *res,
+                             Afd__SeqToken ***arr, size_t *arr_cap)
+{
+    const mdl_config_t *c = &a->cfg;
+    const mdl_model_t *m = a->m;
+    kn_backend_t *be = m->be;
+    uint64_t t_start = net_now_us();
+    int nmb = (int)plan->micro_batches;
+    if (nmb < 1 || nmb > ATTN_MAX_MB) nmb = 1;
+    a->cur_step = plan->step;
+    a->step_failed = 0;
+    uint64_t deadline = t_start + (uint64_t)a->o.step_deadline_ms * 1000;
+
+    for (size_t i = 0; i < plan->n_abort; i++) {
+        attn_seq_t *s = seq_find(a, plan->abort[i]);
+        if (s) seq_remove(a, s);
+    }
+    for (size_t i = 0; i < plan->n_admit; i++) {
+        const char *err = seq_admit(a, plan->admit[i]);
+        if (err) add_token(res, arr, arr_cap, new_token(plan->admit[i]->seq_id, AFD__FINISH__FINISH_ERROR, err));
+    }
+    /* this step's work: decode tokens always, prefill chunks up to the token budget */
+    int budget = (int)a->o.max_batch_tokens, nwork = 0;
+    for (int i = 0; i < nmb; i++) a->mb[i].nseq = a->mb[i].ntok = a->mb[i].nrows = 0;
+    attn_mb_t *mbs = a->mb;
+    afd_status_t st;
+    for (int pass = 0; pass < 2; pass++) {
+        /* pass 0 sizes the buffers, pass 1 fills them */
+        int cnt_tok[ATTN_MAX_MB] = {0}, cnt_seq[ATTN_MAX_MB] = {0};
+        int left = budget;
+        for (attn_seq_t *s = a->seqs; s; s = s->next) {
+            int take;
+            if (s->cached < s->len - 1 || s->cached < s->prompt_len) {
+                take = s->len - s->cached;
+                if (take > left) take = left;
+                if (take <= 0) continue;
+                left -= take;
+            } else {
+                take = 1;
+            }
+            int best = 0;
+            for (int i = 1; i < nmb; i++)
+                if (cnt_tok[i] < cnt_tok[best]) best = i;
+            if (pass == 1) {
+                attn_mb_t *mb = &mbs[best];
+                mb->seqs[mb->nseq] = s;
+                mb->take[mb->nseq] = take;
+                mb->ks[mb->nseq] = (kn_seq_t){s->blocks, s->cached, take};
+                for (int k = 0; k < take; k++) {
+                    mb->tok[mb->ntok + k] = s->tokens[s->cached + k];
+                    mb->pos[mb->ntok + k] = s->cached + k;
+                }
+                mb->ntok += take;
+                if (s->cached + take == s->len) {
+                    mb->rows[mb->nrows] = mb->ntok - 1;
+                    mb->row_seq[mb->nrows++] = s;
+                }
+                mb->nseq++;
+                nwork += take;
+            }
+            cnt_tok[best] += take;
+            cnt_seq[best]++;
+        }
+        if (pass == 0)
+            for (int i = 0; i < nmb; i++)
+                if ((st = mb_reserve(a, &mbs[i], cnt_tok[i], cnt_seq[i]))) return st;
+    }
+    /* the pipeline: attention of micro-batch i overlaps the FFN work of micro-batch i-1 */
+    for (int i = 0; i < nmb; i++) {
+        attn_mb_t *mb = &mbs[i];
+        if (mb->ntok) {
+            mdl_batch_t b = {.nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok,
+                             .pos = mb->pos, .seqs = mb->ks};
+            mdl_embed(m, &mb->ws, &b, mb->x);
+        }
+    }
+    for (int l = 0; l < c->num_layers; l++) {
+        for (int i = 0; i < nmb; i++) {
+            attn_mb_t *mb = &mbs[i];
+            if (l > 0) {
+                if ((st = wait_f2a(a, mb, deadline))) return st;
+                add_f2a(a, mb);
+            }
+            uint64_t t0 = net_now_us();
+            if (mb->ntok) {
+                mdl_batch_t b = {.nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok,
+                                 .pos = mb->pos, .seqs = mb->ks};
+                mdl_attn(m, &mb->ws, l, &a->kv->store, &b, mb->x, mb->g, mb->ids, mb->wts);
+            }
+            uint64_t t1 = net_now_us();
+            a->attn_us += t1 - t0;
+            if ((st = send_a2f(a, mb, i, nmb, l, deadline))) return st;
+            a->xfer_us += net_now_us() - t1;
+        }
+    }
+    int nrows = 0;
+    for (int i = 0; i < nmb; i++) {
+        if ((st = wait_f2a(a, &mbs[i], deadline))) return st;
+        add_f2a(a, &mbs[i]);
+        nrows += mbs[i].nrows;
+    }
+    for (int i = 0; i < nmb; i++)
+        if ((st = wait_tx(a, &mbs[i], deadline))) return st;
+    /* advance the caches, then sample */
+    for (int i = 0; i < nmb; i++)
+        for (int j = 0; j < mbs[i].nseq; j++) mbs[i].seqs[j]->cached += mbs[i].take[j];
+    size_t V = (size_t)c->vocab_size;
+    if (nrows > a->logits_cap) {
+        free(a->logits);
+        a->logits = malloc(4 * V * (size_t)nrows);
+        if (!a->logits) {
+            a->logits_cap = 0;
+            return AFD_ERR_NOMEM;
+        }
+        a->logits_cap = nrows;
+    }
+    uint64_t t0 = net_now_us();
+    for (int i = 0; i < nmb; i++) {
+        attn_mb_t *mb = &mbs[i];
+        if (!mb->nrows) continue;
+        float *dl = a->logits;
+        if (strcmp(be->ops->name, "cpu") != 0) {
+            dl = be->ops->alloc(be, 4 * V * (size_t)mb->nrows);
+            if (!dl) return AFD_ERR_NOMEM;
+        }
+        mdl_final(m, &mb->ws, mb->x, mb->rows, mb->nrows, dl);
+        if (dl != a->logits) {
+            be->ops->download(be, a->logits, dl, 4 * V * (size_t)mb->nrows);
+            be->ops->free(be, dl);
+        }
+        for (int r = 0; r < mb->nrows; r++) {
+            attn_seq_t *s = mb->row_seq[r];
+            mdl_sample_t out;
+            mdl_sampler_pick(a->smp, a->logits + (size_t)r * V, &s->sp, &s->rng, &out);
+            s->tokens[s->len++] = out.token;
+            s->ngen++;
+            Afd__Finish fin = AFD__FINISH__FINISH_NONE;
+            if (seq_stops(a, s, out.token))
+                fin = AFD__FINISH__FINISH_STOP;
+            else if (s->ngen >= s->max_tokens)
+                fin = AFD__FINISH__FINISH_LENGTH;
+            Afd__SeqToken *t = new_token(s->id, fin, NULL);
+            t->token = out.token;
+            t->logprob = out.logprob;
+            t->prompt_tokens = (uint32_t)s->prompt_len;
+            if (out.ntop > 0) {
+                t->n_top_ids = t->n_top_logprobs = (size_t)out.ntop;
+                t->top_ids = malloc(4 * (size_t)out.ntop);
+                t->top_logprobs = malloc(4 * (size_t)out.ntop);
+                AFD_ASSERT(t->top_ids && t->top_logprobs);
+                memcpy(t->top_ids, out.top_ids, 4 * (size_t)out.ntop);
+                memcpy(t->top_logprobs, out.top_logprobs, 4 * (size_t)out.ntop);
+            }
+            add_token(res, arr, arr_cap, t);
+            if (fin != AFD__FINISH__FINISH_NONE) seq_remove(a, s);
+        }
+    }
+    a->attn_us += net_now_us() - t0;
+    a->tokens += (uint64_t)nwork;
+    res->tokens_in_step = (uint32_t)nwork;
+    a->steps++;
+    a->step_us += net_now_us() - t_start;
+    return AFD_OK;
+}
+
+static void free_result(Afd__StepResult *res)
+{
+    for (size_t i = 0; i < res->n_tokens; i++) {
+        free(res->tokens[i]->top_ids);
+        free(res->tokens[i]->top_logprobs);
+        free(res->tokens[i]->error);
+        free(res->tokens[i]);
+    }
+}
+
+static void handle_plan(attn_node_t *a, const Afd__StepPlan *plan)
+{
+    Afd__StepResult res = AFD__STEP_RESULT__INIT;
+    Afd__StageTimes times = AFD__STAGE_TIMES__INIT;
+    Afd__SeqToken **arr = NULL;
+    size_t cap = 0;
+    uint64_t a0 = a->attn_us, w0 = a->wait_us, x0 = a->xfer_us, t0 = net_now_us();
+    res.step = plan->step;
+    afd_status_t st = plan->epoch == a->epoch ? run_step(a, plan, &res, &arr, &cap)
+                                              : AFD_ERR_PEER;
+    if (st) {
+        char msg[160];
+        snprintf(msg, sizeof(msg), "step %llu failed on attention node %u: %s",
+                 (unsigned long long)plan->step, a->ctl.node_id,
+                 plan->epoch != a->epoch ? "placement epoch changed" : afd_status_str(st));
+        afd_error("%s", msg);
+        res.error = msg;
+        /* every sequence here depended on the step: end them all with the error */
+        while (a->seqs) {
+            add_token(&res, &arr, &cap, new_token(a->seqs->id, AFD__FINISH__FINISH_ERROR, msg));
+            seq_remove(a, a->seqs);
+        }
+        for (int i = 0; i < ATTN_MAX_MB; i++) a->mb[i].tx_pending = 0;
+        Afd__Frame f = AFD__FRAME__INIT;
+        f.body_case = AFD__FRAME__BODY_RESULT;
+        f.result = &res;
+        net_node_send(&a->ctl, &f);
+        res.error = NULL;
+        free_result(&res);
+        free(arr);
+        return;
+    }
+    times.attn_us = a->attn_us - a0;
+    times.wait_us = a->wait_us - w0;
+    times.xfer_us = a->xfer_us - x0;
+    times.step_us = net_now_us() - t0;
+    res.times = &times;
+    Afd__Frame f = AFD__FRAME__INIT;
+    f.body_case = AFD__FRAME__BODY_RESULT;
+    f.result = &res;
+    net_node_send(&a->ctl, &f);
+    free_result(&res);
+    free(arr);
+}
+
+static void send_heartbeat(attn_node_t *a)
+{
+    Afd__NodeStats ns = AFD__NODE_STATS__INIT;
+    Afd__StageTimes busy = AFD__STAGE_TIMES__INIT;
+    busy.attn_us = a->attn_us;
+    busy.wait_us = a->wait_us;
+    busy.xfer_us = a->xfer_us;
+    busy.step_us = a->step_us;
+    ns.busy = &busy;
+    ns.kv_blocks_total = (uint64_t)a->kv->store.num_blocks;
+    ns.kv_blocks_used = (uint64_t)(a->kv->store.num_blocks - a->kv->nfree);
+    ns.running = (uint32_t)a->nseqs;
+    ns.steps = a->steps;
+    ns.a2f_bytes = a->a2f_bytes;
+    ns.f2a_bytes = a->f2a_bytes;
+    ns.tokens = a->tokens;
+    Afd__LatencyHist hs[ATTN_MAX_FFN], *hp[ATTN_MAX_FFN];
+    for (int f = 0; f < a->num_ffn; f++) {
+        afd__latency_hist__init(&hs[f]);
+        hs[f].peer_id = a->ffn_ids[f];
+        hs[f].n_buckets = ATTN_LAT_BUCKETS;
+        hs[f].buckets = a->lat[f];
+        hs[f].count = a->lat_n[f];
+        hs[f].sum_us = a->lat_sum[f];
+        hp[f] = &hs[f];
+    }
+    ns.n_peer_latency = (size_t)a->num_ffn;
+    ns.peer_latency = hp;
+    Afd__Heartbeat hb = AFD__HEARTBEAT__INIT;
+    hb.time_us = net_now_us();
+    hb.stats = &ns;
+    Afd__Frame fr = AFD__FRAME__INIT;
+    fr.body_case = AFD__FRAME__BODY_HEARTBEAT;
+    fr.heartbeat = &hb;
+    net_node_send(&a->ctl, &fr);
+}
+
+static afd_status_t apply_peers(attn_node_t *a, const Afd__PeerTable *pt)
+{
+    for (int f = 0; f < a->num_ffn; f++)
+        if (a->ffn_peers[f]) net_ucx_disconnect(a->ffn_peers[f]);
+    memset(a->ffn_peers, 0, sizeof(a->ffn_peers));
+    a->num_ffn = 0;
+    for (size_t i = 0; i < pt->n_peers; i++) {
+        const Afd__Peer *p = pt->peers[i];
+        if (p->role != AFD__ROLE__ROLE_FFN) continue;
+        if (p->index >= ATTN_MAX_FFN) return AFD_ERR_RANGE;
+        afd_status_t st = net_ucx_connect(a->ucx, p->ucx_address.data, p->ucx_address.len,
+                                          p->node_id, &a->ffn_peers[p->index]);
+        if (st) return st;
+        a->ffn_ids[p->index] = p->node_id;
+        if ((int)p->index + 1 > a->num_ffn) a->num_ffn = (int)p->index + 1;
+    }
+    a->epoch = pt->epoch;
+    afd_info("epoch %u: %d FFN nodes", a->epoch, a->num_ffn);
+    return AFD_OK;
+}
+
+int main(int argc, char **argv)
+{
+    afd_log_init("attn_node");
+    static attn_node_t a;
+    int first;
+    afd_status_t st = afd_opts_parse(attn_table, &a.o, argc, argv,
+                                     "usage: attn_node --model DIR --coordinator HOST:PORT "
+                                     "--cluster-token T [options]",
+                                     &first);
+    if (st == AFD_ERR_CANCELED) return 0;
+    if (st) return 2;
+    if (!a.o.model || !a.o.cluster_token) {
+        afd_error("--model and --cluster-token are required");
+        return 2;
+    }
+    afd_dtype_t kvdt = afd_dtype_parse(a.o.kv_dtype);
+    a.a2f = afd_dtype_parse(a.o.a2f_dtype);
+    a.f2a = afd_dtype_parse(a.o.f2a_dtype);
+    if (kvdt == AFD_DTYPE_COUNT || kvdt == AFD_DTYPE_F16 || a.a2f == AFD_DTYPE_COUNT ||
+        a.a2f == AFD_DTYPE_F16 || (a.f2a != AFD_DTYPE_BF16 && a.f2a != AFD_DTYPE_F32)) {
+        afd_error("--kv-dtype bf16|fp8|f32, --a2f-dtype fp8|bf16|f32, --f2a-dtype bf16|f32");
+        return 2;
+    }
+    if (a.o.cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET((int)a.o.cpu, &set);
+        if (sched_setaffinity(0, sizeof(set), &set)) afd_warn("pinning to cpu %ld: %m", a.o.cpu);
+    }
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGPIPE, SIG_IGN);
+    kn_backend_t *be;
+    mdl_ckpt_t *ck;
+    if (mdl_config_load(a.o.model, &a.cfg) || kn_backend_create(a.o.backend, (int)a.o.threads, &be) ||
+        mdl_ckpt_open(a.o.model, &ck))
+        return 1;
+    mdl_role_t role = {.attn = 1};
+    if (mdl_model_load(ck, &a.cfg, be, &role, isatty(2), &a.m) ||
+        mdl_kv_create(be, &a.cfg, kvdt, (int)a.o.kv_block, (size_t)a.o.kv_budget_mb << 20, &a.kv) ||
+        mdl_sampler_create(a.cfg.vocab_size, &a.smp))
+        return 1;
+    char name[128];
+    snprintf(name, sizeof(name), "attn-%d", (int)getpid());
+    Afd__Hello hello = AFD__HELLO__INIT;
+    hello.protocol = 1;
+    hello.cluster_token = a.o.cluster_token;
+    hello.role = AFD__ROLE__ROLE_ATTN;
+    hello.name = a.o.name ? a.o.name : name;
+    hello.model_id = a.o.model;
+    hello.pid = (uint32_t)getpid();
+    hello.kv_blocks = (uint64_t)a.kv->store.num_blocks;
+    hello.kv_block_size = (uint32_t)a.o.kv_block;
+    hello.max_batch_tokens = (uint32_t)a.o.max_batch_tokens;
+    Afd__Welcome *w;
+    if (net_node_join(&a.ctl, a.o.coordinator, &hello, 10000, &w)) return 1;
+    afd_info("joined as node %u: %d KV blocks of %ld tokens", w->node_id, a.kv->store.num_blocks,
+             a.o.kv_block);
+    afd__welcome__free_unpacked(w, NULL);
+    net_ucx_opts_t uo = {.err_mode_peer = a.o.ucx_peer_errors,
+                         .max_hdr = sizeof(net_wire_hdr_t),
+                         .max_payload = (size_t)1 << 32,
+                         .alloc_cb = attn_alloc,
+                         .recv_cb = attn_recv,
+                         .err_cb = attn_peer_err,
+                         .arg = &a};
+    if (net_ucx_create(&uo, &a.ucx)) return 1;
+    const void *addr;
+    size_t alen;
+    net_ucx_address(a.ucx, &addr, &alen);
+    Afd__Ready rd = AFD__READY__INIT;
+    rd.ucx_address.data = (uint8_t *)addr;
+    rd.ucx_address.len = alen;
+    Afd__Frame fr = AFD__FRAME__INIT;
+    fr.body_case = AFD__FRAME__BODY_READY;
+    fr.ready = &rd;
+    if (net_node_send(&a.ctl, &fr)) return 1;
+    uint64_t last_hb = 0;
+    int rc = 0;
+    while (!g_stop) {
+        Afd__Frame *in;
+        while (!g_stop && (st = net_node_next(&a.ctl, &in)) == AFD_OK) {
+            if (in->body_case == AFD__FRAME__BODY_PEERS) {
+                if (apply_peers(&a, in->peers) == AFD_OK) {
+                    Afd__Connected cn = AFD__CONNECTED__INIT;
+                    cn.epoch = a.epoch;
+                    Afd__Frame out = AFD__FRAME__INIT;
+                    out.body_case = AFD__FRAME__BODY_CONNECTED;
+                    out.connected = &cn;
+                    net_node_send(&a.ctl, &out);
+                }
+            } else if (in->body_case == AFD__FRAME__BODY_PLAN) {
+                handle_plan(&a, in->plan);
+            }
+            net_frame_free(in);
+            uint64_t now = net_now_us();
+            if (now - last_hb > (uint64_t)a.o.heartbeat_ms * 1000) {
+                send_heartbeat(&a);
+                last_hb = now;
+            }
+        }
+        if (st == AFD_ERR_PEER) {
+            afd_error("lost the coordinator; exiting");
+            rc = 1;
+            break;
+        }
+        uint64_t now = net_now_us();
+        if (now - last_hb > (uint64_t)a.o.heartbeat_ms * 1000) {
+            send_heartbeat(&a);
+            last_hb = now;
+        }
+        net_node_wait(&a.ctl, a.ucx, 0, 100);
+    }
+    afd_info("stopping");
+    net_node_close(&a.ctl);
+    while (a.seqs) seq_remove(&a, a.seqs);
+    for (int f = 0; f < a.num_ffn; f++)
+        if (a.ffn_peers[f]) net_ucx_disconnect(a.ffn_peers[f]);
+    net_ucx_destroy(a.ucx);
+    mdl_sampler_destroy(a.smp);
+    mdl_kv_destroy(a.kv);
+    mdl_model_free(a.m);
+    mdl_ckpt_close(ck);
+    be->ops->destroy(be);
+    afd_opts_free(attn_table, &a.o);
+    return rc;
+}

@@ -1,0 +1,93 @@
+/*
+ * net_ucx: the UCX data plane. One ucp context and worker per daemon; endpoints
+ * made from worker addresses exchanged through the coordinator; active messages
+ * (ucp_am_send_nbx) carrying a small header (the wire header) and a payload. On
+ * arrival the application chooses the destination buffer (alloc callback): eager
+ * payloads are copied there, rendezvous payloads land there zero-copy through
+ * ucp_am_recv_data_nbx. Progress is driven by the caller: net_ucx_progress() in a
+ * busy loop while micro-batches are in flight, or net_ucx_wait() / the event fd
+ * (ucp_worker_get_efd + ucp_worker_arm) when idle.
+ * UCX_TLS, UCX_NET_DEVICES and the other UCX_* variables are honoured as usual.
+ */
+#ifndef NET_UCX_H
+#define NET_UCX_H
+
+#include "afd_status.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct net_ucx net_ucx_t;
+typedef struct net_ucx_peer net_ucx_peer_t;
+
+/*
+ * Called from inside progress when a message arrives: returns where its `len` payload
+ * bytes must go (NULL drops the message: the transport logs it and discards the data).
+ * hdr is valid only during the call.
+ */
+typedef void *(*net_ucx_alloc_cb)(void *arg, const void *hdr, size_t hdr_len, size_t len);
+/* Called from inside progress once the payload is in `data` (the alloc result); status is
+ * AFD_OK or the transfer error (then data holds garbage). hdr is a copy valid during the
+ * call. */
+typedef void (*net_ucx_recv_cb)(void *arg, const void *hdr, size_t hdr_len, void *data,
+                                size_t len, afd_status_t status);
+/* Called from inside progress when an endpoint fails (peer died, connection reset). */
+typedef void (*net_ucx_peer_err_cb)(void *arg, uint32_t peer_id, afd_status_t status);
+/* Called when a send completes; the payload buffer may be reused from then on. */
+typedef void (*net_ucx_send_cb)(void *arg, afd_status_t status);
+
+typedef struct net_ucx_opts {
+    int err_mode_peer;          /* 1: UCP_ERR_HANDLING_MODE_PEER (peer failure detection) */
+    size_t max_hdr;             /* largest header accepted (bytes), e.g. 256 */
+    size_t max_payload;         /* largest payload accepted; larger messages are dropped */
+    net_ucx_alloc_cb alloc_cb;
+    net_ucx_recv_cb recv_cb;
+    net_ucx_peer_err_cb err_cb;
+    void *arg;
+} net_ucx_opts_t;
+
+afd_status_t net_ucx_create(const net_ucx_opts_t *opts, net_ucx_t **out);
+/* Flushes and closes every endpoint, then releases the worker and context. */
+void net_ucx_destroy(net_ucx_t *u);
+
+/* This worker's address (valid until destroy). */
+afd_status_t net_ucx_address(net_ucx_t *u, const void **addr, size_t *len);
+/* The event fd to poll for readability when idle (call net_ucx_arm first). */
+int net_ucx_fd(net_ucx_t *u);
+/*
+ * Arms the event fd: returns AFD_OK when it is safe to sleep on the fd, AFD_ERR_BUSY when
+ * events are pending and the caller must progress again first.
+ */
+afd_status_t net_ucx_arm(net_ucx_t *u);
+/* Progresses communication once; returns the number of events processed. */
+unsigned net_ucx_progress(net_ucx_t *u);
+/* Progresses until something happened or timeout_ms passed (spins busy_us first, then
+ * sleeps on the event fd). Returns the number of events processed. */
+unsigned net_ucx_wait(net_ucx_t *u, int busy_us, int timeout_ms);
+
+/* Registers memory for zero-copy transfers (optional; unregistered memory works too). */
+afd_status_t net_ucx_mem_map(net_ucx_t *u, void *p, size_t len, void **memh);
+void net_ucx_mem_unmap(net_ucx_t *u, void *memh);
+
+/* Creates an endpoint to a worker address; peer_id is the caller's name for it (passed
+ * to err_cb). */
+afd_status_t net_ucx_connect(net_ucx_t *u, const void *addr, size_t len, uint32_t peer_id,
+                             net_ucx_peer_t **out);
+/* Closes an endpoint (forcefully when the peer failed). */
+void net_ucx_disconnect(net_ucx_peer_t *p);
+
+/*
+ * Sends hdr (copied before return) and the payload (must stay valid until cb) to a peer;
+ * memh is the payload's registration or NULL. cb may run before this returns (immediate
+ * completion). Large payloads use rendezvous.
+ */
+afd_status_t net_ucx_send(net_ucx_peer_t *p, const void *hdr, size_t hdr_len, const void *data,
+                          size_t len, void *memh, net_ucx_send_cb cb, void *arg);
+
+/* Counters, for metrics and benchmarks. */
+typedef struct net_ucx_stats {
+    uint64_t tx_msgs, tx_bytes, rx_msgs, rx_bytes, rx_dropped, rx_eager, rx_rndv;
+} net_ucx_stats_t;
+void net_ucx_get_stats(net_ucx_t *u, net_ucx_stats_t *st);
+
+#endif

@@ -1,0 +1,133 @@
+/*
+ * coord: the AFD coordinator's shared state. One libuv loop runs everything:
+ * the control-plane server the nodes join (coord_nodes.c), the scheduler that
+ * admits requests and sends step plans ahead (coord_sched.c), and the HTTP API
+ * (coord_api.c).
+ */
+#ifndef COORD_H
+#define COORD_H
+
+#include "afd.pb-c.h"
+#include "afd_opts.h"
+#include "mdl_config.h"
+#include "net_frame.h"
+#include "net_http.h"
+
+#include <stdint.h>
+#include <uv.h>
+
+#define COORD_MAX_NODES 256
+#define COORD_MAX_PLAN_AHEAD 4
+
+typedef struct coord_opts {
+    char *host, *cluster_token, *model, *model_name, *micro_batches, *api_key;
+    long port, ctrl_port, attn, ffn, plan_ahead, max_waiting, max_running, max_body_kb,
+        max_prompt, node_timeout_ms, default_max_tokens;
+} coord_opts_t;
+
+enum coord_node_state { NODE_FREE = 0, NODE_HELLO, NODE_READY, NODE_CONNECTED };
+
+typedef struct coord_node {
+    int state;
+    uint32_t id;
+    Afd__Role role;
+    int index;             /* attention index or FFN share */
+    char name[64];
+    uv_tcp_t tcp;
+    int open;              /* tcp handle initialised and not yet closed */
+    net_frame_reader_t rd;
+    uint8_t *ucx_addr;
+    size_t ucx_len;
+    uint32_t epoch_connected;
+    uint64_t kv_blocks, kv_reserved;
+    uint32_t kv_block_size, max_batch_tokens;
+    int running;           /* sequences placed on it */
+    uint64_t last_seen_us;
+    Afd__Heartbeat *last_hb;
+    uint32_t expert_begin, expert_end;
+    struct coord *c;
+} coord_node_t;
+
+typedef struct coord_seq {
+    uint64_t id;
+    struct coord_req *req;
+    int choice;
+    int node;              /* attention node slot, -1 while waiting */
+    int nblocks;
+    int32_t *out;          /* generated ids */
+    float *lp;
+    int32_t *top_ids;      /* (max_tokens, logprobs) */
+    float *top_lp;
+    int ngen, done;
+    const char *finish;
+    char *error;
+    struct coord_seq *next_wait;
+} coord_seq_t;
+
+typedef struct coord_req {
+    uint64_t id;
+    net_http_req_t *http;  /* NULL once the client is gone or answered */
+    int stream, logprobs, nseq, ndone, aborted, failed, finished;
+    int32_t **prompts;
+    int *prompt_len;
+    Afd__Sampling sp;
+    int32_t *stop_ids;
+    coord_seq_t *seqs;
+    uint64_t created, t_arrival_us, t_first_us;
+    struct coord_req *next;
+} coord_req_t;
+
+typedef struct coord {
+    coord_opts_t o;
+    uv_loop_t *loop;
+    mdl_config_t cfg;
+    uv_tcp_t ctrl;
+    uv_timer_t tick;
+    net_http_server_t *http;
+    coord_node_t nodes[COORD_MAX_NODES];
+    uint32_t next_node_id;
+    uint32_t epoch;
+    int ready;
+    int micro_batches;
+    /* scheduler */
+    coord_req_t *reqs;         /* all live requests */
+    coord_seq_t *wait_head, *wait_tail;
+    int nwaiting, nrunning;
+    uint64_t next_seq_id, next_req_id;
+    uint64_t next_step;        /* next plan to send */
+    uint64_t inflight[COORD_MAX_PLAN_AHEAD];
+    int inflight_results[COORD_MAX_PLAN_AHEAD];
+    uint64_t inflight_sent_us[COORD_MAX_PLAN_AHEAD];
+    int ninflight;
+    uint64_t *aborts[COORD_MAX_NODES];
+    int naborts[COORD_MAX_NODES];
+    /* stats */
+    uint64_t steps_done, tokens_out, req_ok, req_err, step_us_sum, sched_us_sum;
+    double last_step_ms;
+} coord_t;
+
+/* coord_nodes.c */
+afd_status_t coord_nodes_listen(coord_t *c);
+void coord_nodes_send(coord_node_t *n, Afd__Frame *f);
+int coord_nodes_count(coord_t *c, Afd__Role role, int state_at_least);
+void coord_nodes_check_timeouts(coord_t *c);
+
+/* coord_sched.c */
+void coord_sched_kick(coord_t *c);
+void coord_sched_on_result(coord_t *c, coord_node_t *n, const Afd__StepResult *r);
+void coord_sched_node_lost(coord_t *c, coord_node_t *n, const char *why);
+void coord_sched_cluster_changed(coord_t *c);
+void coord_sched_abort_req(coord_t *c, coord_req_t *r);
+/* Frees the requests that are answered and done. */
+void coord_sched_reap(coord_t *c);
+afd_status_t coord_sched_submit(coord_t *c, coord_req_t *r, const char **why);
+
+/* coord_api.c */
+void coord_api_handle(void *arg, net_http_req_t *req);
+void coord_api_token(coord_t *c, coord_req_t *r, coord_seq_t *s);
+void coord_api_finish(coord_t *c, coord_req_t *r);
+void coord_req_free(coord_req_t *r);
+
+uint64_t coord_now_us(void);
+
+#endif

@@ -1,0 +1,655 @@
+/*
+ * coord_api: the HTTP API. OpenAI-compatible /v1/completions (token-id prompts;
+ * streamed as Server-Sent Events or answered whole), /v1/models, /health,
+ * /ready and /admin/status (what afdctl reads). Every field from the client is
+ * type- and range-checked; errors use OpenAI's error object and status codes.
+ */
+#define _GNU_SOURCE
+#include "coord.h"
+#include "afd_log.h"
+#include "mdl_sampler.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define API_MAX_PROMPTS  64
+#define API_MAX_STOP_IDS 64
+
+static void send_json(net_http_req_t *req, int status, cJSON *j, const char *extra)
+{
+    char *txt = cJSON_PrintUnformatted(j);
+    net_http_respond(req, status, "application/json", txt, strlen(txt), extra);
+    free(txt);
+}
+
+static void send_error(net_http_req_t *req, int status, const char *type, const char *param,
+                       const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static void send_error(net_http_req_t *req, int status, const char *type, const char *param,
+                       const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    cJSON *root = cJSON_CreateObject(), *e = cJSON_AddObjectToObject(root, "error");
+    cJSON_AddStringToObject(e, "message", msg);
+    cJSON_AddStringToObject(e, "type", type);
+    if (param)
+        cJSON_AddStringToObject(e, "param", param);
+    else
+        cJSON_AddNullToObject(e, "param");
+    cJSON_AddNumberToObject(e, "code", status);
+    send_json(req, status, root, status == 429 ? "Retry-After: 1\r\n" : NULL);
+    cJSON_Delete(root);
+}
+
+void coord_req_free(coord_req_t *r)
+{
+    if (!r) return;
+    for (int i = 0; i < r->nseq; i++) {
+        free(r->prompts ? r->prompts[i] : NULL);
+        if (r->seqs) {
+            free(r->seqs[i].out);
+            free(r->seqs[i].lp);
+            free(r->seqs[i].top_ids);
+            free(r->seqs[i].top_lp);
+            free(r->seqs[i].error);
+        }
+    }
+    free(r->prompts);
+    free(r->prompt_len);
+    free(r->seqs);
+    free(r->stop_ids);
+    free(r);
+}
+
+/* ---- response rendering ---- */
+
+static void token_text(int32_t id, char *buf, size_t len)
+{
+    snprintf(buf, len, "token_id:%d", id);
+}
+
+static cJSON *logprobs_json(const coord_req_t *r, const coord_seq_t *s, int from, int to,
+                            int *offset)
+{
+    cJSON *lp = cJSON_CreateObject();
+    cJSON *toks = cJSON_AddArrayToObject(lp, "tokens");
+    cJSON *tlp = cJSON_AddArrayToObject(lp, "token_logprobs");
+    cJSON *top = cJSON_AddArrayToObject(lp, "top_logprobs");
+    cJSON *off = cJSON_AddArrayToObject(lp, "text_offset");
+    char b[32];
+    for (int g = from; g < to; g++) {
+        token_text(s->out[g], b, sizeof(b));
+        cJSON_AddItemToArray(toks, cJSON_CreateString(b));
+        cJSON_AddItemToArray(tlp, cJSON_CreateNumber(s->lp[g]));
+        cJSON *t = cJSON_CreateObject();
+        for (int k = 0; k < r->logprobs; k++) {
+            int32_t id = s->top_ids[g * r->logprobs + k];
+            if (id < 0) continue;
+            token_text(id, b, sizeof(b));
+            if (!cJSON_GetObjectItemCaseSensitive(t, b))
+                cJSON_AddNumberToObject(t, b, s->top_lp[g * r->logprobs + k]);
+        }
+        cJSON_AddItemToArray(top, t);
+        cJSON_AddItemToArray(off, cJSON_CreateNumber(*offset));
+        token_text(s->out[g], b, sizeof(b));
+        *offset += (int)strlen(b);
+    }
+    return lp;
+}
+
+static cJSON *completion_base(coord_t *c, const coord_req_t *r)
+{
+    cJSON *root = cJSON_CreateObject();
+    char id[48];
+    snprintf(id, sizeof(id), "cmpl-%llu", (unsigned long long)r->id);
+    cJSON_AddStringToObject(root, "id", id);
+    cJSON_AddStringToObject(root, "object", "text_completion");
+    cJSON_AddNumberToObject(root, "created", (double)r->created);
+    cJSON_AddStringToObject(root, "model", c->o.model_name);
+    return root;
+}
+
+static cJSON *usage_json(const coord_req_t *r)
+{
+    int pt = 0, ct = 0;
+    for (int i = 0; i < r->nseq; i++) {
+        pt += r->prompt_len[i];
+        ct += r->seqs[i].ngen;
+    }
+    cJSON *u = cJSON_CreateObject();
+    cJSON_AddNumberToObject(u, "prompt_tokens", pt);
+    cJSON_AddNumberToObject(u, "completion_tokens", ct);
+    cJSON_AddNumberToObject(u, "total_tokens", pt + ct);
+    return u;
+}
+
+static void sse_send(net_http_req_t *http, cJSON *j)
+{
+    char *txt = cJSON_PrintUnformatted(j);
+    size_t n = strlen(txt);
+    char *buf = malloc(n + 8);
+    if (buf) {
+        memcpy(buf, "data: ", 6);
+        memcpy(buf + 6, txt, n);
+        memcpy(buf + 6 + n, "\n\n", 2);
+        net_http_stream_write(http, buf, n + 8);
+        free(buf);
+    }
+    free(txt);
+}
+
+void coord_api_token(coord_t *c, coord_req_t *r, coord_seq_t *s)
+{
+    if (!r->stream || !r->http) return;
+    cJSON *root = completion_base(c, r);
+    cJSON *choices = cJSON_AddArrayToObject(root, "choices");
+    cJSON *ch = cJSON_CreateObject();
+    cJSON_AddNumberToObject(ch, "index", s->choice);
+    char b[32];
+    token_text(s->out[s->ngen - 1], b, sizeof(b));
+    cJSON_AddStringToObject(ch, "text", b);
+    cJSON_AddItemToObject(ch, "token_ids", cJSON_CreateIntArray(&s->out[s->ngen - 1], 1));
+    if (r->logprobs >= 0) {
+        int off = 0;
+        for (int g = 0; g < s->ngen - 1; g++) {
+            token_text(s->out[g], b, sizeof(b));
+            off += (int)strlen(b);
+        }
+        cJSON_AddItemToObject(ch, "logprobs", logprobs_json(r, s, s->ngen - 1, s->ngen, &off));
+    } else {
+        cJSON_AddNullToObject(ch, "logprobs");
+    }
+    if (s->finish)
+        cJSON_AddStringToObject(ch, "finish_reason", s->finish);
+    else
+        cJSON_AddNullToObject(ch, "finish_reason");
+    cJSON_AddItemToArray(choices, ch);
+    sse_send(r->http, root);
+    cJSON_Delete(root);
+}
+
+void coord_api_finish(coord_t *c, coord_req_t *r)
+{
+    r->finished = 1;
+    if (r->failed) c->req_err++;
+    else if (!r->aborted) c->req_ok++;
+    if (!r->http) return;
+    net_http_req_t *http = r->http;
+    r->http = NULL;
+    const char *err = NULL;
+    for (int i = 0; i < r->nseq && !err; i++)
+        if (r->seqs[i].error) err = r->seqs[i].error;
+    if (r->stream) {
+        if (err) {
+            cJSON *root = cJSON_CreateObject(), *e = cJSON_AddObjectToObject(root, "error");
+            cJSON_AddStringToObject(e, "message", err);
+            cJSON_AddStringToObject(e, "type", "server_error");
+            cJSON_AddNumberToObject(e, "code", 500);
+            sse_send(http, root);
+            cJSON_Delete(root);
+        }
+        if (!err && r->stream == 2) { /* stream_options.include_usage */
+            cJSON *root = completion_base(c, r);
+            cJSON_AddArrayToObject(root, "choices");
+            cJSON_AddItemToObject(root, "usage", usage_json(r));
+            sse_send(http, root);
+            cJSON_Delete(root);
+        }
+        net_http_stream_write(http, "data: [DONE]\n\n", 14);
+        net_http_stream_end(http);
+        return;
+    }
+    if (err) {
+        send_error(http, 500, "server_error", NULL, "%s", err);
+        return;
+    }
+    cJSON *root = completion_base(c, r);
+    cJSON *choices = cJSON_AddArrayToObject(root, "choices");
+    for (int i = 0; i < r->nseq; i++) {
+        coord_seq_t *s = &r->seqs[i];
+        cJSON *ch = cJSON_CreateObject();
+        cJSON_AddNumberToObject(ch, "index", i);
+        size_t tl = (size_t)s->ngen * 20 + 1, k = 0;
+        char *text = malloc(tl);
+        if (text) {
+            text[0] = 0;
+            for (int g = 0; g < s->ngen; g++)
+                k += (size_t)snprintf(text + k, tl - k, "token_id:%d", s->out[g]);
+        }
+        cJSON_AddStringToObject(ch, "text", text ? text : "");
+        free(text);
+        cJSON_AddItemToObject(ch, "token_ids", cJSON_CreateIntArray(s->out, s->ngen));
+        if (r->logprobs >= 0) {
+            int off = 0;
+            cJSON_AddItemToObject(ch, "logprobs", logprobs_json(r, s, 0, s->ngen, &off));
+        } else {
+            cJSON_AddNullToObject(ch, "logprobs");
+        }
+        cJSON_AddStringToObject(ch, "finish_reason", s->finish ? s->finish : "length");
+        cJSON_AddItemToArray(choices, ch);
+    }
+    cJSON_AddItemToObject(root, "usage", usage_json(r));
+    send_json(http, 200, root, NULL);
+    cJSON_Delete(root);
+}
+
+/* ---- request parsing ---- */
+
+/* the coordinator of this process: the abort callback carries only the request */
+static coord_t *g_coord;
+
+static void on_client_gone(void *ud, net_http_req_t *req)
+{
+    coord_req_t *r = ud;
+    (void)req;
+    r->http = NULL;
+    if (!r->finished) coord_sched_abort_req(g_coord, r);
+}
+
+static int get_int_field(const cJSON *o, const char *k, long min, long max, long def, long *out,
+                         net_http_req_t *req)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    if (!v || cJSON_IsNull(v)) {
+        *out = def;
+        return 0;
+    }
+    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble)) {
+        send_error(req, 400, "invalid_request_error", k, "'%s' must be an integer", k);
+        return -1;
+    }
+    if (v->valuedouble < (double)min || v->valuedouble > (double)max) {
+        send_error(req, 400, "invalid_request_error", k, "'%s' must be in [%ld, %ld]", k, min, max);
+        return -1;
+    }
+    *out = (long)v->valuedouble;
+    return 0;
+}
+
+static int get_num_field(const cJSON *o, const char *k, double min, double max, double def,
+                         double *out, net_http_req_t *req)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    if (!v || cJSON_IsNull(v)) {
+        *out = def;
+        return 0;
+    }
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= min && v->valuedouble <= max)) {
+        send_error(req, 400, "invalid_request_error", k, "'%s' must be a number in [%g, %g]", k,
+                   min, max);
+        return -1;
+    }
+    *out = v->valuedouble;
+    return 0;
+}
+
+static int get_bool_field(const cJSON *o, const char *k, int def, int *out, net_http_req_t *req)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    if (!v || cJSON_IsNull(v)) {
+        *out = def;
+        return 0;
+    }
+    if (!cJSON_IsBool(v)) {
+        send_error(req, 400, "invalid_request_error", k, "'%s' must be true or false", k);
+        return -1;
+    }
+    *out = cJSON_IsTrue(v);
+    return 0;
+}
+
+/* Parses one prompt (a list of token ids) into a malloc'd array. */
+static int parse_ids(coord_t *c, const cJSON *a, int32_t **out, int *n, net_http_req_t *req)
+{
+    int cnt = cJSON_GetArraySize(a);
+    if (cnt < 1 || cnt > c->o.max_prompt) {
+        send_error(req, 400, "invalid_request_error", "prompt",
+                   "a prompt must have 1 to %ld tokens (got %d)", c->o.max_prompt, cnt);
+        return -1;
+    }
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)cnt);
+    if (!ids) {
+        send_error(req, 500, "server_error", NULL, "out of memory");
+        return -1;
+    }
+    int i = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, a)
+    {
+        if (!cJSON_IsNumber(e) || e->valuedouble != floor(e->valuedouble) || e->valuedouble < 0 ||
+            e->valuedouble >= c->cfg.vocab_size) {
+            free(ids);
+            send_error(req, 400, "invalid_request_error", "prompt",
+                       "prompt token ids must be integers in [0, %d)", c->cfg.vocab_size);
+            return -1;
+        }
+        ids[i++] = (int32_t)e->valuedouble;
+    }
+    *out = ids;
+    *n = cnt;
+    return 0;
+}
+
+static uint64_t g_seed_counter;
+
+static void handle_completions(coord_t *c, net_http_req_t *req)
+{
+    cJSON *body = cJSON_ParseWithLength(req->body, req->body_len);
+    if (!body || !cJSON_IsObject(body)) {
+        cJSON_Delete(body);
+        return send_error(req, 400, "invalid_request_error", NULL,
+                          "the body must be a JSON object");
+    }
+    coord_req_t *r = calloc(1, sizeof(*r));
+    if (!r) {
+        cJSON_Delete(body);
+        return send_error(req, 500, "server_error", NULL, "out of memory");
+    }
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(body, "model");
+    if (model && !cJSON_IsNull(model) &&
+        (!cJSON_IsString(model) || strcmp(model->valuestring, c->o.model_name) != 0)) {
+        send_error(req, 404, "invalid_request_error", "model", "the model '%s' does not exist",
+                   cJSON_IsString(model) ? model->valuestring : "?");
+        goto fail;
+    }
+    const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(body, "prompt");
+    if (!prompt) {
+        send_error(req, 400, "invalid_request_error", "prompt", "'prompt' is required");
+        goto fail;
+    }
+    if (cJSON_IsString(prompt) ||
+        (cJSON_IsArray(prompt) && cJSON_IsString(cJSON_GetArrayItem(prompt, 0)))) {
+        send_error(req, 400, "invalid_request_error", "prompt",
+                   "text prompts need a tokenizer, and none is loaded: send token ids");
+        goto fail;
+    }
+    if (!cJSON_IsArray(prompt) || cJSON_GetArraySize(prompt) == 0) {
+        send_error(req, 400, "invalid_request_error", "prompt",
+                   "'prompt' must be a list of token ids or a list of such lists");
+        goto fail;
+    }
+    int batch = cJSON_IsArray(cJSON_GetArrayItem(prompt, 0));
+    r->nseq = batch ? cJSON_GetArraySize(prompt) : 1;
+    if (r->nseq > API_MAX_PROMPTS) {
+        send_error(req, 400, "invalid_request_error", "prompt", "at most %d prompts per request",
+                   API_MAX_PROMPTS);
+        goto fail;
+    }
+    r->prompts = calloc((size_t)r->nseq, sizeof(*r->prompts));
+    r->prompt_len = calloc((size_t)r->nseq, sizeof(int));
+    r->seqs = calloc((size_t)r->nseq, sizeof(*r->seqs));
+    if (!r->prompts || !r->prompt_len || !r->seqs) {
+        send_error(req, 500, "server_error", NULL, "out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < r->nseq; i++) {
+        const cJSON *p = batch ? cJSON_GetArrayItem(prompt, i) : prompt;
+        if (!cJSON_IsArray(p)) {
+            send_error(req, 400, "invalid_request_error", "prompt",
+                       "'prompt' must be a list of token ids or a list of such lists");
+            goto fail;
+        }
+        if (parse_ids(c, p, &r->prompts[i], &r->prompt_len[i], req)) goto fail;
+    }
+    long max_tokens, top_k, seed, n, logprobs = -1;
+    double temperature, top_p;
+    int stream, ignore_eos, echo;
+    if (get_int_field(body, "max_tokens", 1, c->cfg.max_position, c->o.default_max_tokens,
+                      &max_tokens, req) ||
+        get_int_field(body, "top_k", -1, c->cfg.vocab_size, 0, &top_k, req) ||
+        get_int_field(body, "seed", 0, (long)9e18, -1, &seed, req) ||
+        get_int_field(body, "n", 1, 1, 1, &n, req) ||
+        get_num_field(body, "temperature", 0, 100, 1.0, &temperature, req) ||
+        get_num_field(body, "top_p", 1e-9, 1, 1.0, &top_p, req) ||
+        get_bool_field(body, "stream", 0, &stream, req) ||
+        get_bool_field(body, "ignore_eos", 0, &ignore_eos, req) ||
+        get_bool_field(body, "echo", 0, &echo, req))
+        goto fail;
+    const cJSON *lpv = cJSON_GetObjectItemCaseSensitive(body, "logprobs");
+    if (lpv && !cJSON_IsNull(lpv) &&
+        get_int_field(body, "logprobs", 0, MDL_MAX_LOGPROBS, 0, &logprobs, req))
+        goto fail;
+    if (echo) {
+        send_error(req, 400, "invalid_request_error", "echo", "'echo' is not supported");
+        goto fail;
+    }
+    const cJSON *stop = cJSON_GetObjectItemCaseSensitive(body, "stop");
+    if (stop && !cJSON_IsNull(stop) && !(cJSON_IsArray(stop) && cJSON_GetArraySize(stop) == 0)) {
+        send_error(req, 400, "invalid_request_error", "stop",
+                   "'stop' strings need a tokenizer, and none is loaded: use stop_token_ids");
+        goto fail;
+    }
+    const cJSON *sti = cJSON_GetObjectItemCaseSensitive(body, "stop_token_ids");
+    int nstop = 0;
+    if (sti && !cJSON_IsNull(sti)) {
+        if (!cJSON_IsArray(sti) || cJSON_GetArraySize(sti) > API_MAX_STOP_IDS) {
+            send_error(req, 400, "invalid_request_error", "stop_token_ids",
+                       "'stop_token_ids' must be a list of at most %d token ids", API_MAX_STOP_IDS);
+            goto fail;
+        }
+        r->stop_ids = malloc(sizeof(int32_t) * (size_t)(cJSON_GetArraySize(sti) + 1));
+        const cJSON *e;
+        cJSON_ArrayForEach(e, sti)
+        {
+            if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= c->cfg.vocab_size ||
+                e->valuedouble != floor(e->valuedouble)) {
+                send_error(req, 400, "invalid_request_error", "stop_token_ids",
+                           "stop token ids must be integers in [0, %d)", c->cfg.vocab_size);
+                goto fail;
+            }
+            r->stop_ids[nstop++] = (int32_t)e->valuedouble;
+        }
+    }
+    const cJSON *so = cJSON_GetObjectItemCaseSensitive(body, "stream_options");
+    if (so && !cJSON_IsNull(so)) {
+        if (!cJSON_IsObject(so)) {
+            send_error(req, 400, "invalid_request_error", "stream_options",
+                       "'stream_options' must be an object");
+            goto fail;
+        }
+        if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(so, "include_usage")) && stream)
+            stream = 2;
+    }
+    for (int i = 0; i < r->nseq; i++)
+        if (r->prompt_len[i] + max_tokens > c->cfg.max_position) {
+            send_error(req, 400, "invalid_request_error", "max_tokens",
+                       "prompt (%d tokens) + max_tokens (%ld) exceed the context of %d",
+                       r->prompt_len[i], max_tokens, c->cfg.max_position);
+            goto fail;
+        }
+    afd__sampling__init(&r->sp);
+    r->sp.temperature = (float)temperature;
+    r->sp.top_p = (float)top_p;
+    r->sp.top_k = (int32_t)(top_k < 0 ? 0 : top_k);
+    r->sp.seed = seed >= 0 ? (uint64_t)seed : (uint64_t)time(NULL) * 1000003u + ++g_seed_counter;
+    r->sp.logprobs = logprobs > 0 ? (uint32_t)logprobs : 0;
+    r->sp.max_tokens = (uint32_t)max_tokens;
+    r->sp.n_stop_token_ids = (size_t)nstop;
+    r->sp.stop_token_ids = r->stop_ids;
+    r->sp.ignore_eos = ignore_eos;
+    r->logprobs = (int)logprobs;
+    r->stream = stream;
+    r->id = ++c->next_req_id;
+    r->created = (uint64_t)time(NULL);
+    r->t_arrival_us = coord_now_us();
+    int L = logprobs > 0 ? (int)logprobs : 0;
+    for (int i = 0; i < r->nseq; i++) {
+        coord_seq_t *s = &r->seqs[i];
+        s->req = r;
+        s->choice = i;
+        s->out = malloc(sizeof(int32_t) * (size_t)max_tokens);
+        s->lp = malloc(sizeof(float) * (size_t)max_tokens);
+        s->top_ids = malloc(sizeof(int32_t) * (size_t)(max_tokens * L + 1));
+        s->top_lp = malloc(sizeof(float) * (size_t)(max_tokens * L + 1));
+        if (!s->out || !s->lp || !s->top_ids || !s->top_lp) {
+            send_error(req, 500, "server_error", NULL, "out of memory");
+            goto fail;
+        }
+    }
+    cJSON_Delete(body);
+    if (!c->ready) {
+        send_error(req, 503, "server_error", NULL,
+                   "the cluster is not ready (nodes missing or joining)");
+        coord_req_free(r);
+        return;
+    }
+    const char *why;
+    if (coord_sched_submit(c, r, &why)) {
+        send_error(req, 429, "rate_limit_error", NULL, "%s", why);
+        coord_req_free(r);
+        return;
+    }
+    r->http = req;
+    net_http_set_abort(req, on_client_gone, r);
+    if (r->stream) net_http_stream_begin(req, 200, "text/event-stream", NULL);
+    return;
+fail:
+    cJSON_Delete(body);
+    coord_req_free(r);
+}
+
+static void handle_models(coord_t *c, net_http_req_t *req)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "object", "list");
+    cJSON *data = cJSON_AddArrayToObject(root, "data");
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "id", c->o.model_name);
+    cJSON_AddStringToObject(m, "object", "model");
+    cJSON_AddNumberToObject(m, "created", 0);
+    cJSON_AddStringToObject(m, "owned_by", "afd");
+    cJSON_AddNumberToObject(m, "max_model_len", c->cfg.max_position);
+    cJSON_AddItemToArray(data, m);
+    send_json(req, 200, root, NULL);
+    cJSON_Delete(root);
+}
+
+static cJSON *times_json(const Afd__StageTimes *t)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!t) return o;
+    cJSON_AddNumberToObject(o, "attn_us", (double)t->attn_us);
+    cJSON_AddNumberToObject(o, "ffn_us", (double)t->ffn_us);
+    cJSON_AddNumberToObject(o, "wait_us", (double)t->wait_us);
+    cJSON_AddNumberToObject(o, "xfer_us", (double)t->xfer_us);
+    cJSON_AddNumberToObject(o, "step_us", (double)t->step_us);
+    return o;
+}
+
+static void handle_status(coord_t *c, net_http_req_t *req)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON *cl = cJSON_AddObjectToObject(root, "cluster");
+    cJSON_AddBoolToObject(cl, "ready", c->ready);
+    cJSON_AddNumberToObject(cl, "epoch", c->epoch);
+    cJSON_AddNumberToObject(cl, "micro_batches", c->micro_batches);
+    cJSON_AddNumberToObject(cl, "attn_expected", (double)c->o.attn);
+    cJSON_AddNumberToObject(cl, "ffn_expected", (double)c->o.ffn);
+    cJSON_AddNumberToObject(cl, "steps", (double)c->steps_done);
+    cJSON_AddNumberToObject(cl, "tokens_generated", (double)c->tokens_out);
+    cJSON_AddNumberToObject(cl, "mean_step_ms",
+                            c->steps_done ? c->step_us_sum / 1000.0 / (double)c->steps_done : 0);
+    cJSON_AddNumberToObject(cl, "mean_plan_us",
+                            c->steps_done ? (double)c->sched_us_sum / (double)c->steps_done : 0);
+    cJSON_AddStringToObject(cl, "model", c->o.model_name);
+    cJSON *rq = cJSON_AddObjectToObject(root, "requests");
+    cJSON_AddNumberToObject(rq, "running", c->nrunning);
+    cJSON_AddNumberToObject(rq, "waiting", c->nwaiting);
+    cJSON_AddNumberToObject(rq, "succeeded", (double)c->req_ok);
+    cJSON_AddNumberToObject(rq, "failed", (double)c->req_err);
+    cJSON *nodes = cJSON_AddArrayToObject(root, "nodes");
+    static const char *states[] = {"free", "joining", "ready", "serving"};
+    for (int i = 0; i < COORD_MAX_NODES; i++) {
+        coord_node_t *n = &c->nodes[i];
+        if (!n->open || n->state == NODE_FREE) continue;
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "id", n->id);
+        cJSON_AddStringToObject(o, "name", n->name);
+        cJSON_AddStringToObject(o, "role", n->role == AFD__ROLE__ROLE_ATTN ? "attention" : "ffn");
+        cJSON_AddNumberToObject(o, "index", n->index);
+        cJSON_AddStringToObject(o, "state", states[n->state]);
+        if (n->role == AFD__ROLE__ROLE_FFN) {
+            cJSON *e = cJSON_AddArrayToObject(o, "experts");
+            cJSON_AddItemToArray(e, cJSON_CreateNumber(n->expert_begin));
+            cJSON_AddItemToArray(e, cJSON_CreateNumber(n->expert_end));
+        } else {
+            cJSON_AddNumberToObject(o, "kv_blocks_total", (double)n->kv_blocks);
+            cJSON_AddNumberToObject(o, "kv_blocks_reserved", (double)n->kv_reserved);
+            cJSON_AddNumberToObject(o, "running", n->running);
+        }
+        const Afd__NodeStats *st = n->last_hb ? n->last_hb->stats : NULL;
+        if (st) {
+            if (n->role == AFD__ROLE__ROLE_ATTN)
+                cJSON_AddNumberToObject(o, "kv_blocks_used", (double)st->kv_blocks_used);
+            cJSON_AddNumberToObject(o, "steps", (double)st->steps);
+            cJSON_AddNumberToObject(o, "tokens", (double)st->tokens);
+            cJSON_AddNumberToObject(o, "a2f_bytes", (double)st->a2f_bytes);
+            cJSON_AddNumberToObject(o, "f2a_bytes", (double)st->f2a_bytes);
+            cJSON_AddItemToObject(o, "busy", times_json(st->busy));
+            cJSON *lat = cJSON_AddArrayToObject(o, "peer_latency");
+            for (size_t k = 0; k < st->n_peer_latency; k++) {
+                const Afd__LatencyHist *h = st->peer_latency[k];
+                cJSON *l = cJSON_CreateObject();
+                cJSON_AddNumberToObject(l, "peer", h->peer_id);
+                cJSON_AddNumberToObject(l, "count", (double)h->count);
+                cJSON_AddNumberToObject(l, "mean_us", h->count ? (double)h->sum_us / (double)h->count : 0);
+                cJSON *b = cJSON_AddArrayToObject(l, "buckets_pow2_us");
+                for (size_t q = 0; q < h->n_buckets; q++)
+                    cJSON_AddItemToArray(b, cJSON_CreateNumber((double)h->buckets[q]));
+                cJSON_AddItemToArray(lat, l);
+            }
+        }
+        cJSON_AddItemToArray(nodes, o);
+    }
+    send_json(req, 200, root, NULL);
+    cJSON_Delete(root);
+}
+
+static int authorized(coord_t *c, net_http_req_t *req)
+{
+    if (!c->o.api_key || !c->o.api_key[0]) return 1;
+    const char *h = net_http_header(req, "Authorization");
+    if (!h || strncmp(h, "Bearer ", 7) != 0) return 0;
+    const char *k = h + 7, *w = c->o.api_key;
+    size_t a = strlen(w), b = strlen(k);
+    unsigned d = (unsigned)(a ^ b);
+    for (size_t i = 0; i < a; i++) d |= (unsigned)(w[i] ^ k[i < b ? i : 0]);
+    return d == 0;
+}
+
+void coord_api_handle(void *arg, net_http_req_t *req)
+{
+    coord_t *c = arg;
+    g_coord = c;
+    const char *m = req->method, *p = req->path;
+    if (!strcmp(p, "/health")) {
+        const char ok[] = "{\"status\":\"ok\"}";
+        return net_http_respond(req, 200, "application/json", ok, sizeof(ok) - 1, NULL);
+    }
+    if (!strcmp(p, "/ready")) {
+        if (c->ready) {
+            const char ok[] = "{\"ready\":true}";
+            return net_http_respond(req, 200, "application/json", ok, sizeof(ok) - 1, NULL);
+        }
+        const char no[] = "{\"ready\":false}";
+        return net_http_respond(req, 503, "application/json", no, sizeof(no) - 1, NULL);
+    }
+    if (!strncmp(p, "/v1/", 4) && !authorized(c, req))
+        return send_error(req, 401, "authentication_error", NULL,
+                          "missing or invalid API key (Authorization: Bearer KEY)");
+    if (!strcmp(p, "/v1/completions")) {
+        if (strcmp(m, "POST")) return send_error(req, 405, "invalid_request_error", NULL, "use POST");
+        return handle_completions(c, req);
+    }
+    if (!strcmp(p, "/v1/models")) return handle_models(c, req);
+    if (!strcmp(p, "/admin/status")) return handle_status(c, req);
+    send_error(req, 404, "invalid_request_error", NULL, "no route for %s %s", m, p);
+}

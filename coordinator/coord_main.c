@@ -1,0 +1,124 @@
+/*
+ * afd_coordinator: the AFD cluster's coordinator daemon. One libuv event loop:
+ * nodes join over the control plane, clients use the OpenAI-compatible HTTP API,
+ * and the scheduler pipelines step plans to the attention nodes.
+ */
+#define _GNU_SOURCE
+#include "coord.h"
+#include "afd_log.h"
+
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define O(f) offsetof(coord_opts_t, f)
+static const afd_opt_t coord_table[] = {
+    {"host", AFD_OPT_STRING, "127.0.0.1", O(host), 0, 0, 0, "address to listen on"},
+    {"port", AFD_OPT_INT, "8000", O(port), 0, 65535, 0, "HTTP API port (0: any)"},
+    {"ctrl-port", AFD_OPT_INT, "7000", O(ctrl_port), 1, 65535, 0, "control-plane port for nodes"},
+    {"cluster-token", AFD_OPT_STRING, NULL, O(cluster_token), 0, 0, AFD_OPT_SECRET,
+     "token nodes must present to join (required)"},
+    {"api-key", AFD_OPT_STRING, NULL, O(api_key), 0, 0, AFD_OPT_SECRET,
+     "API key clients send as 'Authorization: Bearer KEY' (none: open)"},
+    {"model", AFD_OPT_STRING, NULL, O(model), 0, 0, 0,
+     "checkpoint directory (its config.json bounds requests) (required)"},
+    {"model-name", AFD_OPT_STRING, "step3", O(model_name), 0, 0, 0, "the name /v1/models shows"},
+    {"attn", AFD_OPT_INT, "1", O(attn), 1, 128, 0, "attention nodes the cluster needs"},
+    {"ffn", AFD_OPT_INT, "1", O(ffn), 1, 128, 0, "FFN nodes the cluster needs"},
+    {"micro-batches", AFD_OPT_STRING, "3", O(micro_batches), 0, 0, 0,
+     "micro-batches per step: 1..8, or auto"},
+    {"plan-ahead", AFD_OPT_INT, "2", O(plan_ahead), 1, COORD_MAX_PLAN_AHEAD, 0,
+     "step plans in flight"},
+    {"max-waiting", AFD_OPT_INT, "4096", O(max_waiting), 1, 1 << 20, 0,
+     "waiting sequences before 429"},
+    {"max-running", AFD_OPT_INT, "1024", O(max_running), 1, 1 << 20, 0,
+     "running sequences per attention node"},
+    {"max-prompt", AFD_OPT_INT, "32768", O(max_prompt), 1, 1 << 24, 0, "prompt tokens at most"},
+    {"max-body-kb", AFD_OPT_INT, "8192", O(max_body_kb), 1, 1 << 20, 0, "request body limit"},
+    {"default-max-tokens", AFD_OPT_INT, "16", O(default_max_tokens), 1, 1 << 20, 0,
+     "max_tokens when a request has none"},
+    {"node-timeout-ms", AFD_OPT_INT, "10000", O(node_timeout_ms), 100, 3600000, 0,
+     "a node silent this long is dropped"},
+    AFD_OPTS_END};
+#undef O
+
+static void on_tick(uv_timer_t *t)
+{
+    coord_t *c = t->data;
+    coord_nodes_check_timeouts(c);
+    coord_sched_reap(c);
+    coord_sched_kick(c);
+}
+
+static uv_signal_t g_sigint, g_sigterm;
+static void on_signal(uv_signal_t *s, int sig)
+{
+    afd_info("signal %d: stopping", sig);
+    uv_stop(s->loop);
+}
+
+int main(int argc, char **argv)
+{
+    afd_log_init("afd_coordinator");
+    static coord_t c;
+    int first;
+    afd_status_t st = afd_opts_parse(coord_table, &c.o, argc, argv,
+                                     "usage: afd_coordinator --model DIR --cluster-token T "
+                                     "[--attn N --ffn M] [options]",
+                                     &first);
+    if (st == AFD_ERR_CANCELED) return 0;
+    if (st) return 2;
+    if (!c.o.cluster_token || !c.o.cluster_token[0] || !c.o.model) {
+        afd_error("--cluster-token and --model are required");
+        return 2;
+    }
+    if (!strcmp(c.o.micro_batches, "auto")) {
+        c.micro_batches = 3; /* refined from measured stage times as steps run */
+    } else {
+        char *end;
+        long m = strtol(c.o.micro_batches, &end, 10);
+        if (*end || m < 1 || m > 8) {
+            afd_error("--micro-batches must be 1..8 or auto");
+            return 2;
+        }
+        c.micro_batches = (int)m;
+    }
+    if (mdl_config_load(c.o.model, &c.cfg)) return 1;
+    if (c.o.ffn > c.cfg.num_experts && c.cfg.num_experts > 0) {
+        afd_error("--ffn %ld: more FFN nodes than experts (%d)", c.o.ffn, c.cfg.num_experts);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    c.loop = uv_default_loop();
+    if (coord_nodes_listen(&c)) return 1;
+    net_http_limits_t lim = {.max_header_bytes = 16384,
+                             .max_headers = 64,
+                             .max_body = (size_t)c.o.max_body_kb << 10,
+                             .max_conns = 4096,
+                             .idle_timeout_ms = 120000};
+    if (net_http_server_create(c.loop, c.o.host, (int)c.o.port, &lim, coord_api_handle, &c,
+                               &c.http))
+        return 1;
+    uv_timer_init(c.loop, &c.tick);
+    c.tick.data = &c;
+    uv_timer_start(&c.tick, on_tick, 200, 200);
+    uv_signal_init(c.loop, &g_sigint);
+    uv_signal_init(c.loop, &g_sigterm);
+    uv_signal_start(&g_sigint, on_signal, SIGINT);
+    uv_signal_start(&g_sigterm, on_signal, SIGTERM);
+    afd_info("listening: API http://%s:%d, nodes on port %ld, waiting for %ld attention + %ld "
+             "FFN nodes",
+             c.o.host, net_http_port(c.http), c.o.ctrl_port, c.o.attn, c.o.ffn);
+    uv_run(c.loop, UV_RUN_DEFAULT);
+    net_http_server_close(c.http);
+    uv_close((uv_handle_t *)&c.ctrl, NULL);
+    uv_close((uv_handle_t *)&c.tick, NULL);
+    uv_close((uv_handle_t *)&g_sigint, NULL);
+    uv_close((uv_handle_t *)&g_sigterm, NULL);
+    for (int i = 0; i < COORD_MAX_NODES; i++)
+        if (c.nodes[i].open && !uv_is_closing((uv_handle_t *)&c.nodes[i].tcp))
+            uv_close((uv_handle_t *)&c.nodes[i].tcp, NULL);
+    uv_run(c.loop, UV_RUN_DEFAULT);
+    afd_opts_free(coord_table, &c.o);
+    return 0;
+}

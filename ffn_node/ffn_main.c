@@ -1,0 +1,490 @@
+/*
+ * ffn_node: hosts a share of the FFN: experts [i*E/F, (i+1)*E/F) of every MoE
+ * layer and a 1/F slice of the shared expert and of the dense MLPs. For every
+ * (step, layer, micro-batch) it waits for one A2F slice from each attention node
+ * (possibly empty), runs its share over the union as one batch, and returns each
+ * attention node its rows of the partial output (F2A).
+ */
+#define _GNU_SOURCE
+#include "afd_log.h"
+#include "afd_opts.h"
+#include "mdl_model.h"
+#include "net_node.h"
+#include "net_ucx.h"
+#include "net_wire.h"
+
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define FFN_MAX_ATTN  64
+#define FFN_MAX_SLOTS 32
+#define FFN_LAT_BUCKETS 24
+
+typedef struct ffn_opts {
+    char *coordinator, *cluster_token, *model, *backend, *name;
+    long threads, busy_poll_us, max_tokens, cpu, heartbeat_ms;
+    int ucx_peer_errors;
+} ffn_opts_t;
+
+#define O(f) offsetof(ffn_opts_t, f)
+static const afd_opt_t ffn_table[] = {
+    {"coordinator", AFD_OPT_STRING, "127.0.0.1:7000", O(coordinator), 0, 0, 0,
+     "coordinator control address host:port"},
+    {"cluster-token", AFD_OPT_STRING, NULL, O(cluster_token), 0, 0, AFD_OPT_SECRET,
+     "token nodes present to join the cluster (required)"},
+    {"model", AFD_OPT_STRING, NULL, O(model), 0, 0, 0, "checkpoint directory (required)"},
+    {"backend", AFD_OPT_STRING, "cpu", O(backend), 0, 0, 0, "cpu or cuda"},
+    {"name", AFD_OPT_STRING, NULL, O(name), 0, 0, 0, "node name (default host:pid)"},
+    {"threads", AFD_OPT_INT, "1", O(threads), 0, 1024, 0, "GEMM threads"},
+    {"cpu", AFD_OPT_INT, "-1", O(cpu), -1, 4095, 0, "pin the process to this CPU (-1: no)"},
+    {"busy-poll-us", AFD_OPT_INT, "200", O(busy_poll_us), 0, 1000000, 0,
+     "spin this long for data-plane messages before sleeping on the event fd"},
+    {"max-tokens", AFD_OPT_INT, "65536", O(max_tokens), 1, 1 << 22, 0,
+     "most tokens one attention node may send per micro-batch"},
+    {"heartbeat-ms", AFD_OPT_INT, "1000", O(heartbeat_ms), 50, 60000, 0,
+     "heartbeat period"},
+    {"ucx-peer-errors", AFD_OPT_BOOL, "false", O(ucx_peer_errors), 0, 0, 0,
+     "UCX peer failure detection (UCP_ERR_HANDLING_MODE_PEER)"},
+    AFD_OPTS_END};
+#undef O
+
+typedef struct ffn_slot {
+    int used, complete, sends;
+    net_wire_hdr_t key; /* step, layer, mb, nmb of the first slice */
+    int arrived[FFN_MAX_ATTN];
+    net_wire_hdr_t hdr[FFN_MAX_ATTN];
+    uint8_t *rx[FFN_MAX_ATTN];
+    size_t rx_cap[FFN_MAX_ATTN];
+    uint8_t *tx[FFN_MAX_ATTN];
+    size_t tx_cap[FFN_MAX_ATTN];
+    net_wire_hdr_t txh[FFN_MAX_ATTN];
+    int have;
+    uint64_t first_us;
+} ffn_slot_t;
+
+typedef struct ffn_node {
+    ffn_opts_t o;
+    mdl_config_t cfg;
+    mdl_model_t *m;
+    mdl_ws_t ws;
+    net_node_t ctl;
+    net_ucx_t *ucx;
+    uint32_t epoch;
+    int num_attn;
+    uint32_t attn_ids[FFN_MAX_ATTN];
+    net_ucx_peer_t *attn_peers[FFN_MAX_ATTN];
+    ffn_slot_t slots[FFN_MAX_SLOTS];
+    net_wire_limits_t lim;
+    float *g, *out, *wts;
+    int32_t *ids;
+    int cap;
+    /* stats */
+    uint64_t ffn_us, wait_us, steps, a2f_bytes, f2a_bytes, tokens, errors;
+    uint64_t lat[FFN_MAX_ATTN][FFN_LAT_BUCKETS], lat_n[FFN_MAX_ATTN], lat_sum[FFN_MAX_ATTN];
+} ffn_node_t;
+
+static volatile sig_atomic_t g_stop;
+static void on_signal(int sig)
+{
+    (void)sig;
+    g_stop = 1;
+}
+
+static int attn_index(ffn_node_t *f, uint32_t id)
+{
+    for (int i = 0; i < f->num_attn; i++)
+        if (f->attn_ids[i] == id) return i;
+    return -1;
+}
+
+static ffn_slot_t *slot_find(ffn_node_t *f, const net_wire_hdr_t *h, int create)
+{
+    ffn_slot_t *free_slot = NULL;
+    for (int i = 0; i < FFN_MAX_SLOTS; i++) {
+        ffn_slot_t *s = &f->slots[i];
+        if (s->used && s->key.step == h->step && s->key.layer == h->layer && s->key.mb == h->mb)
+            return s;
+        if (!s->used && !free_slot) free_slot = s;
+    }
+    if (!create || !free_slot) return NULL;
+    free_slot->used = 1;
+    free_slot->complete = 0;
+    free_slot->have = 0;
+    free_slot->key = *h;
+    free_slot->first_us = net_now_us();
+    memset(free_slot->arrived, 0, sizeof(free_slot->arrived));
+    return free_slot;
+}
+
+static uint8_t g_empty[8];
+
+static void *ffn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
+{
+    ffn_node_t *f = arg;
+    const char *why;
+    if (net_wire_check(hdr, hdr_len, &f->lim, &why)) {
+        afd_error("dropping a malformed data-plane message: %s", why);
+        f->errors++;
+        return NULL;
+    }
+    net_wire_hdr_t h;
+    memcpy(&h, hdr, sizeof(h));
+    int ai = attn_index(f, h.src);
+    if (h.kind != NET_WIRE_A2F || ai < 0 || h.epoch != f->epoch || h.payload != len) {
+        afd_error("dropping a data-plane message from node %u (kind %u, epoch %u, %zu bytes)",
+                  h.src, h.kind, h.epoch, len);
+        f->errors++;
+        return NULL;
+    }
+    ffn_slot_t *s = slot_find(f, &h, 1);
+    if (!s || s->arrived[ai]) {
+        afd_error("dropping A2F step %llu layer %u mb %u from node %u: %s",
+                  (unsigned long long)h.step, h.layer, h.mb, h.src,
+                  s ? "duplicate" : "too many micro-batches in flight");
+        f->errors++;
+        return NULL;
+    }
+    if (len == 0) return g_empty;
+    if (s->rx_cap[ai] < len) {
+        uint8_t *nb = realloc(s->rx[ai], len);
+        if (!nb) return NULL;
+        s->rx[ai] = nb;
+        s->rx_cap[ai] = len;
+    }
+    return s->rx[ai];
+}
+
+static void ffn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, size_t len,
+                     afd_status_t status)
+{
+    ffn_node_t *f = arg;
+    (void)data;
+    (void)hdr_len;
+    net_wire_hdr_t h;
+    memcpy(&h, hdr, sizeof(h));
+    int ai = attn_index(f, h.src);
+    ffn_slot_t *s = slot_find(f, &h, 0);
+    if (status || ai < 0 || !s) {
+        if (status) afd_error("A2F transfer from node %u failed: %s", h.src, afd_status_str(status));
+        return;
+    }
+    uint64_t now = net_wire_now_ns();
+    if (now > h.send_ns) {
+        uint64_t us = (now - h.send_ns) / 1000;
+        int b = 0;
+        while (b < FFN_LAT_BUCKETS - 1 && (1ull << b) < us) b++;
+        f->lat[ai][b]++;
+        f->lat_n[ai]++;
+        f->lat_sum[ai] += us;
+    }
+    f->a2f_bytes += len;
+    s->arrived[ai] = 1;
+    s->hdr[ai] = h;
+    if (++s->have == f->num_attn) s->complete = 1;
+}
+
+static void ffn_send_done(void *arg, afd_status_t status)
+{
+    ffn_slot_t *s = arg;
+    if (status) afd_error("F2A send failed: %s", afd_status_str(status));
+    s->sends--;
+}
+
+static void ffn_peer_err(void *arg, uint32_t peer, afd_status_t status)
+{
+    ffn_node_t *f = arg;
+    afd_error("attention node %u failed: %s", peer, afd_status_str(status));
+    f->errors++;
+}
+
+static afd_status_t ensure_cap(ffn_node_t *f, int n)
+{
+    if (n <= f->cap) return AFD_OK;
+    size_t H = (size_t)f->cfg.hidden_size, k = (size_t)(f->cfg.top_k ? f->cfg.top_k : 1);
+    kn_backend_t *be = f->m->be;
+    if (f->g) be->ops->free(be, f->g);
+    if (f->out) be->ops->free(be, f->out);
+    free(f->ids);
+    free(f->wts);
+    f->g = be->ops->alloc(be, 4 * (size_t)n * H);
+    f->out = be->ops->alloc(be, 4 * (size_t)n * H);
+    f->ids = malloc(4 * (size_t)n * k);
+    f->wts = malloc(4 * (size_t)n * k);
+    f->cap = 0;
+    if (!f->g || !f->out || !f->ids || !f->wts) return AFD_ERR_NOMEM;
+    f->cap = n;
+    return mdl_ws_reserve(f->m, &f->ws, n);
+}
+
+/* Runs one complete (step, layer, micro-batch) and answers every attention node. */
+static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
+{
+    uint64_t t0 = net_now_us();
+    const mdl_config_t *c = &f->cfg;
+    int H = c->hidden_size, layer = s->key.layer, n = 0;
+    int k = c->is_moe[layer] ? c->top_k : 0;
+    for (int a = 0; a < f->num_attn; a++) n += (int)s->hdr[a].ntok;
+    if (ensure_cap(f, n > 0 ? n : 1)) {
+        afd_error("out of memory for %d tokens", n);
+        s->used = 0;
+        return;
+    }
+    int off = 0, bad = 0;
+    for (int a = 0; a < f->num_attn; a++) {
+        const net_wire_hdr_t *h = &s->hdr[a];
+        if (h->topk != (uint32_t)k) {
+            afd_error("A2F from node %u: top-k %u for layer %d (expected %d)", h->src, h->topk,
+                      layer, k);
+            bad = 1;
+            break;
+        }
+        if (h->ntok && net_wire_unpack_a2f(s->rx[a], h->ntok, (uint32_t)H, h->dtype, h->topk,
+                                           (uint32_t)c->num_experts, f->g + (size_t)off * H,
+                                           f->ids + (size_t)off * k, f->wts + (size_t)off * k)) {
+            afd_error("A2F from node %u: expert id or weight out of range", h->src);
+            bad = 1;
+            break;
+        }
+        off += (int)h->ntok;
+    }
+    if (bad) { /* answer nothing: the step fails at its deadline on the attention side */
+        f->errors++;
+        s->used = 0;
+        return;
+    }
+    if (n > 0) mdl_ffn(f->m, &f->ws, layer, f->g, n, f->ids, f->wts, f->out);
+    uint64_t t1 = net_now_us();
+    f->ffn_us += t1 - t0;
+    f->tokens += (uint64_t)n;
+    off = 0;
+    for (int a = 0; a < f->num_attn; a++) {
+        const net_wire_hdr_t *h = &s->hdr[a];
+        afd_dtype_t rdt = (afd_dtype_t)h->reply_dtype;
+        size_t bytes = (size_t)h->ntok * H * afd_dtype_size(rdt);
+        if (s->tx_cap[a] < bytes) {
+            uint8_t *nb = realloc(s->tx[a], bytes);
+            if (!nb) {
+                afd_error("out of memory for the F2A buffer");
+                continue;
+            }
+            s->tx[a] = nb;
+            s->tx_cap[a] = bytes;
+        }
+        if (h->ntok) net_wire_pack_rows(f->out + (size_t)off * H, (size_t)h->ntok * H, rdt, s->tx[a]);
+        off += (int)h->ntok;
+        net_wire_hdr_t *r = &s->txh[a];
+        *r = *h;
+        r->kind = NET_WIRE_F2A;
+        r->src = f->ctl.node_id;
+        r->dtype = (uint8_t)rdt;
+        r->topk = 0;
+        r->payload = bytes;
+        r->send_ns = net_wire_now_ns();
+        s->sends++;
+        afd_status_t st = net_ucx_send(f->attn_peers[a], r, sizeof(*r), s->tx[a], bytes, NULL,
+                                       ffn_send_done, s);
+        if (st) {
+            s->sends--;
+            afd_error("F2A to node %u: %s", h->src, afd_status_str(st));
+        }
+        f->f2a_bytes += bytes;
+    }
+    if (layer == c->num_layers - 1 && s->key.mb == s->key.nmb - 1) f->steps++;
+    s->complete = 0;
+    s->have = -1; /* processed: freed once the sends complete */
+}
+
+static void send_heartbeat(ffn_node_t *f)
+{
+    Afd__NodeStats ns = AFD__NODE_STATS__INIT;
+    Afd__StageTimes busy = AFD__STAGE_TIMES__INIT;
+    busy.ffn_us = f->ffn_us;
+    busy.wait_us = f->wait_us;
+    ns.busy = &busy;
+    ns.steps = f->steps;
+    ns.a2f_bytes = f->a2f_bytes;
+    ns.f2a_bytes = f->f2a_bytes;
+    ns.tokens = f->tokens;
+    Afd__LatencyHist hs[FFN_MAX_ATTN], *hp[FFN_MAX_ATTN];
+    for (int a = 0; a < f->num_attn; a++) {
+        afd__latency_hist__init(&hs[a]);
+        hs[a].peer_id = f->attn_ids[a];
+        hs[a].n_buckets = FFN_LAT_BUCKETS;
+        hs[a].buckets = f->lat[a];
+        hs[a].count = f->lat_n[a];
+        hs[a].sum_us = f->lat_sum[a];
+        hp[a] = &hs[a];
+    }
+    ns.n_peer_latency = (size_t)f->num_attn;
+    ns.peer_latency = hp;
+    Afd__Heartbeat hb = AFD__HEARTBEAT__INIT;
+    hb.time_us = net_now_us();
+    hb.stats = &ns;
+    Afd__Frame fr = AFD__FRAME__INIT;
+    fr.body_case = AFD__FRAME__BODY_HEARTBEAT;
+    fr.heartbeat = &hb;
+    net_node_send(&f->ctl, &fr);
+}
+
+/* Connects to every attention node of a peer table. */
+static afd_status_t apply_peers(ffn_node_t *f, const Afd__PeerTable *pt)
+{
+    for (int a = 0; a < f->num_attn; a++)
+        if (f->attn_peers[a]) net_ucx_disconnect(f->attn_peers[a]);
+    memset(f->attn_peers, 0, sizeof(f->attn_peers));
+    for (int i = 0; i < FFN_MAX_SLOTS; i++) f->slots[i].used = 0;
+    f->num_attn = 0;
+    for (size_t i = 0; i < pt->n_peers; i++) {
+        const Afd__Peer *p = pt->peers[i];
+        if (p->role != AFD__ROLE__ROLE_ATTN) continue;
+        if (p->index >= FFN_MAX_ATTN) {
+            afd_error("peer table: attention index %u beyond %d", p->index, FFN_MAX_ATTN);
+            return AFD_ERR_RANGE;
+        }
+        afd_status_t st = net_ucx_connect(f->ucx, p->ucx_address.data, p->ucx_address.len,
+                                          p->node_id, &f->attn_peers[p->index]);
+        if (st) return st;
+        f->attn_ids[p->index] = p->node_id;
+        if ((int)p->index + 1 > f->num_attn) f->num_attn = (int)p->index + 1;
+    }
+    f->epoch = pt->epoch;
+    afd_info("epoch %u: serving %d attention nodes", f->epoch, f->num_attn);
+    return AFD_OK;
+}
+
+int main(int argc, char **argv)
+{
+    afd_log_init("ffn_node");
+    static ffn_node_t f;
+    int first;
+    afd_status_t st = afd_opts_parse(ffn_table, &f.o, argc, argv,
+                                     "usage: ffn_node --model DIR --coordinator HOST:PORT "
+                                     "--cluster-token T [options]",
+                                     &first);
+    if (st == AFD_ERR_CANCELED) return 0;
+    if (st) return 2;
+    if (!f.o.model || !f.o.cluster_token) {
+        afd_error("--model and --cluster-token are required");
+        return 2;
+    }
+    if (f.o.cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET((int)f.o.cpu, &set);
+        if (sched_setaffinity(0, sizeof(set), &set)) afd_warn("pinning to cpu %ld: %m", f.o.cpu);
+    }
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGPIPE, SIG_IGN);
+    if (mdl_config_load(f.o.model, &f.cfg)) return 1;
+    char name[128];
+    snprintf(name, sizeof(name), "ffn-%d", (int)getpid());
+    Afd__Hello hello = AFD__HELLO__INIT;
+    hello.protocol = 1;
+    hello.cluster_token = f.o.cluster_token;
+    hello.role = AFD__ROLE__ROLE_FFN;
+    hello.name = f.o.name ? f.o.name : name;
+    hello.model_id = f.o.model;
+    hello.pid = (uint32_t)getpid();
+    Afd__Welcome *w;
+    if (net_node_join(&f.ctl, f.o.coordinator, &hello, 10000, &w)) return 1;
+    afd_info("joined as node %u: FFN share %u of %u (experts %u..%u)", w->node_id, w->ffn_index,
+             w->ffn_count, w->expert_begin, w->expert_end);
+    mdl_role_t role = {.ffn = 1, .ffn_index = (int)w->ffn_index, .ffn_count = (int)w->ffn_count};
+    afd__welcome__free_unpacked(w, NULL);
+    kn_backend_t *be;
+    mdl_ckpt_t *ck;
+    if (kn_backend_create(f.o.backend, (int)f.o.threads, &be) || mdl_ckpt_open(f.o.model, &ck) ||
+        mdl_model_load(ck, &f.cfg, be, &role, isatty(2), &f.m))
+        return 1;
+    f.lim = (net_wire_limits_t){.hidden = (uint32_t)f.cfg.hidden_size,
+                                .topk = (uint32_t)f.cfg.top_k,
+                                .num_layers = (uint32_t)f.cfg.num_layers,
+                                .max_tok = (uint32_t)f.o.max_tokens};
+    net_ucx_opts_t uo = {.err_mode_peer = f.o.ucx_peer_errors,
+                         .max_hdr = sizeof(net_wire_hdr_t),
+                         .max_payload = net_wire_payload_bytes(NET_WIRE_A2F,
+                                                               (uint32_t)f.o.max_tokens,
+                                                               (uint32_t)f.cfg.hidden_size,
+                                                               AFD_DTYPE_F32,
+                                                               (uint32_t)f.cfg.top_k),
+                         .alloc_cb = ffn_alloc,
+                         .recv_cb = ffn_recv,
+                         .err_cb = ffn_peer_err,
+                         .arg = &f};
+    if (net_ucx_create(&uo, &f.ucx)) return 1;
+    const void *addr;
+    size_t alen;
+    net_ucx_address(f.ucx, &addr, &alen);
+    Afd__Ready rd = AFD__READY__INIT;
+    rd.ucx_address.data = (uint8_t *)addr;
+    rd.ucx_address.len = alen;
+    Afd__Frame fr = AFD__FRAME__INIT;
+    fr.body_case = AFD__FRAME__BODY_READY;
+    fr.ready = &rd;
+    if (net_node_send(&f.ctl, &fr)) {
+        afd_error("coordinator gone before ready");
+        return 1;
+    }
+    afd_info("ready: %.1f MB of weights", f.m->bytes_loaded / 1e6);
+    uint64_t last_hb = 0;
+    int rc = 0;
+    while (!g_stop) {
+        Afd__Frame *in;
+        while ((st = net_node_next(&f.ctl, &in)) == AFD_OK) {
+            if (in->body_case == AFD__FRAME__BODY_PEERS) {
+                if (apply_peers(&f, in->peers) == AFD_OK) {
+                    Afd__Connected cn = AFD__CONNECTED__INIT;
+                    cn.epoch = f.epoch;
+                    Afd__Frame out = AFD__FRAME__INIT;
+                    out.body_case = AFD__FRAME__BODY_CONNECTED;
+                    out.connected = &cn;
+                    net_node_send(&f.ctl, &out);
+                }
+            }
+            net_frame_free(in);
+        }
+        if (st == AFD_ERR_PEER) {
+            afd_error("lost the coordinator; exiting");
+            rc = 1;
+            break;
+        }
+        int did = 0;
+        for (int i = 0; i < FFN_MAX_SLOTS; i++) {
+            ffn_slot_t *s = &f.slots[i];
+            if (s->used && s->complete) {
+                ffn_process(&f, s);
+                did = 1;
+            }
+            if (s->used && s->have == -1 && s->sends == 0) s->used = 0;
+        }
+        uint64_t now = net_now_us();
+        if (now - last_hb > (uint64_t)f.o.heartbeat_ms * 1000) {
+            send_heartbeat(&f);
+            last_hb = now;
+        }
+        if (!did) {
+            uint64_t tw = net_now_us();
+            int inflight = 0;
+            for (int i = 0; i < FFN_MAX_SLOTS; i++) inflight |= f.slots[i].used;
+            net_node_wait(&f.ctl, f.ucx, inflight ? (int)f.o.busy_poll_us : 0, 100);
+            if (inflight) f.wait_us += net_now_us() - tw;
+        }
+    }
+    afd_info("stopping");
+    net_node_close(&f.ctl);
+    for (int a = 0; a < f.num_attn; a++)
+        if (f.attn_peers[a]) net_ucx_disconnect(f.attn_peers[a]);
+    net_ucx_destroy(f.ucx);
+    mdl_ws_free(f.m, &f.ws);
+    mdl_model_free(f.m);
+    mdl_ckpt_close(ck);
+    be->ops->destroy(be);
+    afd_opts_free(ffn_table, &f.o);
+    return rc;
+}
