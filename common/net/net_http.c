@@ -42,7 +42,6 @@
 #define HTTP_RBUF_SIZE     16384             /* per-connection read buffer */
 #define HTTP_LINGER_MS     1000              /* after a final answer: wait this long for EOF */
 #define HTTP_WQ_MAX        (8u << 20)        /* bytes queued on a stream before the client is dropped */
-#define HTTP_HEAD_OVERHEAD 12                /* " HTTP/1.1\r\n" around the url */
 
 #define HTTP_DEFAULT_HEADER_BYTES 16384
 #define HTTP_DEFAULT_HEADERS      64
@@ -70,8 +69,8 @@ typedef struct http_req {
     char *arena; /* url, then header names and values, NUL-separated */
     size_t alen, acap;
     size_t url_len;
-    size_t head_bytes; /* canonical size of the head so far (request line + headers) */
-    size_t head_raw;   /* raw bytes fed to the parser while in the head */
+    size_t head_raw;  /* head bytes in buffers parsed before the current one */
+    const char *mark; /* where the head starts in the current buffer, NULL: before it */
     char *body;        /* (body_cap): body_len bytes and a NUL */
     size_t body_len, body_cap;
     int phase, hstate;
@@ -93,6 +92,7 @@ struct http_conn {
     int tmode;
     int err_status; /* set by a parser callback that refuses the request */
     const char *err_msg;
+    const char *exec_base; /* the buffer llhttp_execute is working on */
     unsigned closing : 1, draining : 1, reading : 1, outstanding : 1;
     unsigned resume_pending : 1, in_process : 1, arm_timer : 1;
     size_t rlen;                 /* unparsed bytes at rbuf */
@@ -307,11 +307,15 @@ static int refuse(http_conn_t *c, int status, const char *msg)
     return -1;
 }
 
-static int head_add(http_conn_t *c, size_t n)
+/* The head is measured in raw bytes, from the method to the end of a span (whitespace
+ * llhttp skips included): positions within the buffer being parsed plus the bytes of
+ * earlier buffers. Only the final CRLFs escape the span checks; conn_process checks
+ * between buffers. */
+static int head_check(http_conn_t *c, const char *end)
 {
     http_req_t *q = c->req;
-    q->head_bytes += n;
-    if (q->head_bytes > c->srv->lim.max_header_bytes)
+    const char *start = q->mark ? q->mark : c->exec_base;
+    if (q->head_raw + (size_t)(end - start) > c->srv->lim.max_header_bytes)
         return refuse(c, 431, "request line and headers too large");
     return 0;
 }
@@ -323,20 +327,21 @@ static int on_message_begin(llhttp_t *p)
     c->req = req_create(c);
     if (!c->req) return refuse(c, 503, "server out of memory");
     c->arm_timer = 1; /* the head must arrive within one idle timeout of its first byte */
-    return head_add(c, HTTP_HEAD_OVERHEAD);
+    return 0;
 }
 
 static int on_method(llhttp_t *p, const char *at, size_t n)
 {
-    (void)at;
-    return head_add(p->data, n);
+    http_conn_t *c = p->data;
+    if (!c->req->mark && c->req->head_raw == 0) c->req->mark = at; /* the message starts here */
+    return head_check(c, at + n);
 }
 
 static int on_url(llhttp_t *p, const char *at, size_t n)
 {
     http_conn_t *c = p->data;
     http_req_t *q = c->req;
-    if (head_add(c, n) < 0) return -1;
+    if (head_check(c, at + n) < 0) return -1;
     if (arena_put(q, at, n) < 0) return refuse(c, 431, "request line and headers too large");
     q->url_len += n;
     return 0;
@@ -368,13 +373,12 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n)
     if (q->hstate != HS_FIELD) {
         value_close(q);
         if (q->nhdr >= c->srv->lim.max_headers) return refuse(c, 431, "too many header fields");
-        if (head_add(c, 4) < 0) return -1; /* ": " and CRLF */
         q->hdr[q->nhdr].name = q->arena + q->alen;
         q->hdr[q->nhdr].value = "";
         q->nhdr++;
         q->hstate = HS_FIELD;
     }
-    if (head_add(c, n) < 0) return -1;
+    if (head_check(c, at + n) < 0) return -1;
     if (arena_put(q, at, n) < 0) return refuse(c, 431, "request line and headers too large");
     return 0;
 }
@@ -395,7 +399,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t n)
     http_conn_t *c = p->data;
     http_req_t *q = c->req;
     if (q->hstate != HS_VALUE) return refuse(c, 400, "malformed header");
-    if (head_add(c, n) < 0) return -1;
+    if (head_check(c, at + n) < 0) return -1;
     if (arena_put(q, at, n) < 0) return refuse(c, 431, "request line and headers too large");
     return 0;
 }
@@ -436,7 +440,6 @@ static int on_headers_complete(llhttp_t *p)
     http_req_t *q = c->req;
     const net_http_limits_t *lim = &c->srv->lim;
     value_close(q);
-    if (head_add(c, 2) < 0) return -1;
     q->phase = PH_BODY;
     uint8_t method = llhttp_get_method(p);
     if (method == HTTP_CONNECT) return refuse(c, 400, "CONNECT is not supported");
@@ -631,6 +634,7 @@ static void conn_process(http_conn_t *c)
     c->in_process = 1;
     while (!c->closing && !c->draining && !c->outstanding && c->rlen > 0) {
         size_t n = c->rlen, used = n;
+        c->exec_base = c->rbuf;
         llhttp_errno_t err = llhttp_execute(&c->parser, c->rbuf, n);
         if (err == HPE_PAUSED) {
             used = (size_t)(llhttp_get_error_pos(&c->parser) - c->rbuf);
@@ -654,9 +658,11 @@ static void conn_process(http_conn_t *c)
         if (err == HPE_PAUSED) {
             conn_dispatch(c);
         } else if (c->req && c->req->phase == PH_HEAD) {
-            /* whitespace the canonical count does not see is still bounded */
-            c->req->head_raw += used;
-            if (c->req->head_raw > 2 * c->srv->lim.max_header_bytes + 1024) {
+            /* the head goes on in the next buffer */
+            http_req_t *q = c->req;
+            q->head_raw += (size_t)(c->rbuf + used - (q->mark ? q->mark : c->rbuf));
+            q->mark = NULL;
+            if (q->head_raw > c->srv->lim.max_header_bytes) {
                 conn_fail(c, 431, "request line and headers too large");
                 break;
             }

@@ -1,0 +1,493 @@
+/*
+ * afdctl: the operator CLI.
+ *   afdctl local-up --model DIR --attn N --ffn M [--port P] [--micro-batches m] [--pin]
+ *       starts a whole cluster on loopback as child processes, waits until it is
+ *       ready, prints "ready: http://127.0.0.1:P", stays in the foreground and
+ *       stops everything on SIGINT/SIGTERM (or when a daemon dies).
+ *   afdctl status [--url URL] [-o json]
+ *       nodes, roles, experts, KV usage, running and waiting requests.
+ * Exit codes: 0 success, 1 failure, 2 usage error, 3 cluster unreachable.
+ */
+#define _GNU_SOURCE
+#include "afd_log.h"
+#include "afd_opts.h"
+#include "net_frame.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- a tiny blocking HTTP client ---- */
+
+static int http_get(const char *url, const char *path, int timeout_ms, int *status, char **body)
+{
+    const char *hp = strncmp(url, "http://", 7) == 0 ? url + 7 : url;
+    char hostport[256];
+    snprintf(hostport, sizeof(hostport), "%s", hp);
+    char *slash = strchr(hostport, '/');
+    if (slash) *slash = 0;
+    int fd;
+    if (net_tcp_connect(hostport, timeout_ms, &fd)) return -1;
+    char req[512];
+    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n",
+                     path, hostport);
+    if (send(fd, req, (size_t)n, MSG_NOSIGNAL) != n) {
+        close(fd);
+        return -1;
+    }
+    size_t cap = 65536, len = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, timeout_ms) <= 0) break;
+        if (len + 4096 > cap) {
+            if (cap > (64u << 20)) break;
+            buf = realloc(buf, cap *= 2);
+        }
+        ssize_t r = recv(fd, buf + len, cap - len - 1, 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        len += (size_t)r;
+    }
+    close(fd);
+    buf[len] = 0;
+    char *sp = strchr(buf, ' '), *hdr_end = strstr(buf, "\r\n\r\n");
+    if (strncmp(buf, "HTTP/1.", 7) != 0 || !sp || !hdr_end) {
+        free(buf);
+        return -1;
+    }
+    *status = atoi(sp + 1);
+    *body = strdup(hdr_end + 4);
+    free(buf);
+    return 0;
+}
+
+/* ---- local-up ---- */
+
+typedef struct up_opts {
+    char *model, *micro_batches, *cluster_token, *api_key, *a2f_dtype, *f2a_dtype, *kv_dtype,
+        *backend, *log_dir;
+    long attn, ffn, port, ctrl_port, threads, kv_budget_mb, ready_timeout_s, busy_poll_us;
+    int pin;
+} up_opts_t;
+
+#define O(f) offsetof(up_opts_t, f)
+static const afd_opt_t up_table[] = {
+    {"model", AFD_OPT_STRING, NULL, O(model), 0, 0, 0, "checkpoint directory (required)"},
+    {"attn", AFD_OPT_INT, "1", O(attn), 1, 64, 0, "attention nodes"},
+    {"ffn", AFD_OPT_INT, "1", O(ffn), 1, 64, 0, "FFN nodes"},
+    {"port", AFD_OPT_INT, "8000", O(port), 1, 65535, 0, "HTTP API port"},
+    {"ctrl-port", AFD_OPT_INT, "0", O(ctrl_port), 0, 65535, 0,
+     "control-plane port (0: a free one)"},
+    {"micro-batches", AFD_OPT_STRING, "3", O(micro_batches), 0, 0, 0, "1..8 or auto"},
+    {"pin", AFD_OPT_BOOL, "false", O(pin), 0, 0, 0,
+     "give each node its own core when there are enough"},
+    {"cluster-token", AFD_OPT_STRING, NULL, O(cluster_token), 0, 0, AFD_OPT_SECRET,
+     "cluster token (default: a random one)"},
+    {"api-key", AFD_OPT_STRING, NULL, O(api_key), 0, 0, AFD_OPT_SECRET, "API key for clients"},
+    {"a2f-dtype", AFD_OPT_STRING, "fp8", O(a2f_dtype), 0, 0, 0, "attention->FFN: fp8, bf16, f32"},
+    {"f2a-dtype", AFD_OPT_STRING, "bf16", O(f2a_dtype), 0, 0, 0, "FFN->attention: bf16, f32"},
+    {"kv-dtype", AFD_OPT_STRING, "bf16", O(kv_dtype), 0, 0, 0, "KV cache: bf16, fp8, f32"},
+    {"kv-budget-mb", AFD_OPT_INT, "256", O(kv_budget_mb), 1, 1 << 24, 0,
+     "KV cache per attention node (MiB)"},
+    {"backend", AFD_OPT_STRING, "cpu", O(backend), 0, 0, 0, "cpu or cuda"},
+    {"threads", AFD_OPT_INT, "1", O(threads), 0, 1024, 0, "GEMM threads per node"},
+    {"busy-poll-us", AFD_OPT_INT, "-1", O(busy_poll_us), -1, 1000000, 0,
+     "data-plane busy-poll per node (-1: the nodes' default, 0 when not pinned)"},
+    {"ready-timeout-s", AFD_OPT_INT, "120", O(ready_timeout_s), 1, 3600, 0,
+     "give up when not ready by then"},
+    {"log-dir", AFD_OPT_STRING, NULL, O(log_dir), 0, 0, 0,
+     "write each daemon's log to DIR/NAME.log (default: inherit stderr)"},
+    AFD_OPTS_END};
+#undef O
+
+#define UP_MAX_CHILD 160
+static pid_t g_child[UP_MAX_CHILD];
+static const char *g_child_name[UP_MAX_CHILD];
+static int g_nchild;
+static volatile sig_atomic_t g_stop;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    g_stop = 1;
+}
+
+static void bin_dir(char *out, size_t len)
+{
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n <= 0) {
+        snprintf(out, len, ".");
+        return;
+    }
+    exe[n] = 0;
+    char *s = strrchr(exe, '/');
+    if (s) *s = 0;
+    snprintf(out, len, "%s", exe);
+}
+
+static pid_t spawn(const char *log_dir, const char *name, char **argv)
+{
+    pid_t pid = fork();
+    if (pid < 0) {
+        afd_error("fork: %m");
+        return -1;
+    }
+    if (pid == 0) {
+        if (log_dir) {
+            char path[PATH_MAX];
+            snprintf(path, sizeof(path), "%s/%s.log", log_dir, name);
+            if (!freopen(path, "w", stderr)) _exit(127);
+            dup2(2, 1);
+        }
+        signal(SIGINT, SIG_IGN); /* the foreground ctrl-c goes to afdctl, which stops us */
+        execv(argv[0], argv);
+        fprintf(stderr, "afdctl: exec %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    if (g_nchild < UP_MAX_CHILD) {
+        g_child[g_nchild] = pid;
+        g_child_name[g_nchild++] = strdup(name);
+    }
+    return pid;
+}
+
+static void stop_all(void)
+{
+    for (int i = g_nchild - 1; i >= 0; i--)
+        if (g_child[i] > 0) kill(g_child[i], SIGTERM);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        int alive = 0;
+        for (int i = 0; i < g_nchild; i++) {
+            if (g_child[i] <= 0) continue;
+            if (waitpid(g_child[i], NULL, WNOHANG) == g_child[i])
+                g_child[i] = 0;
+            else
+                alive++;
+        }
+        if (!alive) return;
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if (t.tv_sec - t0.tv_sec >= 5) break;
+        usleep(20000);
+    }
+    for (int i = 0; i < g_nchild; i++)
+        if (g_child[i] > 0) {
+            afd_warn("%s did not stop in 5 s: killing it", g_child_name[i]);
+            kill(g_child[i], SIGKILL);
+            waitpid(g_child[i], NULL, 0);
+            g_child[i] = 0;
+        }
+}
+
+/* a child that died: its name, or NULL */
+static const char *reap_dead(int *status)
+{
+    for (int i = 0; i < g_nchild; i++)
+        if (g_child[i] > 0 && waitpid(g_child[i], status, WNOHANG) == g_child[i]) {
+            g_child[i] = 0;
+            return g_child_name[i];
+        }
+    return NULL;
+}
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t l = sizeof(a);
+    int port = -1;
+    if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &l) == 0)
+        port = ntohs(a.sin_port);
+    if (fd >= 0) close(fd);
+    return port;
+}
+
+static int cmd_local_up(int argc, char **argv)
+{
+    up_opts_t o;
+    memset(&o, 0, sizeof(o));
+    int first;
+    afd_status_t st = afd_opts_parse(up_table, &o, argc, argv,
+                                     "usage: afdctl local-up --model DIR --attn N --ffn M "
+                                     "[--port P] [--micro-batches m] [--pin] [options]",
+                                     &first);
+    if (st == AFD_ERR_CANCELED) return 0;
+    if (st) return 2;
+    if (!o.model) {
+        afd_error("--model DIR is required");
+        return 2;
+    }
+    char dir[PATH_MAX], bin[PATH_MAX + 32];
+    bin_dir(dir, sizeof(dir));
+    char token[64];
+    if (!o.cluster_token) {
+        FILE *ur = fopen("/dev/urandom", "rb");
+        unsigned char r[16] = {0};
+        if (!ur || fread(r, 1, sizeof(r), ur) != sizeof(r)) afd_warn("no /dev/urandom: weak token");
+        if (ur) fclose(ur);
+        for (int i = 0; i < 16; i++) sprintf(token + 2 * i, "%02x", r[i] ^ (unsigned)(getpid() >> (i % 4)));
+    } else {
+        snprintf(token, sizeof(token), "%s", o.cluster_token);
+    }
+    int ctrl = o.ctrl_port ? (int)o.ctrl_port : free_port();
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int pin = o.pin && ncpu >= o.attn + o.ffn;
+    if (o.pin && !pin)
+        afd_warn("--pin: %ld cores for %ld nodes: not pinning", ncpu, o.attn + o.ffn);
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGPIPE, SIG_IGN);
+    char sport[24], sctrl[32], sthreads[24], skv[24], sbusy[24], scpu[24], coordaddr[64];
+    snprintf(sport, sizeof(sport), "%ld", o.port);
+    snprintf(sctrl, sizeof(sctrl), "%d", ctrl);
+    snprintf(coordaddr, sizeof(coordaddr), "127.0.0.1:%d", ctrl);
+    snprintf(sthreads, sizeof(sthreads), "%ld", o.threads);
+    snprintf(skv, sizeof(skv), "%ld", o.kv_budget_mb);
+    /* nodes that share cores must not spin */
+    snprintf(sbusy, sizeof(sbusy), "%ld", o.busy_poll_us >= 0 ? o.busy_poll_us : (pin ? 200 : 0));
+    snprintf(bin, sizeof(bin), "%s/afd_coordinator", dir);
+    char *cargv[32];
+    int k = 0;
+    cargv[k++] = bin;
+    cargv[k++] = "--model";
+    cargv[k++] = o.model;
+    cargv[k++] = "--port";
+    cargv[k++] = sport;
+    cargv[k++] = "--ctrl-port";
+    cargv[k++] = sctrl;
+    cargv[k++] = "--cluster-token";
+    cargv[k++] = token;
+    char sa[24], sf[24];
+    snprintf(sa, sizeof(sa), "%ld", o.attn);
+    snprintf(sf, sizeof(sf), "%ld", o.ffn);
+    cargv[k++] = "--attn";
+    cargv[k++] = sa;
+    cargv[k++] = "--ffn";
+    cargv[k++] = sf;
+    cargv[k++] = "--micro-batches";
+    cargv[k++] = o.micro_batches;
+    if (o.api_key) {
+        cargv[k++] = "--api-key";
+        cargv[k++] = o.api_key;
+    }
+    cargv[k] = NULL;
+    if (spawn(o.log_dir, "coordinator", cargv) < 0) return 1;
+    usleep(100000);
+    int cpu = 0;
+    for (int role = 0; role < 2; role++) {
+        long cnt = role == 0 ? o.ffn : o.attn;
+        for (long i = 0; i < cnt; i++) {
+            char nbin[PATH_MAX + 32], name[32];
+            snprintf(nbin, sizeof(nbin), "%s/%s", dir, role == 0 ? "ffn_node" : "attn_node");
+            snprintf(name, sizeof(name), "%s-%ld", role == 0 ? "ffn" : "attn", i);
+            char *nargv[40];
+            int j = 0;
+            nargv[j++] = nbin;
+            nargv[j++] = "--model";
+            nargv[j++] = o.model;
+            nargv[j++] = "--coordinator";
+            nargv[j++] = coordaddr;
+            nargv[j++] = "--cluster-token";
+            nargv[j++] = token;
+            nargv[j++] = "--name";
+            nargv[j++] = name;
+            nargv[j++] = "--backend";
+            nargv[j++] = o.backend;
+            nargv[j++] = "--threads";
+            nargv[j++] = sthreads;
+            nargv[j++] = "--busy-poll-us";
+            nargv[j++] = sbusy;
+            if (pin) {
+                snprintf(scpu, sizeof(scpu), "%d", cpu++);
+                nargv[j++] = "--cpu";
+                nargv[j++] = strdup(scpu);
+            }
+            if (role == 1) {
+                nargv[j++] = "--a2f-dtype";
+                nargv[j++] = o.a2f_dtype;
+                nargv[j++] = "--f2a-dtype";
+                nargv[j++] = o.f2a_dtype;
+                nargv[j++] = "--kv-dtype";
+                nargv[j++] = o.kv_dtype;
+                nargv[j++] = "--kv-budget-mb";
+                nargv[j++] = skv;
+            }
+            nargv[j] = NULL;
+            if (spawn(o.log_dir, name, nargv) < 0) {
+                stop_all();
+                return 1;
+            }
+        }
+    }
+    char url[64];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%ld", o.port);
+    time_t t0 = time(NULL);
+    int ready = 0, status;
+    while (!g_stop && time(NULL) - t0 < o.ready_timeout_s) {
+        const char *dead = reap_dead(&status);
+        if (dead) {
+            afd_error("%s exited before the cluster was ready (status %d)", dead,
+                      WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+            stop_all();
+            return 1;
+        }
+        int code;
+        char *body;
+        if (http_get(url, "/ready", 1000, &code, &body) == 0) {
+            free(body);
+            if (code == 200) {
+                ready = 1;
+                break;
+            }
+        }
+        usleep(100000);
+    }
+    if (!ready) {
+        if (!g_stop) afd_error("the cluster was not ready within %ld s", o.ready_timeout_s);
+        stop_all();
+        return g_stop ? 0 : 1;
+    }
+    printf("ready: %s\n", url);
+    fflush(stdout);
+    int rc = 0;
+    while (!g_stop) {
+        const char *dead = reap_dead(&status);
+        if (dead) {
+            afd_error("%s exited (status %d): stopping the cluster", dead,
+                      WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+            rc = 1;
+            break;
+        }
+        usleep(100000);
+    }
+    stop_all();
+    afd_opts_free(up_table, &o);
+    return rc;
+}
+
+/* ---- status ---- */
+
+static int cmd_status(int argc, char **argv)
+{
+    const char *url = getenv("AFD_URL") ? getenv("AFD_URL") : "http://127.0.0.1:8000";
+    int json = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--url") && i + 1 < argc)
+            url = argv[++i];
+        else if (!strcmp(argv[i], "-o") && i + 1 < argc && !strcmp(argv[i + 1], "json")) {
+            json = 1;
+            i++;
+        } else if (!strcmp(argv[i], "--help")) {
+            printf("usage: afdctl status [--url URL] [-o json]\n"
+                   "  shows the nodes, their roles, experts, KV usage and the requests\n"
+                   "  --url URL   the coordinator's API (default $AFD_URL or http://127.0.0.1:8000)\n"
+                   "  -o json     print the raw JSON\n");
+            return 0;
+        } else {
+            afd_error("unknown argument '%s' (see afdctl status --help)", argv[i]);
+            return 2;
+        }
+    }
+    int code;
+    char *body;
+    if (http_get(url, "/admin/status", 5000, &code, &body)) {
+        afd_error("cannot reach the coordinator at %s", url);
+        return 3;
+    }
+    if (code != 200) {
+        afd_error("%s/admin/status answered %d: %s", url, code, body);
+        free(body);
+        return 1;
+    }
+    if (json) {
+        printf("%s\n", body);
+        free(body);
+        return 0;
+    }
+    cJSON *root = cJSON_Parse(body);
+    free(body);
+    if (!root) {
+        afd_error("the coordinator's status is not JSON");
+        return 1;
+    }
+    const cJSON *cl = cJSON_GetObjectItem(root, "cluster"), *rq = cJSON_GetObjectItem(root, "requests");
+    printf("cluster: %s, epoch %d, %d micro-batches, %d steps, mean step %.2f ms, model %s\n",
+           cJSON_IsTrue(cJSON_GetObjectItem(cl, "ready")) ? "ready" : "NOT READY",
+           cJSON_GetObjectItem(cl, "epoch")->valueint,
+           cJSON_GetObjectItem(cl, "micro_batches")->valueint,
+           cJSON_GetObjectItem(cl, "steps")->valueint,
+           cJSON_GetObjectItem(cl, "mean_step_ms")->valuedouble,
+           cJSON_GetObjectItem(cl, "model")->valuestring);
+    printf("requests: %d running, %d waiting, %d succeeded, %d failed\n",
+           cJSON_GetObjectItem(rq, "running")->valueint, cJSON_GetObjectItem(rq, "waiting")->valueint,
+           cJSON_GetObjectItem(rq, "succeeded")->valueint, cJSON_GetObjectItem(rq, "failed")->valueint);
+    printf("%-4s %-10s %-5s %-14s %-8s %-12s %-16s %-10s %s\n", "ID", "ROLE", "INDEX", "NAME",
+           "STATE", "EXPERTS", "KV USED/TOTAL", "RUNNING", "PEER LATENCY (mean us)");
+    const cJSON *n;
+    cJSON_ArrayForEach(n, cJSON_GetObjectItem(root, "nodes"))
+    {
+        char experts[32] = "-", kv[32] = "-", run[16] = "-", lat[256] = "";
+        const cJSON *e = cJSON_GetObjectItem(n, "experts");
+        if (e)
+            snprintf(experts, sizeof(experts), "%d..%d", cJSON_GetArrayItem(e, 0)->valueint,
+                     cJSON_GetArrayItem(e, 1)->valueint - 1);
+        const cJSON *kt = cJSON_GetObjectItem(n, "kv_blocks_total"), *ku = cJSON_GetObjectItem(n, "kv_blocks_used");
+        if (kt) snprintf(kv, sizeof(kv), "%d/%d", ku ? ku->valueint : 0, kt->valueint);
+        const cJSON *r = cJSON_GetObjectItem(n, "running");
+        if (r) snprintf(run, sizeof(run), "%d", r->valueint);
+        size_t k = 0;
+        const cJSON *l;
+        cJSON_ArrayForEach(l, cJSON_GetObjectItem(n, "peer_latency"))
+        k += (size_t)snprintf(lat + k, sizeof(lat) - k, "%s%d:%.0f", k ? " " : "",
+                              cJSON_GetObjectItem(l, "peer")->valueint,
+                              cJSON_GetObjectItem(l, "mean_us")->valuedouble);
+        printf("%-4d %-10s %-5d %-14s %-8s %-12s %-16s %-10s %s\n",
+               cJSON_GetObjectItem(n, "id")->valueint, cJSON_GetObjectItem(n, "role")->valuestring,
+               cJSON_GetObjectItem(n, "index")->valueint, cJSON_GetObjectItem(n, "name")->valuestring,
+               cJSON_GetObjectItem(n, "state")->valuestring, experts, kv, run, lat);
+    }
+    cJSON_Delete(root);
+    return 0;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: afdctl COMMAND [options]\n\n"
+               "commands:\n"
+               "  local-up   start a whole cluster on loopback (see afdctl local-up --help)\n"
+               "  status     show the cluster's nodes and requests (see afdctl status --help)\n"
+               "exit codes: 0 ok, 1 failure, 2 usage, 3 coordinator unreachable\n");
+}
+
+int main(int argc, char **argv)
+{
+    afd_log_init("afdctl");
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "local-up")) return cmd_local_up(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "status")) return cmd_status(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    afd_error("unknown command '%s'", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,112 @@
+"""Helpers for integration tests that start real daemons on loopback."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+BIN = os.environ.get("BIN", os.path.join(os.getcwd(), "build", "bin"))
+TMP = os.environ.get("TEST_TMP", "/tmp")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+class LocalUp:
+    """afdctl local-up as a child; stops it (SIGINT) on exit."""
+
+    def __init__(self, model, attn=1, ffn=1, mb=3, extra=(), timeout=60):
+        self.port = free_port()
+        self.logdir = os.path.join(TMP, f"logs-{self.port}")
+        os.makedirs(self.logdir, exist_ok=True)
+        cmd = [os.path.join(BIN, "afdctl"), "local-up", "--model", model, "--attn", str(attn),
+               "--ffn", str(ffn), "--port", str(self.port), "--micro-batches", str(mb),
+               "--log-dir", self.logdir] + list(extra)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("ready: "):
+            self.stop()
+            raise RuntimeError(f"cluster did not start: {line!r} {self.proc.stderr.read()}")
+        self.url = line.split()[1]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.stop()
+
+
+def post(url, path, body, timeout=60, headers=None):
+    data = json.dumps(body).encode() if not isinstance(body, (bytes, str)) else (
+        body.encode() if isinstance(body, str) else body)
+    req = urllib.request.Request(url + path, data=data, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def get(url, path, timeout=10):
+    try:
+        with urllib.request.urlopen(url + path, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def stream(url, path, body, timeout=60):
+    """POST with stream=true; returns the list of decoded data events (the last is '[DONE]')."""
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            payload = line[6:]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def afd_run(model, prompts, max_tokens, *extra):
+    cmd = [os.path.join(BIN, "afd_run"), "--model", model, "--max-tokens", str(max_tokens),
+           "--json", "--ignore-eos", "--threads", "1", "--logprobs", "1"] + list(extra)
+    for p in prompts:
+        cmd += ["--prompt", ",".join(map(str, p))]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+class Checks:
+    def __init__(self):
+        self.results = []
+
+    def check(self, name, cond, detail=""):
+        self.results.append(bool(cond))
+        print(("ok - " if cond else "not ok - ") + name + (f"  [{detail}]" if detail else ""),
+              flush=True)
+
+    def done(self):
+        print(f"{sum(self.results)} of {len(self.results)} checks passed")
+        return 0 if all(self.results) else 1
