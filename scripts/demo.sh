@@ -1,14 +1,26 @@
 #!/bin/bash
 # The main job on the embedded default: writes the tiny Step3-architecture model if it is
-# missing and runs it. Once the cluster daemons are built, this starts a local cluster.
+# missing, starts a local 1A2F cluster (one attention node, two FFN nodes, the coordinator)
+# on loopback, sends a few completions (one streamed), prints them and a short
+# decode-throughput figure, and stops the cluster.
 set -eu
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 BIN=$BUILD/bin
 MODEL=${MODEL:-$BUILD/models/tiny-bf16}
-[ -f "$MODEL/config.json" ] || "$BIN/afd_mkmodel" --out "$MODEL" --preset tiny --dtype bf16
-echo "== afd_run: two prompts decoded together (greedy)"
-"$BIN/afd_run" --model "$MODEL" --prompt 1,2,3,4 --prompt 17,42 --max-tokens 16 --ignore-eos
-echo "== afd_run: sampled (temperature 0.8, top-p 0.9, seed 7)"
-"$BIN/afd_run" --model "$MODEL" --prompt 1,2,3,4 --max-tokens 16 --temperature 0.8 --top-p 0.9 \
-    --seed 7 --ignore-eos
+PORT=${PORT:-8000}
+[ -f "$MODEL/model.safetensors.index.json" ] || "$BIN/afd_mkmodel" --out "$MODEL" --preset tiny --dtype bf16 --force
+LOGS=$(mktemp -d)
+echo "== starting a 1A2F cluster on loopback (logs in $LOGS)"
+"$BIN/afdctl" local-up --model "$MODEL" --attn 1 --ffn 2 --port "$PORT" --log-dir "$LOGS" >"$LOGS/afdctl.out" &
+UP=$!
+trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true' EXIT
+for _ in $(seq 1 600); do
+    grep -q '^ready:' "$LOGS/afdctl.out" 2>/dev/null && break
+    kill -0 $UP 2>/dev/null || { echo "the cluster failed to start:"; tail -n 20 "$LOGS"/*.log; exit 1; }
+    sleep 0.1
+done
+grep '^ready:' "$LOGS/afdctl.out"
+"$BIN/afdctl" status --url "http://127.0.0.1:$PORT"
+/usr/bin/python3 scripts/demo_client.py "http://127.0.0.1:$PORT"
+"$BIN/afdctl" status --url "http://127.0.0.1:$PORT"

@@ -709,15 +709,24 @@ static void test_oversized_headers(void **state)
     assert_int_equal(roundtrip(c, raw), 431);
     cli_close(c);
 
-    /* whitespace the parser skips is still counted */
+    /* whitespace the parser skips (or the handler never sees) is still counted */
     memset(pad, ' ', 6000);
     pad[6000] = 0;
+    static const char *ws_fmt[] = {"GET /echo HTTP/1.1\r\nHost: x\r\nX-Test:%sv\r\n\r\n",
+                                   "GET /echo HTTP/1.1\r\nHost: x\r\nX-Test: v%s\r\n\r\n"};
+    for (int i = 0; i < 2; i++) {
+        c = cli_open();
+        snprintf(raw, 16384, ws_fmt[i], pad);
+        int st = roundtrip(c, raw);
+        if (st != 431) print_error("whitespace-padded head %d: status %d\n", i, st);
+        assert_json_error(&R, 431);
+        assert_int_equal(cli_closed(c, 2000), 1);
+        cli_close(c);
+    }
+    /* trailing whitespace is not part of a value */
     c = cli_open();
-    snprintf(raw, 16384, "GET /echo HTTP/1.1\r\nHost: x\r\nX-Test:%sv\r\n\r\n", pad);
-    int st = roundtrip(c, raw);
-    if (st != 431 && st != 400) print_error("whitespace-padded head: status %d\n", st);
-    assert_true(st == 431 || st == 400);
-    assert_int_equal(cli_closed(c, 2000), 1);
+    assert_int_equal(roundtrip(c, "GET /echo HTTP/1.1\r\nX-Test: \t v w \t \r\n\r\n"), 200);
+    assert_string_equal(R.body, "GET /echo  v w 0|");
     cli_close(c);
 
     /* the server still answers */

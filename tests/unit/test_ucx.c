@@ -95,6 +95,27 @@ static double cpu_ms(void)
            (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e3;
 }
 
+#include <dirent.h>
+static void dump_tasks(const char *tag)
+{
+    DIR *d = opendir("/proc/self/task");
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char path[256], buf[1024];
+        snprintf(path, sizeof path, "/proc/self/task/%s/stat", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        if (fgets(buf, sizeof buf, f)) {
+            char *p = strrchr(buf, ')');
+            unsigned long ut, st;
+            sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st);
+            fprintf(stderr, "%s task %s: %lu+%lu\n", tag, e->d_name, ut, st);
+        }
+        fclose(f);
+    }
+    closedir(d);
+}
 static uint8_t pat(size_t i, uint32_t seq)
 {
     return (uint8_t)((i * 131u) ^ (i >> 11) ^ (seq * 29u + 7u));
@@ -540,8 +561,10 @@ static void run_idle(int tcp)
     pair_start(&ps, t_opts(&ps, 0, 256, MiB), &cs, t_opts(&cs, 0, 256, MiB), child_idle, NULL);
 
     /* nothing to do: ~200 ms asleep on the event fd, not spinning */
+    dump_tasks("before");
     double w0 = now_ms(), c0 = cpu_ms();
     unsigned n = net_ucx_wait(ps.u, 100, 200);
+    dump_tasks("after");
     double wall = now_ms() - w0, cpu = cpu_ms() - c0;
     print_message("idle wait: %u events, %.1f ms wall, %.1f ms cpu\n", n, wall, cpu);
     assert_int_equal(n, 0);
