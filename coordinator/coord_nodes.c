@@ -49,12 +49,14 @@ static void node_drop(coord_node_t *n, const char *why)
 typedef struct write_req {
     uv_write_t w;
     uint8_t *buf;
+    coord_node_t *close_after; /* a refusal: close once the answer is out */
 } write_req_t;
 
 static void on_written(uv_write_t *w, int status)
 {
     write_req_t *wr = (write_req_t *)w;
     (void)status;
+    if (wr->close_after) node_drop(wr->close_after, "refused");
     free(wr->buf);
     free(wr);
 }
@@ -62,7 +64,7 @@ static void on_written(uv_write_t *w, int status)
 void coord_nodes_send(coord_node_t *n, Afd__Frame *f)
 {
     if (!n->open || uv_is_closing((uv_handle_t *)&n->tcp)) return;
-    write_req_t *wr = malloc(sizeof(*wr));
+    write_req_t *wr = calloc(1, sizeof(*wr));
     size_t len;
     if (!wr || net_frame_encode(f, &wr->buf, &len)) {
         free(wr);
@@ -103,8 +105,20 @@ static void welcome_error(coord_node_t *n, const char *err)
     f.body_case = AFD__FRAME__BODY_WELCOME;
     f.welcome = &w;
     afd_warn("refusing node %s: %s", n->name[0] ? n->name : "(unnamed)", err);
-    coord_nodes_send(n, &f);
-    node_drop(n, err);
+    write_req_t *wr = calloc(1, sizeof(*wr));
+    size_t len;
+    if (!wr || net_frame_encode(&f, &wr->buf, &len)) {
+        free(wr);
+        return node_drop(n, err);
+    }
+    wr->close_after = n;
+    uv_read_stop((uv_stream_t *)&n->tcp);
+    uv_buf_t b = uv_buf_init((char *)wr->buf, (unsigned)len);
+    if (uv_write(&wr->w, (uv_stream_t *)&n->tcp, &b, 1, on_written)) {
+        free(wr->buf);
+        free(wr);
+        node_drop(n, err);
+    }
 }
 
 static void on_hello(coord_node_t *n, const Afd__Hello *h)
@@ -232,7 +246,9 @@ static void on_frame(coord_node_t *n, Afd__Frame *f)
         }
         return;
     case AFD__FRAME__BODY_RESULT:
-        if (n->role != AFD__ROLE__ROLE_ATTN || n->state != NODE_CONNECTED)
+        /* a node between epochs (ready, not yet connected) may still report the steps that
+         * failed when the old placement broke: those are not in flight and are ignored */
+        if (n->role != AFD__ROLE__ROLE_ATTN || n->state < NODE_READY)
             return node_drop(n, "step result from a node that runs no steps");
         return coord_sched_on_result(c, n, f->result);
     case AFD__FRAME__BODY_HEARTBEAT:

@@ -149,7 +149,10 @@ afd_status_t net_frame_recv_fd(int fd, net_frame_reader_t *r, int timeout_ms, Af
         struct pollfd p = {.fd = fd, .events = POLLIN};
         int pr = poll(&p, 1, (int)left);
         if (pr < 0 && errno != EINTR) return AFD_ERR_IO;
-        if (pr > 0 && (st = net_frame_pump_fd(fd, r))) return st;
+        if (pr > 0 && (st = net_frame_pump_fd(fd, r))) {
+            /* the peer closed after its last frame: hand that frame out first */
+            return net_frame_reader_next(r, out) == AFD_OK ? AFD_OK : st;
+        }
     }
 }
 

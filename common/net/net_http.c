@@ -39,9 +39,9 @@
 #include <string.h>
 #include <strings.h>
 
-#define HTTP_RBUF_SIZE     16384             /* per-connection read buffer */
-#define HTTP_LINGER_MS     1000              /* after a final answer: wait this long for EOF */
-#define HTTP_WQ_MAX        (8u << 20)        /* bytes queued on a stream before the client is dropped */
+#define HTTP_RBUF_SIZE 16384      /* per-connection read buffer */
+#define HTTP_LINGER_MS 1000       /* after a final answer: wait this long for EOF */
+#define HTTP_WQ_MAX    (8u << 20) /* bytes queued on a stream before the client is dropped */
 
 #define HTTP_DEFAULT_HEADER_BYTES 16384
 #define HTTP_DEFAULT_HEADERS      64
@@ -71,7 +71,7 @@ typedef struct http_req {
     size_t url_len;
     size_t head_raw;  /* head bytes in buffers parsed before the current one */
     const char *mark; /* where the head starts in the current buffer, NULL: before it */
-    char *body;        /* (body_cap): body_len bytes and a NUL */
+    char *body;       /* (body_cap): body_len bytes and a NUL */
     size_t body_len, body_cap;
     int phase, hstate;
     unsigned keep_alive : 1, http10 : 1, head_only : 1;
@@ -95,7 +95,7 @@ struct http_conn {
     const char *exec_base; /* the buffer llhttp_execute is working on */
     unsigned closing : 1, draining : 1, reading : 1, outstanding : 1;
     unsigned resume_pending : 1, in_process : 1, arm_timer : 1;
-    size_t rlen;                 /* unparsed bytes at rbuf */
+    size_t rlen; /* unparsed bytes at rbuf */
     char rbuf[HTTP_RBUF_SIZE];
 };
 
@@ -129,34 +129,39 @@ static void conn_fail(http_conn_t *c, int status, const char *msg);
 
 static const char *http_reason(int status)
 {
-    switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 304: return "Not Modified";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 413: return "Payload Too Large";
-    case 415: return "Unsupported Media Type";
-    case 422: return "Unprocessable Entity";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return status < 400 ? "OK" : status < 500 ? "Client Error" : "Server Error";
-    }
+    static const struct {
+        int code;
+        const char *text;
+    } reasons[] = {
+        {100, "Continue"},
+        {200, "OK"},
+        {201, "Created"},
+        {202, "Accepted"},
+        {204, "No Content"},
+        {301, "Moved Permanently"},
+        {302, "Found"},
+        {304, "Not Modified"},
+        {400, "Bad Request"},
+        {401, "Unauthorized"},
+        {403, "Forbidden"},
+        {404, "Not Found"},
+        {405, "Method Not Allowed"},
+        {408, "Request Timeout"},
+        {409, "Conflict"},
+        {413, "Payload Too Large"},
+        {415, "Unsupported Media Type"},
+        {422, "Unprocessable Entity"},
+        {429, "Too Many Requests"},
+        {431, "Request Header Fields Too Large"},
+        {500, "Internal Server Error"},
+        {501, "Not Implemented"},
+        {502, "Bad Gateway"},
+        {503, "Service Unavailable"},
+        {504, "Gateway Timeout"},
+    };
+    for (size_t i = 0; i < sizeof(reasons) / sizeof(reasons[0]); i++)
+        if (reasons[i].code == status) return reasons[i].text;
+    return status < 400 ? "OK" : status < 500 ? "Client Error" : "Server Error";
 }
 
 static http_wreq_t *wreq_alloc(size_t cap)
@@ -226,8 +231,8 @@ static http_wreq_t *head_format(int status, const char *ctype, long long clen, i
     const char *te = chunked ? "Transfer-Encoding: chunked\r\n" : "";
     const char *cc = nocache ? "Cache-Control: no-cache\r\n" : "";
     const char *conn = keep ? "keep-alive" : "close";
-    int n = snprintf(NULL, 0, fmt, status, http_reason(status), ct1, ct2, ct3, cl, te, cc, conn,
-                     ex, ex_end);
+    int n = snprintf(NULL, 0, fmt, status, http_reason(status), ct1, ct2, ct3, cl, te, cc, conn, ex,
+                     ex_end);
     AFD_ASSERT(n > 0);
     http_wreq_t *w = wreq_alloc((size_t)n + 1 + body_room);
     if (!w) return NULL;
@@ -360,7 +365,8 @@ static void value_close(http_req_t *q)
 {
     if (q->hstate != HS_VALUE) return;
     const char *v = q->hdr[q->nhdr - 1].value;
-    while (q->arena + q->alen > v && (q->arena[q->alen - 1] == ' ' || q->arena[q->alen - 1] == '\t'))
+    while (q->arena + q->alen > v &&
+           (q->arena[q->alen - 1] == ' ' || q->arena[q->alen - 1] == '\t'))
         q->alen--;
     arena_nul(q);
     q->hstate = HS_NONE;
@@ -532,8 +538,10 @@ static void server_maybe_free(net_http_server_t *s)
 static void conn_teardown(http_conn_t *c)
 {
     net_http_server_t *s = c->srv;
-    if (c->prev) c->prev->next = c->next;
-    else s->conns = c->next;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
     if (c->next) c->next->prev = c->prev;
     http_req_t *q = c->req;
     c->req = NULL;
@@ -849,8 +857,8 @@ static void on_listener_closed(uv_handle_t *h)
 }
 
 afd_status_t net_http_server_create(uv_loop_t *loop, const char *host, int port,
-                                    const net_http_limits_t *lim, net_http_handler_cb cb,
-                                    void *arg, net_http_server_t **out)
+                                    const net_http_limits_t *lim, net_http_handler_cb cb, void *arg,
+                                    net_http_server_t **out)
 {
     if (!loop || !cb || !out || port < 0 || port > 65535) {
         afd_error("http: invalid server arguments (port %d)", port);
@@ -890,8 +898,10 @@ afd_status_t net_http_server_create(uv_loop_t *loop, const char *host, int port,
         }
         memcpy(&ss, gai.addrinfo->ai_addr, gai.addrinfo->ai_addrlen);
         uv_freeaddrinfo(gai.addrinfo);
-        if (ss.ss_family == AF_INET) ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)port);
-        else ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)port);
+        if (ss.ss_family == AF_INET)
+            ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)port);
+        else
+            ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)port);
     }
     net_http_server_t *s = calloc(1, sizeof(*s));
     if (!s) return AFD_ERR_NOMEM;
@@ -937,7 +947,8 @@ void net_http_server_close(net_http_server_t *s)
     if (!s || s->closing) return;
     s->closing = 1;
     uv_close((uv_handle_t *)&s->listener, on_listener_closed);
-    for (http_conn_t *c = s->conns; c; c = c->next) conn_close(c);
+    for (http_conn_t *c = s->conns; c; c = c->next)
+        conn_close(c);
 }
 
 const char *net_http_header(const net_http_req_t *r, const char *name)
@@ -989,7 +1000,8 @@ void net_http_stream_begin(net_http_req_t *r, int status, const char *content_ty
     q->chunked = !q->http10;
     if (!q->chunked || c->srv->closing) q->keep_alive = 0;
     if (c->closing) return;
-    conn_write(c, head_format(status, content_type, -1, q->chunked, q->keep_alive, extra_headers, 0));
+    conn_write(c,
+               head_format(status, content_type, -1, q->chunked, q->keep_alive, extra_headers, 0));
 }
 
 afd_status_t net_http_stream_write(net_http_req_t *r, const char *data, size_t len)
@@ -1000,7 +1012,7 @@ afd_status_t net_http_stream_write(net_http_req_t *r, const char *data, size_t l
     http_conn_t *c = q->conn;
     if (c->closing || c->write_err) return AFD_ERR_PEER;
     if (len == 0 || q->head_only) return AFD_OK; /* an empty chunk would end the stream */
-    if (c->wq_bytes + len > HTTP_WQ_MAX) {
+    if (c->wq_bytes > 0 && c->wq_bytes + len > HTTP_WQ_MAX) {
         afd_debug("http: client is not reading (%zu bytes queued), dropping it", c->wq_bytes);
         conn_close(c);
         return AFD_ERR_PEER;

@@ -12,6 +12,7 @@
  *     != 1, bad quantization method / format / block size, rope_scaling non-null, invalid
  *     JSON; on error the output struct is left untouched (outputs set only on success);
  *   - mdl_config_load from a directory, and its missing-file error.
+ * test_BUG_* documents a library bug found while writing this file; it fails until fixed.
  * Configs are built with cJSON from one base object that each case edits.
  */
 #define _GNU_SOURCE
@@ -499,6 +500,23 @@ static void test_err_moe_layers(void **state)
     expect_error(o, AFD_ERR_FORMAT);
 }
 
+/* BUG (common/model/mdl_config.c:172 and 180): eos_token_id values are not checked to be
+ * integers, so 1.5 is silently truncated to token 1 while every other integer field rejects
+ * a fraction with AFD_ERR_FORMAT. Expected: AFD_ERR_FORMAT for 1.5 and for [2, 2.5]. */
+static void test_BUG_eos_not_integer(void **state)
+{
+    (void)state;
+    cJSON *o = base_text();
+    set(o, "eos_token_id", cJSON_CreateNumber(1.5));
+    expect_error(o, AFD_ERR_FORMAT);
+    o = base_text();
+    cJSON *l = cJSON_CreateArray();
+    cJSON_AddItemToArray(l, cJSON_CreateNumber(2));
+    cJSON_AddItemToArray(l, cJSON_CreateNumber(2.5));
+    set(o, "eos_token_id", l);
+    expect_error(o, AFD_ERR_FORMAT);
+}
+
 static void test_err_kv_groups(void **state)
 {
     (void)state;
@@ -636,6 +654,7 @@ int main(void)
         cmocka_unit_test(test_err_type),
         cmocka_unit_test(test_err_range),
         cmocka_unit_test(test_err_moe_layers),
+        cmocka_unit_test(test_BUG_eos_not_integer),
         cmocka_unit_test(test_err_kv_groups),
         cmocka_unit_test(test_err_quant),
         cmocka_unit_test(test_err_rope_scaling),

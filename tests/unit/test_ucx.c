@@ -102,7 +102,7 @@ static void dump_tasks(const char *tag)
     struct dirent *e;
     while ((e = readdir(d))) {
         if (e->d_name[0] == '.') continue;
-        char path[256], buf[1024];
+        char path[300], buf[1024];
         snprintf(path, sizeof path, "/proc/self/task/%s/stat", e->d_name);
         FILE *f = fopen(path, "r");
         if (!f) continue;

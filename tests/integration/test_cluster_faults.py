@@ -1,0 +1,164 @@
+"""Bad peers and dying peers: the cluster logs them, fails what depended on them with
+an explicit error, and stays up.
+
+- garbage on the control port, and a node with a wrong cluster token, are refused;
+  the cluster keeps serving;
+- an FFN node killed (SIGKILL) in the middle of a streamed decode: the client gets an
+  explicit error event and [DONE] (not a hang), a non-streamed request in flight gets
+  HTTP 500 with the error, the coordinator, the attention node and the other FFN node
+  stay up, /ready turns false; a restarted FFN node rejoins under a new epoch and the
+  cluster serves again, with the same greedy output as before.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cluster import BIN, TMP, Checks, free_port, get, post  # noqa: E402
+
+MODELS = os.environ.get("MODELS", "build/models")
+model = os.path.join(MODELS, "tiny-bf16")
+ck = Checks()
+port, ctrl = free_port(), free_port()
+url = f"http://127.0.0.1:{port}"
+TOKEN = "faults-test-token"
+procs = {}
+
+
+def start(name, args):
+    log = open(os.path.join(TMP, name + ".log"), "w")
+    procs[name] = subprocess.Popen([os.path.join(BIN, args[0])] + args[1:], stdout=log,
+                                   stderr=subprocess.STDOUT)
+
+
+def node(name, kind, token=TOKEN):
+    start(name, [kind, "--model", model, "--coordinator", f"127.0.0.1:{ctrl}",
+                 "--cluster-token", token, "--name", name, "--busy-poll-us", "0"] +
+          (["--step-deadline-ms", "3000"] if kind == "attn_node" else []))
+
+
+def wait_ready(want=True, timeout=30):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            if (get(url, "/ready")[0] == 200) == want:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def alive(name):
+    return procs[name].poll() is None
+
+
+start("coordinator", ["afd_coordinator", "--model", model, "--cluster-token", TOKEN,
+                      "--port", str(port), "--ctrl-port", str(ctrl), "--attn", "1", "--ffn",
+                      "2", "--node-timeout-ms", "5000"])
+time.sleep(0.3)
+node("ffn-0", "ffn_node")
+node("ffn-1", "ffn_node")
+node("attn-0", "attn_node")
+try:
+    ck.check("a 1A2F cluster of separately started daemons becomes ready", wait_ready())
+    req = {"prompt": [5, 6, 7, 8], "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    st, before = post(url, "/v1/completions", req)
+    ck.check("it serves a completion", st == 200, str(before)[:200])
+
+    # garbage on the control port: that connection is closed, nothing else changes
+    s = socket.create_connection(("127.0.0.1", ctrl))
+    s.sendall(b"\xff\xff\xff\x7fGARBAGE" * 10)
+    s.settimeout(5)
+    closed = s.recv(100) == b""
+    s.close()
+    s = socket.create_connection(("127.0.0.1", ctrl))
+    s.sendall(b"\x05\x00\x00\x00\x01\x02\x03\x04\x05")  # a frame that is not a protobuf
+    s.settimeout(5)
+    closed2 = s.recv(100) == b""
+    s.close()
+    st, again = post(url, "/v1/completions", req)
+    ck.check("garbage and non-protobuf frames on the control port close that connection only",
+             closed and closed2 and st == 200 and again["choices"][0]["token_ids"] ==
+             before["choices"][0]["token_ids"])
+
+    # a node with the wrong token is refused with a clear message
+    bad = subprocess.run([os.path.join(BIN, "ffn_node"), "--model", model, "--coordinator",
+                          f"127.0.0.1:{ctrl}", "--cluster-token", "wrong"],
+                         capture_output=True, text=True, timeout=30)
+    ck.check("a node with a wrong cluster token is refused",
+             bad.returncode != 0 and "bad cluster token" in bad.stderr, bad.stderr.strip()[-200:])
+    st, _ = post(url, "/v1/completions", req)
+    ck.check("the cluster still serves after the refusal", st == 200)
+
+    # kill an FFN node in the middle of a streamed decode and of a whole-answer request
+    events, whole = [], {}
+
+    def streamer():
+        body = {"prompt": [1, 2, 3], "max_tokens": 3000, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        r = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode())
+        with urllib.request.urlopen(r, timeout=60) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if line.startswith("data: "):
+                    p = line[6:]
+                    events.append(p if p == "[DONE]" else json.loads(p))
+
+    def waiter():
+        whole["r"] = post(url, "/v1/completions", {"prompt": [4, 5], "max_tokens": 3000,
+                                                   "temperature": 0, "ignore_eos": True},
+                          timeout=60)
+
+    t1, t2 = threading.Thread(target=streamer), threading.Thread(target=waiter)
+    t1.start()
+    t2.start()
+    t0 = time.time()
+    while len(events) < 5 and time.time() - t0 < 30:
+        time.sleep(0.02)
+    procs["ffn-1"].send_signal(signal.SIGKILL)
+    procs["ffn-1"].wait()
+    t1.join(60)
+    t2.join(60)
+    err = [e for e in events if isinstance(e, dict) and "error" in e]
+    ck.check("the streamed client gets an explicit error event, then [DONE]",
+             not t1.is_alive() and err and events[-1] == "[DONE]" and 5 <= len(events) < 3000,
+             f"{len(events)} events, last {str(events[-2:])[:200]}")
+    st, body = whole.get("r", (None, None))
+    ck.check("the whole-answer client gets HTTP 500 with the error",
+             st == 500 and "lost" in body["error"]["message"], str(body)[:200])
+    ck.check("coordinator, attention node and the other FFN node stay up",
+             alive("coordinator") and alive("attn-0") and alive("ffn-0"))
+    ck.check("/health stays 200 and /ready turns false",
+             get(url, "/health")[0] == 200 and wait_ready(False, 5))
+    st, body = post(url, "/v1/completions", req)
+    ck.check("a request while a node is missing gets 503, not a hang",
+             st == 503 and "not ready" in body["error"]["message"], str(body)[:200])
+
+    node("ffn-1b", "ffn_node")
+    ck.check("a restarted FFN node rejoins and the cluster is ready again", wait_ready(True, 30))
+    st, after = post(url, "/v1/completions", req)
+    ck.check("after the rejoin it serves the same greedy output as before",
+             st == 200 and after["choices"][0]["token_ids"] == before["choices"][0]["token_ids"],
+             str(after)[:200])
+    st, status = get(url, "/admin/status")
+    ck.check("the new placement is a new epoch", st == 200 and status["cluster"]["epoch"] >= 2)
+finally:
+    for name, p in procs.items():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for name, p in procs.items():
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    for name in procs:
+        print(f"--- {name} log tail")
+        print(open(os.path.join(TMP, name + ".log")).read()[-600:])
+sys.exit(ck.done())
