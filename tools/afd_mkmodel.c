@@ -367,7 +367,8 @@ static afd_status_t write_config(const char *dir, const mk_shape_t *s, const cha
     char *txt = cJSON_Print(root);
     cJSON_Delete(root);
     char path[4096];
-    snprintf(path, sizeof(path), "%s/config.json", dir);
+    /* written under a temporary name: config.json appears last, when the shards are whole */
+    snprintf(path, sizeof(path), "%s/config.json.tmp", dir);
     FILE *f = fopen(path, "w");
     afd_status_t st = AFD_OK;
     if (!f || fputs(txt, f) < 0 || fputc('\n', f) < 0) {
@@ -470,11 +471,10 @@ int main(int argc, char **argv)
         afd_error("%s already holds a checkpoint (use --force to overwrite)", o.out);
         return 1;
     }
+    snprintf(path, sizeof(path), "%s/config.json", o.out);
+    unlink(path); /* an interrupted rewrite must not look complete */
     if ((st = write_config(o.out, &s, moe_enum, fp8, o.norm_expert_weight, o.plain_config)))
         return 1;
-    /* check what we wrote parses as the loader will see it */
-    mdl_config_t cfg;
-    if ((st = mdl_config_load(o.out, &cfg))) return 1;
 
     mk_plan_t plan = {0};
     build_plan(&s, is_moe, fp8, o.vision_stub && !o.plain_config, &plan);
@@ -541,6 +541,7 @@ int main(int argc, char **argv)
         long data0 = (long)(8 + padded);
         /* a second handle positions the scale companions while the weight streams */
         FILE *sf = fopen(path, "r+b");
+        if (!sf) bad = 1;
         for (int i = 0; i < plan.n && !bad; i++) {
             mk_tensor_t *t = &plan.t[i];
             if (t->shard != sh || t->is_scale) continue;
@@ -550,7 +551,7 @@ int main(int argc, char **argv)
                                           (uint64_t)o.seed, &spos, sf, &pg))
                 bad = 1;
         }
-        if (!sf || fclose(sf)) bad = 1;
+        if (sf && fclose(sf)) bad = 1;
         if (fclose(f) || bad) {
             afd_error("%s: write failed", path);
             return 1;
@@ -566,6 +567,16 @@ int main(int argc, char **argv)
         return 1;
     }
     free(itxt);
+    char tmp[4096];
+    snprintf(tmp, sizeof(tmp), "%s/config.json.tmp", o.out);
+    snprintf(path, sizeof(path), "%s/config.json", o.out);
+    if (rename(tmp, path)) {
+        afd_error("%s: %m", path);
+        return 1;
+    }
+    /* check what was written parses as the loader will see it */
+    mdl_config_t cfg;
+    if (mdl_config_load(o.out, &cfg)) return 1;
     printf("wrote %s: preset %s, %s, %d layers (MoE: %s), %d tensors, %.1f MB in %d shards\n",
            o.out, o.preset, fp8 ? "fp8" : "bf16", s.layers, moe_enum[0] ? moe_enum : "none",
            plan.n, total / 1e6, s.shards);

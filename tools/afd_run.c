@@ -229,7 +229,7 @@ int main(int argc, char **argv)
     float *logits = malloc(sizeof(float) * (size_t)nseq * cfg.vocab_size);
     if (!tok || !pos || !rows || !row_seq || !ks || !logits) goto out_free;
     double t_prefill = 0, t_decode = 0;
-    long decode_tokens = 0, prefill_tokens = 0, steps = 0;
+    long decode_tokens = 0, prefill_tokens = 0, steps = 0, decode_steps = 0;
     for (;;) {
         int ntok = 0, nks = 0, nrows = 0, prefill = 0;
         for (int i = 0; i < nseq; i++) {
@@ -299,6 +299,7 @@ int main(int argc, char **argv)
         } else {
             t_decode += dt;
             decode_tokens += nrows;
+            decode_steps++;
         }
     }
     double t_total = now_s() - t0;
@@ -339,6 +340,7 @@ int main(int argc, char **argv)
         cJSON_AddNumberToObject(tm, "decode_tokens_per_s",
                                 t_decode > 0 ? decode_tokens / t_decode : 0);
         cJSON_AddNumberToObject(tm, "steps", (double)steps);
+        cJSON_AddNumberToObject(tm, "decode_steps", (double)decode_steps);
         cJSON_AddNumberToObject(tm, "batch", nseq);
         cJSON_AddNumberToObject(tm, "threads", be->threads);
         cJSON_AddNumberToObject(tm, "weight_bytes", (double)m->bytes_loaded);

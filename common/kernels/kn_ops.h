@@ -24,7 +24,7 @@ typedef struct kn_src {
     const void *data;
     int64_t full_rows, full_cols;
     int64_t row0, rows, col0, cols;
-    const float *scale; /* NULL unless dtype is e4m3 */
+    const float *scale; /* NULL unless dtype is e4m3; may be unaligned: read with memcpy */
 } kn_src_t;
 
 /* A weight owned by a backend: logically [rows, cols] = [out, in]. */

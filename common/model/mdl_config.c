@@ -169,7 +169,9 @@ static afd_status_t parse_eos(const cJSON *o, const char *what, mdl_config_t *cf
     cfg->num_eos = 0;
     if (!v || cJSON_IsNull(v)) return AFD_OK;
     if (cJSON_IsNumber(v)) {
-        if (v->valuedouble < 0 || v->valuedouble >= cfg->vocab_size) goto bad;
+        if (v->valuedouble < 0 || v->valuedouble >= cfg->vocab_size ||
+            v->valuedouble != floor(v->valuedouble))
+            goto bad;
         cfg->eos_token_ids[cfg->num_eos++] = (int)v->valuedouble;
         return AFD_OK;
     }
@@ -178,7 +180,7 @@ static afd_status_t parse_eos(const cJSON *o, const char *what, mdl_config_t *cf
         cJSON_ArrayForEach(e, v)
         {
             if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= cfg->vocab_size ||
-                cfg->num_eos == MDL_MAX_EOS)
+                e->valuedouble != floor(e->valuedouble) || cfg->num_eos == MDL_MAX_EOS)
                 goto bad;
             cfg->eos_token_ids[cfg->num_eos++] = (int)e->valuedouble;
         }

@@ -117,7 +117,9 @@ static afd_status_t make_src(loader_t *ld, const char *name, int nexp, int exper
             afd_error("%s: tensor '%s' must be F32", s->file->base, sname);
             return AFD_ERR_FORMAT;
         }
-        src->scale = (const float *)s->data + (size_t)(nexp > 0 ? expert : 0) * (size_t)(br * bc);
+        /* byte arithmetic: the scale tensor need not be 4-byte aligned in its shard */
+        src->scale = (const float *)(const void *)(s->data + (size_t)(nexp > 0 ? expert : 0) *
+                                                                 (size_t)(br * bc) * 4);
     }
     return AFD_OK;
 }

@@ -93,8 +93,10 @@ struct net_ucx_peer {
     net_ucx_t *u;
     ucp_ep_h ep;
     uint32_t id;
-    int failed; /* the error handler ran: close with force */
-    int closed; /* the close request completed */
+    int failed;       /* the error handler ran: close with force */
+    int closed;       /* the close request completed */
+    int req_released; /* destroy gave up waiting and released the close request */
+    void *close_req;
 };
 
 struct net_ucx {
@@ -441,7 +443,7 @@ static void ucx_close_done(void *request, ucs_status_t status, void *user_data)
         afd_debug("ucx: closing the endpoint of peer %u: %s", p->id, ucs_status_string(status));
     p->closed = 1;
     p->u->closed_pending++;
-    ucp_request_free(request);
+    if (!p->req_released) ucp_request_free(request);
 }
 
 /* Frees the closing peers whose close request completed. */
@@ -480,6 +482,7 @@ static void ucx_close_ep(net_ucx_t *u, net_ucx_peer_t *p)
                       ucs_status_string(UCS_PTR_STATUS(sp)));
         free(p);
     } else {
+        p->close_req = sp;
         p->next = u->closing;
         u->closing = p;
     }
@@ -500,8 +503,14 @@ void net_ucx_destroy(net_ucx_t *u)
         ucx_reap(u);
     }
     if (u->closing || u->outstanding) {
+        /* e.g. a peer that neither answers nor is known to be dead (no err_mode_peer):
+         * UCX requires every request to be released before the worker goes */
         unsigned n = 0;
-        for (net_ucx_peer_t *p = u->closing; p; p = p->next) n++;
+        for (net_ucx_peer_t *p = u->closing; p; p = p->next, n++) {
+            if (p->closed) continue;
+            p->req_released = 1;
+            ucp_request_free(p->close_req);
+        }
         afd_warn("ucx: destroying with %u endpoint(s) still closing and %llu transfer(s) "
                  "pending after %d ms",
                  n, (unsigned long long)u->outstanding, NET_UCX_CLOSE_WAIT_MS);

@@ -154,14 +154,24 @@ void afd_convert_to_f32(afd_dtype_t dt, const void *src, float *dst, size_t n)
 {
     switch (dt) {
     case AFD_DTYPE_F32: memcpy(dst, src, n * 4); break;
+    /* checkpoint tensors need not be aligned (safetensors does not require it): load
+     * elements with memcpy, which compiles to plain loads */
     case AFD_DTYPE_BF16: {
-        const uint16_t *s = src;
-        for (size_t i = 0; i < n; i++) dst[i] = afd_bf16_to_f32(s[i]);
+        const uint8_t *s = src;
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, s + 2 * i, 2);
+            dst[i] = afd_bf16_to_f32(h);
+        }
         break;
     }
     case AFD_DTYPE_F16: {
-        const uint16_t *s = src;
-        for (size_t i = 0; i < n; i++) dst[i] = afd_f16_to_f32(s[i]);
+        const uint8_t *s = src;
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, s + 2 * i, 2);
+            dst[i] = afd_f16_to_f32(h);
+        }
         break;
     }
     case AFD_DTYPE_E4M3: {

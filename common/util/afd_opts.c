@@ -5,6 +5,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -135,11 +136,19 @@ afd_status_t afd_opts_parse(const afd_opt_t *table, void *cfg, int argc, char **
 
     /* a config file first, so that the environment and flags override it */
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--")) break;
-        if (!strcmp(argv[i], "--config") && i + 1 < argc) {
-            if ((st = opts_file(table, cfg, argv[i + 1]))) return st;
+        if (!strcmp(argv[i], "--") || strncmp(argv[i], "--", 2) != 0) break; /* the options end */
+        if (!strcmp(argv[i], "--config")) {
+            if (i + 1 >= argc) {
+                afd_error("option --config needs a file");
+                return AFD_ERR_INVALID;
+            }
+            if ((st = opts_file(table, cfg, argv[++i]))) return st;
         } else if (!strncmp(argv[i], "--config=", 9)) {
             if ((st = opts_file(table, cfg, argv[i] + 9))) return st;
+        } else if (!strchr(argv[i], '=')) {
+            /* skip an option's separate value so it is not taken for the end of options */
+            const afd_opt_t *o = opt_find(table, argv[i] + 2, strlen(argv[i] + 2));
+            if (o && o->type != AFD_OPT_BOOL && i + 1 < argc) i++;
         }
     }
     for (const afd_opt_t *o = table; o->name; o++) {
@@ -280,7 +289,7 @@ afd_status_t afd_parse_int_list(const char *s, long min, long max, int **out, in
         char *end;
         errno = 0;
         long x = strtol(p, &end, 10);
-        if (end == p || errno || x < min || x > max) {
+        if (end == p || errno || x < min || x > max || x < INT_MIN || x > INT_MAX) {
             free(v);
             return end == p ? AFD_ERR_INVALID : AFD_ERR_RANGE;
         }

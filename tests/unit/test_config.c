@@ -12,7 +12,7 @@
  *     != 1, bad quantization method / format / block size, rope_scaling non-null, invalid
  *     JSON; on error the output struct is left untouched (outputs set only on success);
  *   - mdl_config_load from a directory, and its missing-file error.
- * test_BUG_* documents a library bug found while writing this file; it fails until fixed.
+ * test_regression_* documents a library bug found while writing this file; it fails until fixed.
  * Configs are built with cJSON from one base object that each case edits.
  */
 #define _GNU_SOURCE
@@ -99,8 +99,10 @@ static cJSON *quant_obj(void)
 
 static void set(cJSON *o, const char *key, cJSON *v)
 {
-    if (cJSON_GetObjectItemCaseSensitive(o, key)) cJSON_ReplaceItemInObjectCaseSensitive(o, key, v);
-    else cJSON_AddItemToObject(o, key, v);
+    if (cJSON_GetObjectItemCaseSensitive(o, key))
+        cJSON_ReplaceItemInObjectCaseSensitive(o, key, v);
+    else
+        cJSON_AddItemToObject(o, key, v);
 }
 
 /* parses o (and deletes it); returns the status, cfg filled on success */
@@ -123,8 +125,12 @@ static void expect_error(cJSON *o, afd_status_t want)
     char *s = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
     afd_status_t st = mdl_config_parse(s, "test", &cfg);
-    if (st != want) fail_msg("config %s: status %d (%s), want %d (%s)", s, st, afd_status_str(st), want, afd_status_str(want));
-    free(s);
+    char shown[160];
+    snprintf(shown, sizeof(shown), "%s", s);
+    free(s); /* before any failure: a failing check must not also leak */
+    if (st != want)
+        fail_msg("config %s...: status %d (%s), want %d (%s)", shown, st, afd_status_str(st), want,
+                 afd_status_str(want));
     assert_memory_equal(&cfg, &before, sizeof(cfg));
 }
 
@@ -191,7 +197,8 @@ static void test_real_step3(void **state)
     cJSON_AddNumberToObject(t, "rms_norm_eps", 1e-5);
     char layers[512] = "";
     for (int l = 4; l <= 59; l++)
-        snprintf(layers + strlen(layers), sizeof(layers) - strlen(layers), "%s%d", l > 4 ? "," : "", l);
+        snprintf(layers + strlen(layers), sizeof(layers) - strlen(layers), "%s%d", l > 4 ? "," : "",
+                 l);
     cJSON_AddStringToObject(t, "moe_layers_enum", layers);
     cJSON *w = wrap(t);
     cJSON_AddItemToObject(w, "quantization_config", quant_obj());
@@ -207,7 +214,8 @@ static void test_real_step3(void **state)
     assert_int_equal(c.dense_inter, 18432);
     assert_true(c.rms_eps == 1e-5f);
     assert_int_equal(mdl_config_num_moe(&c), 56);
-    for (int l = 0; l < 61; l++) assert_int_equal(c.is_moe[l], l >= 4 && l <= 59);
+    for (int l = 0; l < 61; l++)
+        assert_int_equal(c.is_moe[l], l >= 4 && l <= 59);
     assert_int_equal(c.quant, MDL_QUANT_FP8_BLOCK);
     assert_int_equal(c.quant_block[0], 128);
     assert_int_equal(c.quant_block[1], 128);
@@ -347,9 +355,10 @@ static void test_eos_forms(void **state)
 static void test_err_missing(void **state)
 {
     (void)state;
-    const char *required[] = {"hidden_size", "num_hidden_layers", "num_attention_heads",
-                              "share_q_dim", "vocab_size", "moe_num_experts", "moe_top_k",
-                              "moe_intermediate_size", "intermediate_size"};
+    const char *required[] = {
+        "hidden_size",      "num_hidden_layers", "num_attention_heads", "share_q_dim",
+        "vocab_size",       "moe_num_experts",   "moe_top_k",           "moe_intermediate_size",
+        "intermediate_size"};
     for (size_t i = 0; i < sizeof(required) / sizeof(required[0]); i++) {
         cJSON *o = base_text();
         cJSON_DeleteItemFromObject(o, required[i]);
@@ -374,13 +383,13 @@ static void test_err_missing(void **state)
 static void test_err_type(void **state)
 {
     (void)state;
-    const char *keys[] = {"hidden_size", "vocab_size", "norm_expert_weight",
+    const char *keys[] = {"hidden_size", "vocab_size",   "norm_expert_weight",
                           "rope_theta",  "rms_norm_eps", "moe_layers_enum"};
     /* strings where numbers / bools are wanted, and a number where a list or string is */
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         cJSON *o = base_text();
-        set(o, keys[i], strcmp(keys[i], "moe_layers_enum") ? cJSON_CreateString("64")
-                                                           : cJSON_CreateNumber(3));
+        set(o, keys[i],
+            strcmp(keys[i], "moe_layers_enum") ? cJSON_CreateString("64") : cJSON_CreateNumber(3));
         expect_error(o, AFD_ERR_FORMAT);
     }
     cJSON *o = base_text();
@@ -441,7 +450,8 @@ static void test_err_range(void **state)
     }
     /* too many eos ids */
     int many[MDL_MAX_EOS + 1];
-    for (int i = 0; i <= MDL_MAX_EOS; i++) many[i] = i;
+    for (int i = 0; i <= MDL_MAX_EOS; i++)
+        many[i] = i;
     cJSON *o = base_text();
     set(o, "eos_token_id", cJSON_CreateIntArray(many, MDL_MAX_EOS + 1));
     expect_error(o, AFD_ERR_FORMAT);
@@ -459,9 +469,9 @@ static void test_err_moe_layers(void **state)
         const char *s;
         afd_status_t want;
     } strs[] = {
-        {"1,1", AFD_ERR_FORMAT},  /* duplicate */
+        {"1,1", AFD_ERR_FORMAT}, /* duplicate */
         {"3, 1, 3", AFD_ERR_FORMAT},
-        {"4", AFD_ERR_RANGE},     /* 4 layers: 0..3 */
+        {"4", AFD_ERR_RANGE}, /* 4 layers: 0..3 */
         {"1,-1", AFD_ERR_RANGE},
         {"99999999999999999999999", AFD_ERR_FORMAT}, /* overflows long */
         {"a,b", AFD_ERR_FORMAT},
@@ -500,10 +510,10 @@ static void test_err_moe_layers(void **state)
     expect_error(o, AFD_ERR_FORMAT);
 }
 
-/* BUG (common/model/mdl_config.c:172 and 180): eos_token_id values are not checked to be
+/* Regression (fixed; common/model/mdl_config.c:172 and 180): eos_token_id values are not checked to be
  * integers, so 1.5 is silently truncated to token 1 while every other integer field rejects
  * a fraction with AFD_ERR_FORMAT. Expected: AFD_ERR_FORMAT for 1.5 and for [2, 2.5]. */
-static void test_BUG_eos_not_integer(void **state)
+static void test_regression_eos_not_integer(void **state)
 {
     (void)state;
     cJSON *o = base_text();
@@ -552,8 +562,10 @@ static void test_err_quant(void **state)
     for (int top = 0; top < 2; top++) {
         for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
             cJSON *q = quant_obj();
-            if (cases[i].v) set(q, cases[i].key, cJSON_Duplicate(cases[i].v, 1));
-            else cJSON_DeleteItemFromObject(q, cases[i].key);
+            if (cases[i].v)
+                set(q, cases[i].key, cJSON_Duplicate(cases[i].v, 1));
+            else
+                cJSON_DeleteItemFromObject(q, cases[i].key);
             cJSON *t = base_text(), *w;
             if (top) {
                 w = wrap(t);
@@ -565,7 +577,8 @@ static void test_err_quant(void **state)
             expect_error(w, AFD_ERR_UNSUPPORTED);
         }
     }
-    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) cJSON_Delete(cases[i].v);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        cJSON_Delete(cases[i].v);
 }
 
 static void test_err_rope_scaling(void **state)
@@ -585,8 +598,9 @@ static void test_err_rope_scaling(void **state)
 static void test_err_json(void **state)
 {
     (void)state;
-    const char *bad[] = {"", "{", "{\"hidden_size\": }", "{'hidden_size': 64}", "nul",
-                         "[1, 2]", "42", "\"text\"", "null"};
+    const char *bad[] = {
+        "",         "{",   "{\"hidden_size\": }", "{'hidden_size': 64}", "nul", "[1, 2]", "42",
+        "\"text\"", "null"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         mdl_config_t c, before;
         memset(&c, 0x5a, sizeof(c));
@@ -654,7 +668,7 @@ int main(void)
         cmocka_unit_test(test_err_type),
         cmocka_unit_test(test_err_range),
         cmocka_unit_test(test_err_moe_layers),
-        cmocka_unit_test(test_BUG_eos_not_integer),
+        cmocka_unit_test(test_regression_eos_not_integer),
         cmocka_unit_test(test_err_kv_groups),
         cmocka_unit_test(test_err_quant),
         cmocka_unit_test(test_err_rope_scaling),

@@ -76,9 +76,12 @@ static double ref_f16(uint16_t h)
 {
     int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
     double v;
-    if (e == 31) v = m ? NAN : INFINITY;
-    else if (e == 0) v = ldexp(m, -24);
-    else v = ldexp(1024 + m, e - 25);
+    if (e == 31)
+        v = m ? NAN : INFINITY;
+    else if (e == 0)
+        v = ldexp(m, -24);
+    else
+        v = ldexp(1024 + m, e - 25);
     return s ? -v : v;
 }
 
@@ -134,7 +137,8 @@ static void test_e4m3_table(void **state)
         }
         assert_false(isnan(t));
         assert_false(isinf(t));
-        if ((double)t != r || !signbit(t) != !signbit(r)) fail_msg("code 0x%02x: table %a, ref %a", c, t, r);
+        if ((double)t != r || !signbit(t) != !signbit(r))
+            fail_msg("code 0x%02x: table %a, ref %a", c, t, r);
         assert_true(afd_e4m3_to_f32((uint8_t)c) == t || isnan(t));
         float conv;
         uint8_t b = (uint8_t)c;
@@ -154,7 +158,8 @@ static void test_e4m3_exact_values(void **state)
     for (int c = 0; c < 256; c++) {
         if ((c & 0x7f) == 0x7f) continue;
         uint8_t got = afd_f32_to_e4m3(afd_e4m3_table[c]);
-        if (got != c) fail_msg("value %a of code 0x%02x converts to 0x%02x", afd_e4m3_table[c], c, got);
+        if (got != c)
+            fail_msg("value %a of code 0x%02x converts to 0x%02x", afd_e4m3_table[c], c, got);
     }
 }
 
@@ -195,8 +200,11 @@ static void test_e4m3_rne_midpoints(void **state)
 static void test_e4m3_saturation_nan(void **state)
 {
     (void)state;
-    const float big[] = {448.0f, nextafterf(448, INFINITY), 464.0f, 479.0f, 480.0f, 1000.0f,
-                         65504.0f, 1e30f, 3.4e38f, INFINITY};
+    const float big[] = {448.0f,   nextafterf(448, INFINITY),
+                         464.0f,   479.0f,
+                         480.0f,   1000.0f,
+                         65504.0f, 1e30f,
+                         3.4e38f,  INFINITY};
     for (size_t i = 0; i < sizeof(big) / sizeof(big[0]); i++) {
         assert_int_equal(afd_f32_to_e4m3(big[i]), 0x7e);
         assert_int_equal(afd_f32_to_e4m3(-big[i]), 0xfe);
@@ -225,7 +233,8 @@ static void test_e4m3_random_sweep(void **state)
     }
     uint8_t buf[64];
     float src[64], back[64];
-    for (int i = 0; i < 64; i++) src[i] = (float)(rnd_unit() * 900 - 450);
+    for (int i = 0; i < 64; i++)
+        src[i] = (float)(rnd_unit() * 900 - 450);
     afd_convert_from_f32(AFD_DTYPE_E4M3, src, buf, 64);
     afd_convert_to_f32(AFD_DTYPE_E4M3, buf, back, 64);
     for (int i = 0; i < 64; i++) {
@@ -254,7 +263,8 @@ static void test_bf16_rne(void **state)
     for (uint32_t h = 0; h < 0x10000u; h++) {
         uint32_t base = h << 16;
         const uint32_t offs[] = {0, 1, 0x7fff, 0x8000, 0x8001, 0xffff};
-        for (size_t k = 0; k < 6; k++) check_bf16(u2f(base | offs[k]));
+        for (size_t k = 0; k < 6; k++)
+            check_bf16(u2f(base | offs[k]));
     }
     /* spot checks that do not rely on the reference */
     assert_int_equal(afd_f32_to_bf16(1.0f), 0x3f80);
@@ -265,15 +275,18 @@ static void test_bf16_rne(void **state)
     assert_int_equal(afd_f32_to_bf16(INFINITY), 0x7f80);
     assert_int_equal(afd_f32_to_bf16(-INFINITY), 0xff80);
     assert_int_equal(afd_f32_to_bf16(-0.0f), 0x8000);
-    assert_true(isnan(afd_bf16_to_f32(afd_f32_to_bf16(u2f(0x7f800001u))))); /* payload in low bits */
+    assert_true(
+        isnan(afd_bf16_to_f32(afd_f32_to_bf16(u2f(0x7f800001u))))); /* payload in low bits */
     assert_true(isnan(afd_bf16_to_f32(afd_f32_to_bf16(u2f(0xff80ffffu)))));
     assert_true(isnan(afd_bf16_to_f32(afd_f32_to_bf16(NAN))));
     rng_state = 12;
-    for (int i = 0; i < 1000000; i++) check_bf16(u2f((uint32_t)rnd64()));
+    for (int i = 0; i < 1000000; i++)
+        check_bf16(u2f((uint32_t)rnd64()));
     /* bulk conversion agrees with the scalar one */
     float src[33], back[33];
     uint16_t b[33];
-    for (int i = 0; i < 33; i++) src[i] = u2f((uint32_t)rnd64() & 0xbfffffffu);
+    for (int i = 0; i < 33; i++)
+        src[i] = u2f((uint32_t)rnd64() & 0xbfffffffu);
     afd_convert_from_f32(AFD_DTYPE_BF16, src, b, 33);
     afd_convert_to_f32(AFD_DTYPE_BF16, b, back, 33);
     for (int i = 0; i < 33; i++) {
@@ -295,7 +308,8 @@ static void test_f16_all_codes(void **state)
             assert_true(isnan(afd_f16_to_f32(afd_f32_to_f16(f))));
             continue;
         }
-        if ((double)f != r || !signbit(f) != !signbit(r)) fail_msg("f16 %04x: %a, want %a", h, f, r);
+        if ((double)f != r || !signbit(f) != !signbit(r))
+            fail_msg("f16 %04x: %a, want %a", h, f, r);
         uint16_t back = afd_f32_to_f16(f);
         if (back != h) fail_msg("f16 %04x -> %a -> %04x", h, f, back);
     }
@@ -317,7 +331,8 @@ static void test_f16_rounding(void **state)
                 below = -below;
             }
             uint16_t even = (uint16_t)((h & 1) ? h + 1 : h);
-            uint16_t g = afd_f32_to_f16(mid), ga = afd_f32_to_f16(above), gb = afd_f32_to_f16(below);
+            uint16_t g = afd_f32_to_f16(mid), ga = afd_f32_to_f16(above),
+                     gb = afd_f32_to_f16(below);
             if (g != (s | even)) fail_msg("midpoint %a -> %04x, want %04x", mid, g, s | even);
             if (ga != (s | (h + 1))) fail_msg("%a -> %04x, want %04x", above, ga, s | (h + 1));
             if (gb != (s | h)) fail_msg("%a -> %04x, want %04x", below, gb, s | h);
@@ -374,9 +389,12 @@ static void make_rows(float *x)
             double v = (rnd_unit() * 2 - 1) * ldexp(1, (int)(rnd64() % 16) - 8);
             x[r * DIM + c] = (float)(v * (r + 1));
         }
-    for (int c = 128; c < 256; c++) x[1 * DIM + c] = 0.0f; /* an all-zero middle group */
-    for (int c = 256; c < DIM; c++) x[2 * DIM + c] = 0.0f;  /* an all-zero short group */
-    for (int c = 0; c < 128; c++) x[3 * DIM + c] = 1e-3f;  /* a constant group */
+    for (int c = 128; c < 256; c++)
+        x[1 * DIM + c] = 0.0f; /* an all-zero middle group */
+    for (int c = 256; c < DIM; c++)
+        x[2 * DIM + c] = 0.0f; /* an all-zero short group */
+    for (int c = 0; c < 128; c++)
+        x[3 * DIM + c] = 1e-3f; /* a constant group */
 }
 
 static void test_fp8_rows_layout(void **state)
@@ -392,11 +410,13 @@ static void test_fp8_rows_layout(void **state)
         for (int g = 0; g < NG; g++) {
             int c0 = g * 128, c1 = c0 + 128 < DIM ? c0 + 128 : DIM;
             float amax = 0;
-            for (int c = c0; c < c1; c++) amax = fmaxf(amax, fabsf(x[r * DIM + c]));
+            for (int c = c0; c < c1; c++)
+                amax = fmaxf(amax, fabsf(x[r * DIM + c]));
             float s = scales[r * NG + g];
             if (amax == 0) {
                 assert_true(s == 1.0f); /* documented: 1 for an all-zero group */
-                for (int c = c0; c < c1; c++) assert_true(q[r * DIM + c] == 0 || q[r * DIM + c] == 0x80);
+                for (int c = c0; c < c1; c++)
+                    assert_true(q[r * DIM + c] == 0 || q[r * DIM + c] == 0x80);
             } else {
                 assert_true(s == amax / 448.0f);
             }
@@ -406,9 +426,12 @@ static void test_fp8_rows_layout(void **state)
     afd_fp8_dequantize_rows(q, scales, ROWS, DIM, deq);
     for (int i = 0; i < ROWS * DIM; i++)
         assert_true(deq[i] == afd_e4m3_table[q[i]] * scales[(i / DIM) * NG + (i % DIM) / 128]);
-    for (int c = 128; c < 256; c++) assert_true(deq[1 * DIM + c] == 0.0f);
-    for (int c = 256; c < DIM; c++) assert_true(deq[2 * DIM + c] == 0.0f);
-    for (int c = 0; c < 128; c++) assert_near(deq[3 * DIM + c], 1e-3f, 1e-9); /* 448 * s */
+    for (int c = 128; c < 256; c++)
+        assert_true(deq[1 * DIM + c] == 0.0f);
+    for (int c = 256; c < DIM; c++)
+        assert_true(deq[2 * DIM + c] == 0.0f);
+    for (int c = 0; c < 128; c++)
+        assert_near(deq[3 * DIM + c], 1e-3f, 1e-9); /* 448 * s */
     /* round_rows is exactly dequant(quant(x)) */
     memcpy(rr, x, sizeof(x));
     afd_fp8_round_rows(rr, ROWS, DIM);
@@ -438,13 +461,15 @@ static void test_fp8_rows_error_bound(void **state)
         for (int g = 0; g < NG; g++) {
             int c0 = g * 128, c1 = c0 + 128 < DIM ? c0 + 128 : DIM;
             double amax = 0;
-            for (int c = c0; c < c1; c++) amax = fmax(amax, fabs(x[r * DIM + c]));
+            for (int c = c0; c < c1; c++)
+                amax = fmax(amax, fabs(x[r * DIM + c]));
             for (int c = c0; c < c1; c++) {
                 double xv = x[r * DIM + c], e = fabs((double)deq[r * DIM + c] - xv);
-                double bound = ldexp(fabs(xv), -4) + ldexp(amax / 448, -10) +
-                               ldexp(fabs(xv), -20) + ldexp(amax, -30);
-                if (e > bound) fail_msg("row %d col %d: x %g deq %g err %g > %g", r, c, xv,
-                                        deq[r * DIM + c], e, bound);
+                double bound = ldexp(fabs(xv), -4) + ldexp(amax / 448, -10) + ldexp(fabs(xv), -20) +
+                               ldexp(amax, -30);
+                if (e > bound)
+                    fail_msg("row %d col %d: x %g deq %g err %g > %g", r, c, xv, deq[r * DIM + c],
+                             e, bound);
                 assert_true(e <= ldexp(amax, -4) * (1 + ldexp(1, -6) / 448) + ldexp(amax, -20));
                 if (e > 0.5 * ldexp(fabs(xv), -4)) worst_used = 1;
             }
@@ -467,7 +492,8 @@ static void test_fp8_rows_small(void **state)
     assert_int_equal(q[3], 0x7e);
     afd_fp8_dequantize_rows(q, s, 1, 5, y);
     for (int i = 0; i < 5; i++)
-        assert_true(fabsf(y[i] - x[i]) <= ldexpf(fabsf(x[i]), -4) + ldexpf(3.0f / 448, -10) + 1e-7f);
+        assert_true(fabsf(y[i] - x[i]) <=
+                    ldexpf(fabsf(x[i]), -4) + ldexpf(3.0f / 448, -10) + 1e-7f);
     float one[3] = {-7.0f, 0.0f, 1e-20f}, sc[3];
     uint8_t q1[3];
     afd_fp8_quantize_rows(one, 3, 1, q1, sc);
@@ -481,18 +507,12 @@ static void test_fp8_rows_small(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_e4m3_table),
-        cmocka_unit_test(test_e4m3_exact_values),
-        cmocka_unit_test(test_e4m3_rne_midpoints),
-        cmocka_unit_test(test_e4m3_saturation_nan),
-        cmocka_unit_test(test_e4m3_random_sweep),
-        cmocka_unit_test(test_bf16_rne),
-        cmocka_unit_test(test_f16_all_codes),
-        cmocka_unit_test(test_f16_rounding),
-        cmocka_unit_test(test_dtype_names),
-        cmocka_unit_test(test_fp8_rows_layout),
-        cmocka_unit_test(test_fp8_rows_error_bound),
-        cmocka_unit_test(test_fp8_rows_small),
+        cmocka_unit_test(test_e4m3_table),           cmocka_unit_test(test_e4m3_exact_values),
+        cmocka_unit_test(test_e4m3_rne_midpoints),   cmocka_unit_test(test_e4m3_saturation_nan),
+        cmocka_unit_test(test_e4m3_random_sweep),    cmocka_unit_test(test_bf16_rne),
+        cmocka_unit_test(test_f16_all_codes),        cmocka_unit_test(test_f16_rounding),
+        cmocka_unit_test(test_dtype_names),          cmocka_unit_test(test_fp8_rows_layout),
+        cmocka_unit_test(test_fp8_rows_error_bound), cmocka_unit_test(test_fp8_rows_small),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

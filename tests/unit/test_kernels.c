@@ -6,7 +6,8 @@
  *     repeated rows; router_topk (float softmax, top-k, ties to the lower id, renorm on/off);
  *   - weight_load of kn_src_t slices: F32, BF16, F16, and E4M3 with 128x128 block scales
  *     (edge blocks, slices starting at non-aligned rows/cols, one expert of a fused 3-D
- *     tensor), against kn_src_get and an independent decode;
+ *     tensor), also with data and scales at odd byte offsets, against kn_src_get and an
+ *     independent decode;
  *   - kv_write + attention on a paged cache for f32 / bf16 / fp8 KV, block sizes 1, 4, 16,
  *     several sequences with different pos0 / ntok sharing one cache through shuffled
  *     block tables, chunked history writes, another layer written with other data,
@@ -66,7 +67,8 @@ static double unif(double lo, double hi)
 }
 static void fill(float *x, size_t n, double lo, double hi)
 {
-    for (size_t i = 0; i < n; i++) x[i] = (float)unif(lo, hi);
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)unif(lo, hi);
 }
 
 static void *xmalloc(size_t n)
@@ -106,8 +108,15 @@ static double dec_f16(uint16_t h)
 
 static kn_weight_t load_f32(const float *w, int rows, int cols)
 {
-    kn_src_t src = {.dtype = AFD_DTYPE_F32, .data = w, .full_rows = rows, .full_cols = cols,
-                    .row0 = 0, .rows = rows, .col0 = 0, .cols = cols, .scale = NULL};
+    kn_src_t src = {.dtype = AFD_DTYPE_F32,
+                    .data = w,
+                    .full_rows = rows,
+                    .full_cols = cols,
+                    .row0 = 0,
+                    .rows = rows,
+                    .col0 = 0,
+                    .cols = cols,
+                    .scale = NULL};
     kn_weight_t kw;
     assert_int_equal(op->weight_load(be, &src, &kw), AFD_OK);
     assert_int_equal(kw.rows, rows);
@@ -166,13 +175,16 @@ static void test_rmsnorm(void **state)
     float x[N * D], w[D], out[N * D];
     fill(x, N * D, -3, 3);
     fill(w, D, 0.5, 1.5);
-    for (int j = 0; j < D; j++) x[2 * D + j] = 0; /* a zero row: eps keeps it finite */
-    for (int j = 0; j < D; j++) x[3 * D + j] *= 1e-4f;
+    for (int j = 0; j < D; j++)
+        x[2 * D + j] = 0; /* a zero row: eps keeps it finite */
+    for (int j = 0; j < D; j++)
+        x[3 * D + j] *= 1e-4f;
     const float eps = 1e-5f;
     op->rmsnorm(be, x, N, D, w, eps, out);
     for (int i = 0; i < N; i++) {
         double ss = 0;
-        for (int j = 0; j < D; j++) ss += (double)x[i * D + j] * x[i * D + j];
+        for (int j = 0; j < D; j++)
+            ss += (double)x[i * D + j] * x[i * D + j];
         double r = 1.0 / sqrt(ss / D + eps);
         for (int j = 0; j < D; j++) {
             double ref = x[i * D + j] * r * w[j];
@@ -242,7 +254,8 @@ static void test_swiglu_add(void **state)
     fill(g, N, -20, 20);
     fill(u, N, -3, 3);
     const float special[] = {0.0f, -0.0f, 100.0f, -100.0f, -1000.0f, 88.0f, -88.0f, 1e-20f};
-    for (size_t i = 0; i < sizeof(special) / sizeof(special[0]); i++) g[i] = special[i];
+    for (size_t i = 0; i < sizeof(special) / sizeof(special[0]); i++)
+        g[i] = special[i];
     op->swiglu(be, g, u, N, out);
     for (int i = 0; i < N; i++) {
         double ref = (double)g[i] / (1.0 + exp(-(double)g[i])) * u[i];
@@ -253,8 +266,9 @@ static void test_swiglu_add(void **state)
     fill(y0, N, -5, 5);
     memcpy(y, y0, sizeof(y));
     op->add(be, y, g, N);
-    for (int i = 0; i < N; i++) assert_true(y[i] == y0[i] + g[i]); /* exact float adds */
-    op->add(be, y, g, 0); /* n = 0 touches nothing */
+    for (int i = 0; i < N; i++)
+        assert_true(y[i] == y0[i] + g[i]); /* exact float adds */
+    op->add(be, y, g, 0);                  /* n = 0 touches nothing */
 }
 
 static void test_gather_scatter_embed(void **state)
@@ -266,7 +280,8 @@ static void test_gather_scatter_embed(void **state)
     fill(src, SR * D, -1, 1);
     const int32_t rows[N] = {3, 3, 0, 9, 3, 0};
     op->gather(be, src, D, rows, N, dst);
-    for (int i = 0; i < N; i++) assert_memory_equal(dst + i * D, src + rows[i] * D, sizeof(float) * D);
+    for (int i = 0; i < N; i++)
+        assert_memory_equal(dst + i * D, src + rows[i] * D, sizeof(float) * D);
 
     /* scatter_add: dst[rows[i]] += scale[i] * src[i], rows repeat; reference in double.
      * Each output sums at most N + 1 terms: tol (N + 2) * 2^-24 * sum |terms| */
@@ -286,7 +301,8 @@ static void test_gather_scatter_embed(void **state)
                     ref += (double)s[i] * val[i * D + j];
                     mag += fabs((double)s[i] * val[i * D + j]);
                 }
-            check_close("scatter_add", (size_t)(r * D + j), acc[r * D + j], ref, (N + 2) * EPS32 * mag);
+            check_close("scatter_add", (size_t)(r * D + j), acc[r * D + j], ref,
+                        (N + 2) * EPS32 * mag);
         }
     for (int j = 0; j < D; j++) { /* untouched rows stay bit-identical */
         assert_true(acc[1 * D + j] == acc0[1 * D + j]);
@@ -296,16 +312,25 @@ static void test_gather_scatter_embed(void **state)
     /* embed from a bf16 table: exact rows */
     enum { VOC = 20, ED = 9 };
     uint16_t tb[VOC * ED];
-    for (int i = 0; i < VOC * ED; i++) tb[i] = (uint16_t)(0x3c00 + (rnd() % 0x0800)) ^ (uint16_t)(rnd() & 0x8000);
-    kn_src_t es = {.dtype = AFD_DTYPE_BF16, .data = tb, .full_rows = VOC, .full_cols = ED,
-                   .row0 = 0, .rows = VOC, .col0 = 0, .cols = ED, .scale = NULL};
+    for (int i = 0; i < VOC * ED; i++)
+        tb[i] = (uint16_t)(0x3c00 + (rnd() % 0x0800)) ^ (uint16_t)(rnd() & 0x8000);
+    kn_src_t es = {.dtype = AFD_DTYPE_BF16,
+                   .data = tb,
+                   .full_rows = VOC,
+                   .full_cols = ED,
+                   .row0 = 0,
+                   .rows = VOC,
+                   .col0 = 0,
+                   .cols = ED,
+                   .scale = NULL};
     kn_weight_t table;
     assert_int_equal(op->weight_load(be, &es, &table), AFD_OK);
     const int32_t ids[5] = {5, 5, 0, 19, 7};
     float e[5 * ED];
     op->embed(be, &table, ids, 5, e);
     for (int i = 0; i < 5; i++)
-        for (int j = 0; j < ED; j++) assert_true(e[i * ED + j] == dec_bf16(tb[ids[i] * ED + j]));
+        for (int j = 0; j < ED; j++)
+            assert_true(e[i * ED + j] == dec_bf16(tb[ids[i] * ED + j]));
     op->weight_free(be, &table);
 }
 
@@ -321,8 +346,10 @@ static void check_router(const float *l, int n, int nexp, int k, int renorm)
         const float *li = l + (size_t)i * nexp;
         double mx = -INFINITY, sum = 0, p[4096];
         int used[4096] = {0};
-        for (int e = 0; e < nexp; e++) mx = fmax(mx, li[e]);
-        for (int e = 0; e < nexp; e++) sum += (p[e] = exp((double)li[e] - mx));
+        for (int e = 0; e < nexp; e++)
+            mx = fmax(mx, li[e]);
+        for (int e = 0; e < nexp; e++)
+            sum += (p[e] = exp((double)li[e] - mx));
         double ksum = 0;
         int want[64];
         for (int j = 0; j < k; j++) {
@@ -335,14 +362,16 @@ static void check_router(const float *l, int n, int nexp, int k, int renorm)
         }
         for (int j = 0; j < k; j++) {
             int got = ids[(size_t)i * k + j];
-            if (got != want[j]) fail_msg("router row %d slot %d: expert %d, want %d", i, j, got, want[j]);
+            if (got != want[j])
+                fail_msg("router row %d slot %d: expert %d, want %d", i, j, got, want[j]);
             double ref = p[want[j]] / sum / (renorm ? ksum : 1.0);
             check_close("router weight", (size_t)(i * k + j), w[(size_t)i * k + j], ref,
                         (nexp + k + 4) * EPS32 * ref);
         }
         if (renorm) {
             double s = 0;
-            for (int j = 0; j < k; j++) s += w[(size_t)i * k + j];
+            for (int j = 0; j < k; j++)
+                s += w[(size_t)i * k + j];
             check_close("renormalised sum", (size_t)i, s, 1.0, 2 * (k + 4) * EPS32);
         }
     }
@@ -358,13 +387,15 @@ static void test_router_topk(void **state)
     float l[N * E];
     for (int i = 0; i < N; i++) { /* distinct logits 0.05 apart, in a random order */
         int perm[E];
-        for (int e = 0; e < E; e++) perm[e] = e;
+        for (int e = 0; e < E; e++)
+            perm[e] = e;
         for (int e = E - 1; e > 0; e--) {
             int j = (int)(rnd() % (uint64_t)(e + 1)), t = perm[e];
             perm[e] = perm[j];
             perm[j] = t;
         }
-        for (int e = 0; e < E; e++) l[i * E + e] = (float)(perm[e] * 0.05 - 1.2 + i);
+        for (int e = 0; e < E; e++)
+            l[i * E + e] = (float)(perm[e] * 0.05 - 1.2 + i);
     }
     for (int renorm = 0; renorm < 2; renorm++) {
         check_router(l, N, E, 3, renorm);
@@ -373,7 +404,8 @@ static void test_router_topk(void **state)
     }
     /* ties: all equal -> ids 0, 1, 2 with weights 1/48 */
     float t[E];
-    for (int e = 0; e < E; e++) t[e] = 0.5f;
+    for (int e = 0; e < E; e++)
+        t[e] = 0.5f;
     int32_t ids[4];
     float w[4];
     op->router_topk(be, t, 1, E, 3, 0, ids, w);
@@ -393,7 +425,8 @@ static void test_router_topk(void **state)
     check_router(t, 1, E, 4, 0);
     check_router(t, 1, E, 5, 1);
     /* large logits: softmax subtracts the max, no overflow */
-    for (int e = 0; e < E; e++) t[e] = 80.0f + 0.5f * (float)(e % 7);
+    for (int e = 0; e < E; e++)
+        t[e] = 80.0f + 0.5f * (float)(e % 7);
     t[13] = 100.0f;
     op->router_topk(be, t, 1, E, 2, 0, ids, w);
     assert_int_equal(ids[0], 13);
@@ -416,7 +449,12 @@ static void check_slice(const kn_src_t *src, double (*dec)(const void *, size_t)
         for (int64_t c = 0; c < src->cols; c++) {
             int64_t R = src->row0 + r, C = src->col0 + c;
             float want = (float)dec(src->data, (size_t)(R * src->full_cols + C));
-            if (scale_base) want = want * scale_base[(R / 128) * bc + C / 128];
+            if (scale_base) { /* the scales may be unaligned: read them with memcpy */
+                float sv;
+                memcpy(&sv, (const uint8_t *)scale_base + 4 * (size_t)((R / 128) * bc + C / 128),
+                       4);
+                want = want * sv;
+            }
             float got = d[r * src->cols + c], viaget = kn_src_get(src, r, c);
             if (got != want || viaget != want)
                 fail_msg("slice rows %lld+%lld cols %lld+%lld: (%lld, %lld) = %a, get %a, want %a",
@@ -445,21 +483,36 @@ static double at_f16(const void *p, size_t i)
 {
     return dec_f16(((const uint16_t *)p)[i]);
 }
+static double at_bf16u(const void *p, size_t i) /* any alignment */
+{
+    uint16_t h;
+    memcpy(&h, (const uint8_t *)p + 2 * i, 2);
+    return dec_bf16(h);
+}
+static double at_f16u(const void *p, size_t i)
+{
+    uint16_t h;
+    memcpy(&h, (const uint8_t *)p + 2 * i, 2);
+    return dec_f16(h);
+}
 static double at_e4m3(const void *p, size_t i)
 {
     return dec_e4m3(((const uint8_t *)p)[i]);
 }
 
-enum { FR = 300, FC = 260, NE = 3 }; /* not multiples of 128: edge blocks of 44 and 4 */
+/* not multiples of 128 (edge blocks of 44 rows and 6 columns), and 3 x 4 blocks so that a
+ * row / column mix-up in the scale index shows */
+enum { FR = 300, FC = 390, NE = 3 };
 
 static const int64_t slices[][4] = {
     /* row0, rows, col0, cols */
-    {0, FR, 0, FC},     /* whole matrix */
+    {0, FR, 0, FC},       /* whole matrix */
     {100, 150, 127, 100}, /* crosses row blocks at 128 and 256, col block at 128 */
-    {299, 1, 259, 1},   /* the last element: corner edge block */
-    {129, 127, 1, 259}, /* starts one past a block edge */
-    {256, 44, 128, 132}, /* exactly the bottom edge blocks */
-    {5, 0, 3, 10},      /* an empty slice */
+    {299, 1, 389, 1},     /* the last element: corner edge block */
+    {129, 127, 1, 389},   /* starts one past a block edge */
+    {256, 44, 384, 6},    /* exactly the bottom-right edge block */
+    {0, 300, 255, 2},     /* two columns across the edge at 256 */
+    {5, 0, 3, 10},        /* an empty slice */
 };
 
 static void test_weight_load_dense(void **state)
@@ -473,9 +526,39 @@ static void test_weight_load_dense(void **state)
         b[i] = (uint16_t)rnd() & 0xbfff; /* finite: exponent below 0x7f80 */
         h[i] = (uint16_t)rnd() & 0xbbff; /* finite f16 */
     }
+    /* the same matrices at an odd byte offset (safetensors does not align tensors) */
+    uint8_t *fu = xmalloc(sizeof(float) * FR * FC + 1), *bu = xmalloc(2 * FR * FC + 1),
+            *hu = xmalloc(2 * FR * FC + 1);
+    memcpy(fu + 1, f, sizeof(float) * FR * FC);
+    memcpy(bu + 1, b, 2 * FR * FC);
+    memcpy(hu + 1, h, 2 * FR * FC);
     for (size_t s = 0; s < sizeof(slices) / sizeof(slices[0]); s++) {
-        kn_src_t src = {.full_rows = FR, .full_cols = FC, .row0 = slices[s][0],
-                        .rows = slices[s][1], .col0 = slices[s][2], .cols = slices[s][3]};
+        kn_src_t src = {.full_rows = FR,
+                        .full_cols = FC,
+                        .row0 = slices[s][0],
+                        .rows = slices[s][1],
+                        .col0 = slices[s][2],
+                        .cols = slices[s][3]};
+        src.dtype = AFD_DTYPE_F32;
+        src.data = fu + 1;
+        check_slice(&src, at_f32, NULL);
+        src.dtype = AFD_DTYPE_BF16;
+        src.data = bu + 1;
+        check_slice(&src, at_bf16u, NULL);
+        src.dtype = AFD_DTYPE_F16;
+        src.data = hu + 1;
+        check_slice(&src, at_f16u, NULL);
+    }
+    free(fu);
+    free(bu);
+    free(hu);
+    for (size_t s = 0; s < sizeof(slices) / sizeof(slices[0]); s++) {
+        kn_src_t src = {.full_rows = FR,
+                        .full_cols = FC,
+                        .row0 = slices[s][0],
+                        .rows = slices[s][1],
+                        .col0 = slices[s][2],
+                        .cols = slices[s][3]};
         src.dtype = AFD_DTYPE_F32;
         src.data = f;
         check_slice(&src, at_f32, NULL);
@@ -498,7 +581,7 @@ static void test_weight_load_fp8_blocks(void **state)
     /* a fused [NE, FR, FC] expert tensor and its [NE, 3, 3] scales */
     const int BR = (FR + 127) / 128, BC = (FC + 127) / 128;
     assert_int_equal(BR, 3);
-    assert_int_equal(BC, 3);
+    assert_int_equal(BC, 4);
     uint8_t *q = xmalloc((size_t)NE * FR * FC);
     float *sc = xmalloc(sizeof(float) * NE * BR * BC);
     for (size_t i = 0; i < (size_t)NE * FR * FC; i++) {
@@ -506,21 +589,53 @@ static void test_weight_load_fp8_blocks(void **state)
         if ((q[i] & 0x7f) == 0x7f) q[i] ^= 1; /* no NaN codes */
     }
     /* distinct scales per block so a wrong block index cannot go unnoticed */
-    for (int i = 0; i < NE * BR * BC; i++) sc[i] = (float)ldexp(1.0 + i / 32.0, -8 + i % 5);
+    for (int i = 0; i < NE * BR * BC; i++)
+        sc[i] = (float)ldexp(1.0 + i / 32.0, -8 + i % 5);
     for (int e = 0; e < NE; e++)
         for (size_t s = 0; s < sizeof(slices) / sizeof(slices[0]); s++) {
-            kn_src_t src = {.dtype = AFD_DTYPE_E4M3, .data = q + (size_t)e * FR * FC,
-                            .full_rows = FR, .full_cols = FC, .row0 = slices[s][0],
-                            .rows = slices[s][1], .col0 = slices[s][2], .cols = slices[s][3],
+            kn_src_t src = {.dtype = AFD_DTYPE_E4M3,
+                            .data = q + (size_t)e * FR * FC,
+                            .full_rows = FR,
+                            .full_cols = FC,
+                            .row0 = slices[s][0],
+                            .rows = slices[s][1],
+                            .col0 = slices[s][2],
+                            .cols = slices[s][3],
                             .scale = sc + e * BR * BC};
             check_slice(&src, at_e4m3, sc + e * BR * BC);
         }
     /* spot check by hand: element (130, 129) of expert 1 uses block (1, 1) of expert 1 */
-    kn_src_t src = {.dtype = AFD_DTYPE_E4M3, .data = q + (size_t)FR * FC, .full_rows = FR,
-                    .full_cols = FC, .row0 = 130, .rows = 1, .col0 = 129, .cols = 1,
+    kn_src_t src = {.dtype = AFD_DTYPE_E4M3,
+                    .data = q + (size_t)FR * FC,
+                    .full_rows = FR,
+                    .full_cols = FC,
+                    .row0 = 130,
+                    .rows = 1,
+                    .col0 = 129,
+                    .cols = 1,
                     .scale = sc + BR * BC};
     float want = (float)dec_e4m3(q[(size_t)FR * FC + 130 * FC + 129]) * sc[BR * BC + 1 * BC + 1];
     assert_true(kn_src_get(&src, 0, 0) == want);
+
+    /* safetensors does not align tensors: data and scales at odd byte offsets (an unaligned
+     * load would trip UBSan in the SANITIZE=1 build) */
+    uint8_t *qu = xmalloc((size_t)FR * FC + 1), *su = xmalloc(sizeof(float) * BR * BC + 3);
+    memcpy(qu + 1, q, (size_t)FR * FC);
+    memcpy(su + 3, sc, sizeof(float) * BR * BC);
+    for (size_t s = 0; s < sizeof(slices) / sizeof(slices[0]); s++) {
+        kn_src_t us = {.dtype = AFD_DTYPE_E4M3,
+                       .data = qu + 1,
+                       .full_rows = FR,
+                       .full_cols = FC,
+                       .row0 = slices[s][0],
+                       .rows = slices[s][1],
+                       .col0 = slices[s][2],
+                       .cols = slices[s][3],
+                       .scale = (const float *)(const void *)(su + 3)};
+        check_slice(&us, at_e4m3, us.scale);
+    }
+    free(qu);
+    free(su);
     free(q);
     free(sc);
 }
@@ -550,15 +665,27 @@ static void cache_read(const kn_kv_t *kv, int layer, const int32_t *table, int p
     const uint8_t *src = base + tok * hd * es;
     for (size_t j = 0; j < hd; j++) {
         switch (kv->dtype) {
-        case AFD_DTYPE_F32: out[j] = (float)at_f32(src, j); break;
-        case AFD_DTYPE_BF16: out[j] = (float)at_bf16(src, j); break;
-        case AFD_DTYPE_F16: out[j] = (float)at_f16(src, j); break;
-        default: out[j] = (float)dec_e4m3(src[j]) * (which ? kv->v_scale : kv->k_scale)[tok]; break;
+        case AFD_DTYPE_F32:
+            out[j] = (float)at_f32(src, j);
+            break;
+        case AFD_DTYPE_BF16:
+            out[j] = (float)at_bf16(src, j);
+            break;
+        case AFD_DTYPE_F16:
+            out[j] = (float)at_f16(src, j);
+            break;
+        default:
+            out[j] = (float)dec_e4m3(src[j]) * (which ? kv->v_scale : kv->k_scale)[tok];
+            break;
         }
     }
-    if (kv->dtype == AFD_DTYPE_E4M3) { /* one scale per token vector: amax / 448 */
+    if (kv->dtype == AFD_DTYPE_E4M3) { /* one scale per token vector, using the full range */
         float s = (which ? kv->v_scale : kv->k_scale)[tok];
         assert_true(s > 0);
+        double cmax = 0;
+        for (size_t j = 0; j < hd; j++)
+            cmax = fmax(cmax, fabs(dec_e4m3(src[j])));
+        assert_true(cmax == 448.0 || cmax == 0); /* the largest element maps to +-448 */
     }
 }
 
@@ -566,9 +693,12 @@ static void cache_read(const kn_kv_t *kv, int layer, const int32_t *table, int p
 static double kv_elem_bound(afd_dtype_t dt, double x, double amax)
 {
     switch (dt) {
-    case AFD_DTYPE_F32: return 0;
-    case AFD_DTYPE_BF16: return ldexp(fabs(x), -8); /* 8 significant bits: half ulp <= 2^-8 |x| */
-    case AFD_DTYPE_F16: return ldexp(fabs(x), -11) + ldexp(1, -25); /* 11 bits; subnormals */
+    case AFD_DTYPE_F32:
+        return 0;
+    case AFD_DTYPE_BF16:
+        return ldexp(fabs(x), -8); /* 8 significant bits: half ulp <= 2^-8 |x| */
+    case AFD_DTYPE_F16:
+        return ldexp(fabs(x), -11) + ldexp(1, -25); /* 11 bits; subnormals */
     default: /* e4m3 of x / s, s = amax / 448: 2^-4 relative, 2^-10 * s in the subnormals;
               * 2^-20 relative for the float division and product */
         return ldexp(fabs(x), -4) + ldexp(amax / 448, -10) + ldexp(fabs(x) + amax, -20);
@@ -583,14 +713,18 @@ static void ref_attn(const float *q, const float *K, const float *V, int pos, in
     double *s = xmalloc(sizeof(double) * n), mx = -INFINITY, sum = 0;
     for (int j = 0; j < n; j++) {
         double d = 0;
-        for (int i = 0; i < hd; i++) d += (double)q[i] * K[(size_t)j * hd + i];
+        for (int i = 0; i < hd; i++)
+            d += (double)q[i] * K[(size_t)j * hd + i];
         s[j] = d * scale;
         mx = fmax(mx, s[j]);
     }
-    for (int j = 0; j < n; j++) sum += (s[j] = exp(s[j] - mx));
-    for (int i = 0; i < hd; i++) out[i] = 0;
     for (int j = 0; j < n; j++)
-        for (int i = 0; i < hd; i++) out[i] += s[j] / sum * V[(size_t)j * hd + i];
+        sum += (s[j] = exp(s[j] - mx));
+    for (int i = 0; i < hd; i++)
+        out[i] = 0;
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < hd; i++)
+            out[i] += s[j] / sum * V[(size_t)j * hd + i];
     free(s);
 }
 
@@ -630,7 +764,8 @@ static void run_attn_case(const attn_case_t *ac)
     }
     /* shuffled physical blocks, dealt out to the sequences in order */
     int32_t *perm = xmalloc(sizeof(int32_t) * kv.num_blocks);
-    for (int i = 0; i < kv.num_blocks; i++) perm[i] = i;
+    for (int i = 0; i < kv.num_blocks; i++)
+        perm[i] = i;
     for (int i = kv.num_blocks - 1; i > 0; i--) {
         int j = (int)(rnd() % (uint64_t)(i + 1));
         int32_t t = perm[i];
@@ -644,7 +779,8 @@ static void run_attn_case(const attn_case_t *ac)
     for (int s = 0; s < ac->nseq; s++) {
         int ctx = ac->seqs[s].pos0 + ac->seqs[s].ntok, nb = (ctx + bs - 1) / bs;
         tables[s] = xmalloc(sizeof(int32_t) * nb);
-        for (int b = 0; b < nb; b++) tables[s][b] = perm[next++];
+        for (int b = 0; b < nb; b++)
+            tables[s][b] = perm[next++];
         K[s] = xmalloc(sizeof(float) * ctx * hd);
         V[s] = xmalloc(sizeof(float) * ctx * hd);
         Q[s] = xmalloc(sizeof(float) * ac->seqs[s].ntok * H * hd);
@@ -685,8 +821,10 @@ static void run_attn_case(const attn_case_t *ac)
     free(done);
     /* the new tokens, then attention */
     for (int s = 0; s < ac->nseq; s++) {
-        kn_seq_t sq = {.block_table = tables[s], .pos0 = ac->seqs[s].pos0, .ntok = ac->seqs[s].ntok};
-        op->kv_write(be, &kv, ac->layer, &sq, K[s] + (size_t)sq.pos0 * hd, V[s] + (size_t)sq.pos0 * hd);
+        kn_seq_t sq = {
+            .block_table = tables[s], .pos0 = ac->seqs[s].pos0, .ntok = ac->seqs[s].ntok};
+        op->kv_write(be, &kv, ac->layer, &sq, K[s] + (size_t)sq.pos0 * hd,
+                     V[s] + (size_t)sq.pos0 * hd);
     }
     const double scale = 1.0 / sqrt((double)hd);
     double *ra = xmalloc(sizeof(double) * hd), *rb = xmalloc(sizeof(double) * hd);
@@ -732,7 +870,8 @@ static void run_attn_case(const attn_case_t *ac)
                 continue;
             int pos = pos0 + t;
             double vmax_c = 0;
-            for (size_t x = 0; x < (size_t)(pos + 1) * hd; x++) vmax_c = fmax(vmax_c, fabs(Vc[x]));
+            for (size_t x = 0; x < (size_t)(pos + 1) * hd; x++)
+                vmax_c = fmax(vmax_c, fabs(Vc[x]));
             for (int h = 0; h < H; h++) {
                 const float *q = Q[s] + ((size_t)t * H + h) * hd;
                 const float *o = out + ((size_t)t * H + h) * hd;
@@ -760,13 +899,15 @@ static void run_attn_case(const attn_case_t *ac)
                     if (!(fabs(o[i] - ra[i]) <= tolA))
                         fail_msg("%s bs %d seq %d (pos0 %d ntok %d) t %d head %d dim %d: %.9g, "
                                  "decoded-cache reference %.9g, tol %.3g",
-                                 afd_dtype_name(ac->dt), bs, s, pos0, nt, t, h, i, o[i], ra[i], tolA);
+                                 afd_dtype_name(ac->dt), bs, s, pos0, nt, t, h, i, o[i], ra[i],
+                                 tolA);
                     if (!(fabs(o[i] - rb[i]) <= tolB))
                         fail_msg("%s bs %d seq %d t %d head %d dim %d: %.9g, exact-K/V reference "
                                  "%.9g, tol %.3g",
                                  afd_dtype_name(ac->dt), bs, s, t, h, i, o[i], rb[i], tolB);
                     if (ac->dt != AFD_DTYPE_F32)
-                        g_worst_ratio[ac->dt] = fmax(g_worst_ratio[ac->dt], fabs(o[i] - rb[i]) / tolB);
+                        g_worst_ratio[ac->dt] =
+                            fmax(g_worst_ratio[ac->dt], fabs(o[i] - rb[i]) / tolB);
                 }
                 /* causality made explicit: the first token of a fresh prefill sees only itself */
                 if (pos == 0)
@@ -819,19 +960,31 @@ static void test_attention_dtypes_blocks(void **state)
     g_rng = 9;
     for (int d = 0; d < 3; d++)
         for (int b = 0; b < 3; b++) {
-            attn_case_t ac = {.dt = dts[d], .block_size = bss[b], .head_dim = 64, .nheads = 4,
-                              .num_layers = 2, .layer = 1,
-                              .nseq = (int)(sizeof(g_seqs) / sizeof(g_seqs[0])), .seqs = g_seqs,
+            attn_case_t ac = {.dt = dts[d],
+                              .block_size = bss[b],
+                              .head_dim = 64,
+                              .nheads = 4,
+                              .num_layers = 2,
+                              .layer = 1,
+                              .nseq = (int)(sizeof(g_seqs) / sizeof(g_seqs[0])),
+                              .seqs = g_seqs,
                               .check_every = 1};
             run_attn_case(&ac);
         }
     /* layer 0 of two, and an f16 cache */
-    attn_case_t ac = {.dt = AFD_DTYPE_F16, .block_size = 4, .head_dim = 32, .nheads = 2,
-                      .num_layers = 2, .layer = 0, .nseq = 3, .seqs = g_seqs + 1, .check_every = 1};
+    attn_case_t ac = {.dt = AFD_DTYPE_F16,
+                      .block_size = 4,
+                      .head_dim = 32,
+                      .nheads = 2,
+                      .num_layers = 2,
+                      .layer = 0,
+                      .nseq = 3,
+                      .seqs = g_seqs + 1,
+                      .check_every = 1};
     run_attn_case(&ac);
     for (int d = 1; d < AFD_DTYPE_COUNT; d++)
-        print_message("%s: worst |out - exact-K/V ref| / derived bound = %.3f\n",
-                      afd_dtype_name(d), g_worst_ratio[d]);
+        print_message("%s: worst |out - exact-K/V ref| / derived bound = %.3f\n", afd_dtype_name(d),
+                      g_worst_ratio[d]);
 }
 
 static void test_attention_head256(void **state)
@@ -841,8 +994,15 @@ static void test_attention_head256(void **state)
     const seqspec_t seqs[] = {{20, 3}, {0, 5}};
     const afd_dtype_t dts[] = {AFD_DTYPE_F32, AFD_DTYPE_BF16, AFD_DTYPE_E4M3};
     for (int d = 0; d < 3; d++) {
-        attn_case_t ac = {.dt = dts[d], .block_size = 16, .head_dim = 256, .nheads = 4,
-                          .num_layers = 1, .layer = 0, .nseq = 2, .seqs = seqs, .check_every = 1};
+        attn_case_t ac = {.dt = dts[d],
+                          .block_size = 16,
+                          .head_dim = 256,
+                          .nheads = 4,
+                          .num_layers = 1,
+                          .layer = 0,
+                          .nseq = 2,
+                          .seqs = seqs,
+                          .check_every = 1};
         run_attn_case(&ac);
     }
 }
@@ -855,8 +1015,15 @@ static void test_attention_tiled_prefill(void **state)
     (void)state;
     g_rng = 11;
     const seqspec_t seqs[] = {{0, 600}};
-    attn_case_t ac = {.dt = AFD_DTYPE_F32, .block_size = 16, .head_dim = 8, .nheads = 64,
-                      .num_layers = 1, .layer = 0, .nseq = 1, .seqs = seqs, .check_every = 109};
+    attn_case_t ac = {.dt = AFD_DTYPE_F32,
+                      .block_size = 16,
+                      .head_dim = 8,
+                      .nheads = 64,
+                      .num_layers = 1,
+                      .layer = 0,
+                      .nseq = 1,
+                      .seqs = seqs,
+                      .check_every = 109};
     run_attn_case(&ac);
 }
 
@@ -869,8 +1036,10 @@ static void test_round(void **state)
     enum { R = 3, D = 300 };
     float x0[R * D], x[R * D], ref[R * D];
     fill(x0, R * D, -50, 50);
-    for (int j = 128; j < 256; j++) x0[D + j] = 0; /* an all-zero group */
-    for (int j = 0; j < 10; j++) x0[2 * D + j] *= 1e-6f;
+    for (int j = 128; j < 256; j++)
+        x0[D + j] = 0; /* an all-zero group */
+    for (int j = 0; j < 10; j++)
+        x0[2 * D + j] *= 1e-6f;
     /* f32: untouched */
     memcpy(x, x0, sizeof(x));
     op->round(be, x, R, D, AFD_DTYPE_F32);
@@ -909,11 +1078,13 @@ static void test_round(void **state)
         for (int g0 = 0; g0 < D; g0 += 128) {
             int g1 = g0 + 128 < D ? g0 + 128 : D;
             double amax = 0;
-            for (int j = g0; j < g1; j++) amax = fmax(amax, fabs(x0[r * D + j]));
+            for (int j = g0; j < g1; j++)
+                amax = fmax(amax, fabs(x0[r * D + j]));
             for (int j = g0; j < g1; j++) {
                 double xv = x0[r * D + j];
                 check_close("fp8 round", (size_t)(r * D + j), x[r * D + j], xv,
-                            ldexp(fabs(xv), -4) + ldexp(amax / 448, -10) + ldexp(fabs(xv) + amax, -20));
+                            ldexp(fabs(xv), -4) + ldexp(amax / 448, -10) +
+                                ldexp(fabs(xv) + amax, -20));
                 if (amax == 0) assert_true(x[r * D + j] == 0);
             }
         }
@@ -930,15 +1101,18 @@ static void test_backend_misc(void **state)
     /* alloc returns zeroed memory; upload / download / zero copy bytes */
     uint8_t *p = op->alloc(be, 100), host[100];
     assert_non_null(p);
-    for (int i = 0; i < 100; i++) assert_int_equal(p[i], 0);
-    for (int i = 0; i < 100; i++) host[i] = (uint8_t)i;
+    for (int i = 0; i < 100; i++)
+        assert_int_equal(p[i], 0);
+    for (int i = 0; i < 100; i++)
+        host[i] = (uint8_t)i;
     op->upload(be, p, host, 100);
     uint8_t back[100];
     op->download(be, back, p, 100);
     assert_memory_equal(back, host, 100);
     op->zero(be, p, 50);
     op->sync(be);
-    for (int i = 0; i < 50; i++) assert_int_equal(p[i], 0);
+    for (int i = 0; i < 50; i++)
+        assert_int_equal(p[i], 0);
     assert_int_equal(p[50], 50);
     op->free(be, p);
 }

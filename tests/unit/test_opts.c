@@ -10,7 +10,7 @@
  *   - list options accumulate; --help and --print-config return AFD_ERR_CANCELED;
  *     --print-config hides secrets; help lists every option with its default;
  *   - afd_parse_int_list edge cases.
- * Tests named test_BUG_* document library bugs found while writing this file; they fail
+ * Tests named test_regression_* document library bugs found while writing this file; they fail
  * until the bug is fixed (see the comment above each for file:line and the expected result).
  * Every test sets and clears its own environment variables; strings are freed with
  * afd_opts_free so the sanitizer build stays leak-free.
@@ -62,13 +62,14 @@ static const afd_opt_t table[] = {
 };
 
 static const char *env_names[] = {"AFD_PORT", "AFD_MAX_TOKENS", "AFD_WORKERS", "AFD_RATIO",
-                                  "AFD_NAME", "AFD_TOKEN", "AFD_VERBOSE", "AFD_COLOR",
-                                  "AFD_PEER", "AFD_NODEF", "AFD_LOCAL", "AFD_MAX-TOKENS"};
+                                  "AFD_NAME", "AFD_TOKEN",      "AFD_VERBOSE", "AFD_COLOR",
+                                  "AFD_PEER", "AFD_NODEF",      "AFD_LOCAL",   "AFD_MAX-TOKENS"};
 
 static int clear_env(void **state)
 {
     (void)state;
-    for (size_t i = 0; i < sizeof(env_names) / sizeof(env_names[0]); i++) unsetenv(env_names[i]);
+    for (size_t i = 0; i < sizeof(env_names) / sizeof(env_names[0]); i++)
+        unsetenv(env_names[i]);
     return 0;
 }
 
@@ -88,7 +89,8 @@ static int g_nfiles;
 static int group_teardown(void **state)
 {
     (void)state;
-    for (int i = 0; i < g_nfiles; i++) unlink(g_files[i]);
+    for (int i = 0; i < g_nfiles; i++)
+        unlink(g_files[i]);
     rmdir(g_dir);
     return 0;
 }
@@ -111,13 +113,14 @@ static const char *conf(const char *text)
 static afd_status_t parse(cfg_t *c, int *first, char **argv)
 {
     int argc = 0;
-    while (argv[argc]) argc++;
+    while (argv[argc])
+        argc++;
     memset(c, 0, sizeof(*c));
     return afd_opts_parse(table, c, argc, argv, "usage: test [options]", first);
 }
 
 #define ARGV(...) ((char *[]){"prog", __VA_ARGS__, NULL})
-#define ARGV0 ((char *[]){"prog", NULL})
+#define ARGV0     ((char *[]){"prog", NULL})
 
 /* runs f with stdout going to /dev/null (help text) */
 static afd_status_t parse_quiet(cfg_t *c, int *first, char **argv)
@@ -165,8 +168,9 @@ static void test_flags(void **state)
     (void)state;
     cfg_t c;
     int first;
-    assert_int_equal(parse(&c, &first, ARGV("--port", "9000", "--max-tokens=17", "--ratio", "0.25",
-                                            "--name=x=y", "--nodef", "", "--workers", "-99999999")),
+    assert_int_equal(parse(&c, &first,
+                           ARGV("--port", "9000", "--max-tokens=17", "--ratio", "0.25",
+                                "--name=x=y", "--nodef", "", "--workers", "-99999999")),
                      AFD_OK);
     assert_int_equal(first, 11);
     assert_int_equal(c.port, 9000);
@@ -177,7 +181,8 @@ static void test_flags(void **state)
     assert_int_equal(c.workers, -99999999); /* min = max = 0: unbounded */
     afd_opts_free(table, &c);
     /* the last occurrence wins; strings are replaced without leaking */
-    assert_int_equal(parse(&c, &first, ARGV("--name", "a", "--name", "b", "--port=1", "--port=2")), AFD_OK);
+    assert_int_equal(parse(&c, &first, ARGV("--name", "a", "--name", "b", "--port=1", "--port=2")),
+                     AFD_OK);
     assert_string_equal(c.name, "b");
     assert_int_equal(c.port, 2);
     afd_opts_free(table, &c);
@@ -210,7 +215,8 @@ static void test_bool(void **state)
     assert_int_equal(c.color, 0);
     assert_int_equal(first, 3);
     afd_opts_free(table, &c);
-    const char *yes[] = {"1", "true", "TRUE", "yes", "On"}, *no[] = {"0", "false", "No", "off", "OFF"};
+    const char *yes[] = {"1", "true", "TRUE", "yes", "On"},
+               *no[] = {"0", "false", "No", "off", "OFF"};
     for (int i = 0; i < 5; i++) {
         char a[64], b[64];
         snprintf(a, sizeof(a), "--verbose=%s", yes[i]);
@@ -240,8 +246,8 @@ static void test_env(void **state)
     setenv("AFD_MAX_TOKENS", "99", 1); /* dash -> underscore, upper case */
     setenv("AFD_NAME", "from-env", 1);
     setenv("AFD_VERBOSE", "yes", 1);
-    setenv("AFD_LOCAL", "55", 1);   /* NOENV: ignored */
-    setenv("AFD_PEER", "p1", 1);    /* lists are flags only */
+    setenv("AFD_LOCAL", "55", 1);     /* NOENV: ignored */
+    setenv("AFD_PEER", "p1", 1);      /* lists are flags only */
     setenv("AFD_MAX-TOKENS", "5", 1); /* not the spelling the parser looks for */
     assert_int_equal(parse(&c, &first, ARGV0), AFD_OK);
     assert_int_equal(c.port, 9001);
@@ -347,7 +353,8 @@ static void test_config_file(void **state)
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         const char *f = conf(bad[i].text);
         afd_status_t st = parse(&c, &first, ARGV("--config", (char *)f));
-        if (st != bad[i].want) fail_msg("config '%s': status %d, want %d", bad[i].text, st, bad[i].want);
+        if (st != bad[i].want)
+            fail_msg("config '%s': status %d, want %d", bad[i].text, st, bad[i].want);
         afd_opts_free(table, &c);
     }
 }
@@ -380,8 +387,8 @@ static void test_bounds_and_errors(void **state)
         {"--ratio", "0.5x", AFD_ERR_INVALID},
         {"--ratio", "", AFD_ERR_INVALID},
         {"--max-tokens", "1048577", AFD_ERR_RANGE},
-        {"--bogus", "1", AFD_ERR_INVALID},      /* unknown option */
-        {"--por", "1", AFD_ERR_INVALID},        /* no prefix matching */
+        {"--bogus", "1", AFD_ERR_INVALID}, /* unknown option */
+        {"--por", "1", AFD_ERR_INVALID},   /* no prefix matching */
         {"--port-number", "1", AFD_ERR_INVALID},
         {"---port", "1", AFD_ERR_INVALID},
         {"--PORT", "1", AFD_ERR_INVALID},
@@ -406,10 +413,10 @@ static void test_bounds_and_errors(void **state)
     assert_int_equal(afd_opts_parse(bad_def, &c, 1, ARGV0, NULL, NULL), AFD_ERR_RANGE);
 }
 
-/* BUG (common/util/afd_opts.c:175-178): "--config" as the last argument has no value; the
+/* Regression (fixed; common/util/afd_opts.c:175-178): "--config" as the last argument has no value; the
  * pre-scan skips it and the main loop does i++ past argc, so parsing succeeds and
  * *first_arg = argc + 1, past the end of argv. Expected: AFD_ERR_INVALID ("needs a value"). */
-static void test_BUG_config_without_value(void **state)
+static void test_regression_config_without_value(void **state)
 {
     (void)state;
     cfg_t c;
@@ -420,11 +427,11 @@ static void test_BUG_config_without_value(void **state)
     assert_int_equal(st, AFD_ERR_INVALID);
 }
 
-/* BUG (common/util/afd_opts.c:137-144): the pre-scan for --config runs over the whole argv,
+/* Regression (fixed; common/util/afd_opts.c:137-144): the pre-scan for --config runs over the whole argv,
  * while option parsing stops at the first non-option ("model.bin" here), so a --config that
  * belongs to the program's arguments is still read and applied. Expected: options after the
  * first non-option are left alone (port stays 8080, first_arg = 1). */
-static void test_BUG_config_after_argument(void **state)
+static void test_regression_config_after_argument(void **state)
 {
     (void)state;
     cfg_t c;
@@ -443,7 +450,9 @@ static void test_list(void **state)
     (void)state;
     cfg_t c;
     int first;
-    assert_int_equal(parse(&c, &first, ARGV("--peer", "a:1", "--port", "5", "--peer=b:2", "--peer", "")), AFD_OK);
+    assert_int_equal(
+        parse(&c, &first, ARGV("--peer", "a:1", "--port", "5", "--peer=b:2", "--peer", "")),
+        AFD_OK);
     assert_int_equal(c.peers.n, 3);
     assert_string_equal(c.peers.v[0], "a:1");
     assert_string_equal(c.peers.v[1], "b:2");
@@ -474,9 +483,11 @@ static void test_help_and_print(void **state)
     int first;
     assert_int_equal(parse_quiet(&c, &first, ARGV("--help")), AFD_ERR_CANCELED);
     afd_opts_free(table, &c);
-    assert_int_equal(parse_quiet(&c, &first, ARGV("--port", "5", "--help", "--bogus")), AFD_ERR_CANCELED);
+    assert_int_equal(parse_quiet(&c, &first, ARGV("--port", "5", "--help", "--bogus")),
+                     AFD_ERR_CANCELED);
     afd_opts_free(table, &c);
-    assert_int_equal(parse_quiet(&c, &first, ARGV("--print-config", "--port", "5")), AFD_ERR_CANCELED);
+    assert_int_equal(parse_quiet(&c, &first, ARGV("--print-config", "--port", "5")),
+                     AFD_ERR_CANCELED);
     afd_opts_free(table, &c);
 
     /* help: every option with its default, secrets' defaults hidden */
@@ -497,7 +508,8 @@ static void test_help_and_print(void **state)
     free(buf);
 
     /* print: effective values, the secret replaced */
-    assert_int_equal(parse(&c, &first, ARGV("--port", "5", "--peer", "a", "--peer", "b", "--verbose")), AFD_OK);
+    assert_int_equal(
+        parse(&c, &first, ARGV("--port", "5", "--peer", "a", "--peer", "b", "--verbose")), AFD_OK);
     buf = NULL;
     m = open_memstream(&buf, &len);
     afd_opts_print(m, table, &c);
@@ -540,20 +552,30 @@ static void test_int_list(void **state)
     free(v);
     /* many values: the array grows past its first 16 */
     char big[1024] = "";
-    for (int i = 0; i < 100; i++) snprintf(big + strlen(big), sizeof(big) - strlen(big), "%s%d", i ? "," : "", i);
+    for (int i = 0; i < 100; i++)
+        snprintf(big + strlen(big), sizeof(big) - strlen(big), "%s%d", i ? "," : "", i);
     assert_int_equal(afd_parse_int_list(big, 0, 99, &v, &n), AFD_OK);
     assert_int_equal(n, 100);
-    for (int i = 0; i < 100; i++) assert_int_equal(v[i], i);
+    for (int i = 0; i < 100; i++)
+        assert_int_equal(v[i], i);
     free(v);
     /* errors leave the outputs alone */
     struct {
         const char *s;
         afd_status_t want;
     } bad[] = {
-        {"1,,2", AFD_ERR_INVALID}, {"1,", AFD_ERR_INVALID}, {",1", AFD_ERR_INVALID},
-        {"a", AFD_ERR_INVALID},    {"1 2", AFD_ERR_INVALID}, {"1;2", AFD_ERR_INVALID},
-        {"0x10", AFD_ERR_INVALID}, {"1.5", AFD_ERR_INVALID}, {" ", AFD_ERR_INVALID},
-        {"11", AFD_ERR_RANGE},     {"-1", AFD_ERR_RANGE},    {"3,4,99", AFD_ERR_RANGE},
+        {"1,,2", AFD_ERR_INVALID},
+        {"1,", AFD_ERR_INVALID},
+        {",1", AFD_ERR_INVALID},
+        {"a", AFD_ERR_INVALID},
+        {"1 2", AFD_ERR_INVALID},
+        {"1;2", AFD_ERR_INVALID},
+        {"0x10", AFD_ERR_INVALID},
+        {"1.5", AFD_ERR_INVALID},
+        {" ", AFD_ERR_INVALID},
+        {"11", AFD_ERR_RANGE},
+        {"-1", AFD_ERR_RANGE},
+        {"3,4,99", AFD_ERR_RANGE},
         {"99999999999999999999999", AFD_ERR_RANGE},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
@@ -565,11 +587,11 @@ static void test_int_list(void **state)
     }
 }
 
-/* BUG (common/util/afd_opts.c:283 and 295): values are stored in int but only checked against
+/* Regression (fixed; common/util/afd_opts.c:283 and 295): values are stored in int but only checked against
  * the caller's long bounds, so with bounds wider than int (e.g. [LONG_MIN, LONG_MAX])
  * "3000000000" is accepted and silently truncated. Expected: AFD_ERR_RANGE for any value
  * outside [INT_MIN, INT_MAX]. */
-static void test_BUG_int_list_int_overflow(void **state)
+static void test_regression_int_list_int_overflow(void **state)
 {
     (void)state;
     int *v = NULL, n = 0;
@@ -592,12 +614,12 @@ int main(void)
         cmocka_unit_test_setup(test_priority, clear_env),
         cmocka_unit_test_setup(test_config_file, clear_env),
         cmocka_unit_test_setup(test_bounds_and_errors, clear_env),
-        cmocka_unit_test_setup(test_BUG_config_without_value, clear_env),
-        cmocka_unit_test_setup(test_BUG_config_after_argument, clear_env),
+        cmocka_unit_test_setup(test_regression_config_without_value, clear_env),
+        cmocka_unit_test_setup(test_regression_config_after_argument, clear_env),
         cmocka_unit_test_setup(test_list, clear_env),
         cmocka_unit_test_setup(test_help_and_print, clear_env),
         cmocka_unit_test_setup(test_int_list, clear_env),
-        cmocka_unit_test_setup(test_BUG_int_list_int_overflow, clear_env),
+        cmocka_unit_test_setup(test_regression_int_list_int_overflow, clear_env),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -47,7 +47,8 @@ static double gauss(void)
 
 static mdl_sampling_t params(double t, double top_p, int top_k, int logprobs)
 {
-    mdl_sampling_t p = {.temperature = t, .top_p = top_p, .top_k = top_k, .seed = 1, .logprobs = logprobs};
+    mdl_sampling_t p = {
+        .temperature = t, .top_p = top_p, .top_k = top_k, .seed = 1, .logprobs = logprobs};
     return p;
 }
 
@@ -55,9 +56,12 @@ static mdl_sampling_t params(double t, double top_p, int top_k, int logprobs)
 static void log_softmax(const float *l, int V, double temp, double *out)
 {
     double mx = -INFINITY, s = 0;
-    for (int i = 0; i < V; i++) mx = fmax(mx, l[i] / temp);
-    for (int i = 0; i < V; i++) s += exp(l[i] / temp - mx);
-    for (int i = 0; i < V; i++) out[i] = l[i] / temp - mx - log(s);
+    for (int i = 0; i < V; i++)
+        mx = fmax(mx, l[i] / temp);
+    for (int i = 0; i < V; i++)
+        s += exp(l[i] / temp - mx);
+    for (int i = 0; i < V; i++)
+        out[i] = l[i] / temp - mx - log(s);
 }
 
 static const float *g_sort_l;
@@ -72,7 +76,8 @@ static int by_logit(const void *a, const void *b)
 static int32_t *sorted_ids(const float *l, int V)
 {
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)V);
-    for (int i = 0; i < V; i++) ids[i] = i;
+    for (int i = 0; i < V; i++)
+        ids[i] = i;
     g_sort_l = l;
     qsort(ids, (size_t)V, sizeof(int32_t), by_logit);
     return ids;
@@ -114,7 +119,8 @@ static void test_greedy(void **state)
     mdl_rng_seed(&rng, 7);
     mdl_sample_t out;
     for (int trial = 0; trial < 200; trial++) {
-        for (int i = 0; i < V; i++) l[i] = (float)(gauss() * 3);
+        for (int i = 0; i < V; i++)
+            l[i] = (float)(gauss() * 3);
         int want = 0;
         for (int i = 1; i < V; i++)
             if (l[i] > l[want]) want = i;
@@ -126,7 +132,8 @@ static void test_greedy(void **state)
         assert_int_equal(out.token, want);
     }
     /* ties to the lower id, wherever the ties are */
-    for (int i = 0; i < V; i++) l[i] = 0;
+    for (int i = 0; i < V; i++)
+        l[i] = 0;
     mdl_sampling_t p = params(0, 1, 0, 0);
     mdl_sampler_pick(s, l, &p, &rng, &out);
     assert_int_equal(out.token, 0);
@@ -141,7 +148,8 @@ static void test_greedy(void **state)
     mdl_sampler_pick(s, l, &p, &rng, &out);
     assert_int_equal(out.token, 0);
     /* negative logits and -inf entries */
-    for (int i = 0; i < V; i++) l[i] = -100.0f - i;
+    for (int i = 0; i < V; i++)
+        l[i] = -100.0f - i;
     l[3] = -INFINITY;
     l[30] = -50.0f;
     mdl_sampler_pick(s, l, &p, &rng, &out);
@@ -165,10 +173,12 @@ static void test_logprobs(void **state)
     mdl_rng_t rng;
     mdl_rng_seed(&rng, 8);
     for (int trial = 0; trial < 100; trial++) {
-        for (int i = 0; i < V; i++) l[i] = (float)(gauss() * 4);
+        for (int i = 0; i < V; i++)
+            l[i] = (float)(gauss() * 4);
         if (trial % 5 == 0) l[trial % V] = l[(trial + 1) % V]; /* some exact ties */
         if (trial % 7 == 0)
-            for (int i = 0; i < V; i += 3) l[i] = 1.0f; /* many ties */
+            for (int i = 0; i < V; i += 3)
+                l[i] = 1.0f; /* many ties */
         log_softmax(l, V, 1.0, lp);
         int32_t *ids = sorted_ids(l, V);
         int N = 1 + trial % MDL_MAX_LOGPROBS;
@@ -202,9 +212,11 @@ static void test_logprobs(void **state)
     mdl_sampler_pick(s, m, &p, &rng, &out);
     assert_int_equal(out.ntop, W);
     const int32_t want[W] = {1, 2, 0, 4, 3};
-    for (int j = 0; j < W; j++) assert_int_equal(out.top_ids[j], want[j]);
+    for (int j = 0; j < W; j++)
+        assert_int_equal(out.top_ids[j], want[j]);
     double sum = 0;
-    for (int j = 0; j < W; j++) sum += exp(out.top_logprobs[j]);
+    for (int j = 0; j < W; j++)
+        sum += exp(out.top_logprobs[j]);
     assert_near(sum, 1.0, 1e-6); /* all of the vocabulary: the probabilities sum to 1 */
     mdl_sampler_destroy(s);
 }
@@ -221,12 +233,14 @@ static void test_top_k(void **state)
     mdl_rng_seed(&rng, 9);
     for (int trial = 0; trial < 12; trial++) {
         /* a flat distribution so that ids outside the K best would be drawn often */
-        for (int i = 0; i < V; i++) l[i] = (float)(gauss() * 0.3);
+        for (int i = 0; i < V; i++)
+            l[i] = (float)(gauss() * 0.3);
         if (trial % 3 == 0) l[5] = l[6] = l[7] = l[8] = 0.25f; /* ties at the border */
         int K = 2 + trial % 7;
         int32_t *ids = sorted_ids(l, V);
         uint8_t best[V] = {0};
-        for (int j = 0; j < K; j++) best[ids[j]] = 1;
+        for (int j = 0; j < K; j++)
+            best[ids[j]] = 1;
         int seen[V] = {0};
         mdl_sampling_t p = params(1.5, 1, K, 0);
         for (int d = 0; d < 4000; d++) {
@@ -235,11 +249,13 @@ static void test_top_k(void **state)
             if (!best[out.token]) fail_msg("top_k %d: drew %d, not among the best", K, out.token);
             seen[out.token]++;
         }
-        for (int j = 0; j < K; j++) assert_true(seen[ids[j]] > 0); /* each of the K is drawn */
+        for (int j = 0; j < K; j++)
+            assert_true(seen[ids[j]] > 0); /* each of the K is drawn */
         free(ids);
     }
     /* top_k >= V is no restriction */
-    for (int i = 0; i < V; i++) l[i] = 0;
+    for (int i = 0; i < V; i++)
+        l[i] = 0;
     int seen[V] = {0};
     mdl_sampling_t p = params(1, 1, V + 5, 0);
     for (int d = 0; d < 4000; d++) {
@@ -247,7 +263,8 @@ static void test_top_k(void **state)
         mdl_sampler_pick(s, l, &p, &rng, &out);
         seen[out.token]++;
     }
-    for (int i = 0; i < V; i++) assert_true(seen[i] > 0);
+    for (int i = 0; i < V; i++)
+        assert_true(seen[i] > 0);
     mdl_sampler_destroy(s);
 }
 
@@ -266,14 +283,17 @@ static void test_top_p(void **state)
     const double ts[] = {1.0, 0.6, 2.0};
     for (size_t pi = 0; pi < sizeof(ps) / sizeof(ps[0]); pi++)
         for (size_t ti = 0; ti < 3; ti++) {
-            for (int i = 0; i < V; i++) l[i] = (float)(gauss() * 1.5);
+            for (int i = 0; i < V; i++)
+                l[i] = (float)(gauss() * 1.5);
             int n = nucleus(l, V, ts[ti], ps[pi], in);
             int K = (pi + ti) % 2 ? 0 : 30; /* also combined with top_k */
-            if (K) { /* with top_k, the nucleus is taken inside the K best */
+            if (K) {                        /* with top_k, the nucleus is taken inside the K best */
                 int32_t *ids = sorted_ids(l, V);
                 float l2[V];
-                for (int i = 0; i < V; i++) l2[i] = -INFINITY;
-                for (int j = 0; j < K; j++) l2[ids[j]] = l[ids[j]];
+                for (int i = 0; i < V; i++)
+                    l2[i] = -INFINITY;
+                for (int j = 0; j < K; j++)
+                    l2[ids[j]] = l[ids[j]];
                 n = nucleus(l2, V, ts[ti], ps[pi], in);
                 free(ids);
             }
@@ -288,7 +308,8 @@ static void test_top_p(void **state)
                 seen[out.token]++;
             }
             int distinct = 0;
-            for (int i = 0; i < V; i++) distinct += seen[i] > 0;
+            for (int i = 0; i < V; i++)
+                distinct += seen[i] > 0;
             assert_true(distinct <= n);
             assert_true(distinct >= (n < 4 ? n : n / 2)); /* the nucleus is actually sampled */
         }
@@ -310,8 +331,10 @@ static void check_freqs(const int *count, const double *p, int V, int N, double 
         double e = N * p[i], sd = sqrt(N * p[i] * (1 - p[i]));
         if (fabs(count[i] - e) > 5 * sd + 1)
             fail_msg("token %d: %d draws, expected %.1f (sd %.1f)", i, count[i], e, sd);
-        if (e > 0) x2 += (count[i] - e) * (count[i] - e) / e;
-        else assert_int_equal(count[i], 0);
+        if (e > 0)
+            x2 += (count[i] - e) * (count[i] - e) / e;
+        else
+            assert_int_equal(count[i], 0);
     }
     print_message("chi-square %.2f (critical %.2f, %d dof)\n", x2, chi2_crit, V - 1);
     assert_true(x2 < chi2_crit);
@@ -341,17 +364,21 @@ static void test_frequencies(void **state)
     mdl_sampler_t *s;
     assert_int_equal(mdl_sampler_create(V, &s), AFD_OK);
     log_softmax(l, V, 1.0, lp);
-    for (int i = 0; i < V; i++) p1[i] = exp(lp[i]);
+    for (int i = 0; i < V; i++)
+        p1[i] = exp(lp[i]);
     log_softmax(l, V, 0.5, lp);
-    for (int i = 0; i < V; i++) p05[i] = exp(lp[i]);
+    for (int i = 0; i < V; i++)
+        p05[i] = exp(lp[i]);
     draw_counts(s, l, 1.0, N, 12345, c1, V);
     check_freqs(c1, p1, V, N, 44.81);
     draw_counts(s, l, 0.5, N, 54321, c05, V);
     check_freqs(c05, p05, V, N, 44.81);
     /* sharpening: p05_i = p1_i^2 / sum_j p1_j^2, so the best token gains and the tail loses */
     double sq = 0;
-    for (int i = 0; i < V; i++) sq += p1[i] * p1[i];
-    for (int i = 0; i < V; i++) assert_near(p05[i], p1[i] * p1[i] / sq, 1e-12);
+    for (int i = 0; i < V; i++)
+        sq += p1[i] * p1[i];
+    for (int i = 0; i < V; i++)
+        assert_near(p05[i], p1[i] * p1[i] / sq, 1e-12);
     assert_true(c05[3] > c1[3] + 10000);
     assert_true(c05[5] < c1[5]);
     mdl_sampler_destroy(s);
@@ -363,7 +390,8 @@ static void test_reproducible(void **state)
     enum { V = 100, N = 1000 };
     float l[V];
     mdl_rng_seed(&g_gen, 5);
-    for (int i = 0; i < V; i++) l[i] = (float)(gauss() * 0.5);
+    for (int i = 0; i < V; i++)
+        l[i] = (float)(gauss() * 0.5);
     mdl_sampler_t *s;
     assert_int_equal(mdl_sampler_create(V, &s), AFD_OK);
     static int32_t a[N], b[N], c[N];
@@ -380,7 +408,8 @@ static void test_reproducible(void **state)
     }
     assert_memory_equal(a, b, sizeof(a));
     int differ = 0;
-    for (int d = 0; d < N; d++) differ += a[d] != c[d];
+    for (int d = 0; d < N; d++)
+        differ += a[d] != c[d];
     assert_true(differ > N / 2); /* ~1 - sum p^2 of the draws differ; p is spread here */
 
     /* the rng itself: same seed same stream, uniform in [0, 1) with the right mean */
@@ -406,12 +435,20 @@ static void test_validate(void **state)
     (void)state;
     const char *why = NULL;
     mdl_sampling_t ok[] = {params(0, 1, 0, 0), params(100, 1e-9, 1, 20), params(0.7, 0.95, 50, 5)};
-    for (size_t i = 0; i < 3; i++) assert_int_equal(mdl_sampling_validate(&ok[i], &why), AFD_OK);
+    for (size_t i = 0; i < 3; i++)
+        assert_int_equal(mdl_sampling_validate(&ok[i], &why), AFD_OK);
     mdl_sampling_t bad[] = {
-        params(-0.1, 1, 0, 0), params(100.5, 1, 0, 0), params(NAN, 1, 0, 0),
-        params(INFINITY, 1, 0, 0), params(1, 0, 0, 0), params(1, -0.5, 0, 0),
-        params(1, 1.0001, 0, 0), params(1, NAN, 0, 0), params(1, 1, -2, 0),
-        params(1, 1, 0, -1), params(1, 1, 0, MDL_MAX_LOGPROBS + 1),
+        params(-0.1, 1, 0, 0),
+        params(100.5, 1, 0, 0),
+        params(NAN, 1, 0, 0),
+        params(INFINITY, 1, 0, 0),
+        params(1, 0, 0, 0),
+        params(1, -0.5, 0, 0),
+        params(1, 1.0001, 0, 0),
+        params(1, NAN, 0, 0),
+        params(1, 1, -2, 0),
+        params(1, 1, 0, -1),
+        params(1, 1, 0, MDL_MAX_LOGPROBS + 1),
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         why = NULL;
@@ -433,18 +470,25 @@ static void test_large_vocab(void **state)
     mdl_rng_t rng;
     mdl_rng_seed(&rng, 11);
     /* near-uniform logits: the nucleus holds ~90% of the vocabulary, far above 1024 */
-    for (int i = 0; i < V; i++) l[i] = (float)(unif() * 0.05);
+    for (int i = 0; i < V; i++)
+        l[i] = (float)(unif() * 0.05);
     int n = nucleus(l, V, 1.0, 0.9, in);
     assert_true(n > 1024);
     mdl_sampling_t p = params(1.0, 0.9, 0, 5);
     double lp0 = 0;
     {
         double mx = 0, sm = 0;
-        for (int i = 0; i < V; i++) mx = fmax(mx, l[i]);
-        for (int i = 0; i < V; i++) sm += exp(l[i] - mx);
+        for (int i = 0; i < V; i++)
+            mx = fmax(mx, l[i]);
+        for (int i = 0; i < V; i++)
+            sm += exp(l[i] - mx);
         lp0 = mx + log(sm);
     }
-    int outside_best = 0;
+    int outside_best = 0, deep = 0;
+    int32_t *order = sorted_ids(l, V);
+    int32_t *rank = malloc(sizeof(int32_t) * V);
+    for (int j = 0; j < V; j++)
+        rank[order[j]] = j;
     for (int d = 0; d < 12; d++) { /* each draw sorts the whole vocabulary: keep it short */
         mdl_sample_t out;
         mdl_sampler_pick(s, l, &p, &rng, &out);
@@ -452,11 +496,19 @@ static void test_large_vocab(void **state)
         assert_near(out.logprob, l[out.token] - lp0, LP_TOL);
         assert_int_equal(out.ntop, 5);
         outside_best += out.token != out.top_ids[0];
+        deep += rank[out.token] >= 1024;
     }
     assert_true(outside_best > 8);
+    /* the whole nucleus is reachable, not only the best 1024: a draw lands beyond rank 1024
+     * with probability ~ 1 - 1024 / n > 0.99, so at least 8 of 12 do for a correct sampler */
+    assert_true(deep >= 8);
+    free(order);
+    free(rank);
     /* peaked: 200 strong tokens carry > 90%: the nucleus is found among the best 1024 */
-    for (int i = 0; i < V; i++) l[i] = (float)(unif() * 0.05);
-    for (int i = 0; i < 200; i++) l[(i * 641) % V] = 12.0f + (float)(unif());
+    for (int i = 0; i < V; i++)
+        l[i] = (float)(unif() * 0.05);
+    for (int i = 0; i < 200; i++)
+        l[(i * 641) % V] = 12.0f + (float)(unif());
     n = nucleus(l, V, 1.0, 0.9, in);
     assert_true(n > 1 && n <= 200);
     p = params(1.0, 0.9, 0, 0);
@@ -466,11 +518,14 @@ static void test_large_vocab(void **state)
         if (!in[out.token]) fail_msg("peaked: drew %d outside the nucleus of %d", out.token, n);
     }
     /* top_k 2000 (above 1024) with top_p on the near-uniform logits */
-    for (int i = 0; i < V; i++) l[i] = (float)(unif() * 0.05);
+    for (int i = 0; i < V; i++)
+        l[i] = (float)(unif() * 0.05);
     int32_t *ids = sorted_ids(l, V);
     float *l2 = malloc(sizeof(float) * V);
-    for (int i = 0; i < V; i++) l2[i] = -INFINITY;
-    for (int j = 0; j < 2000; j++) l2[ids[j]] = l[ids[j]];
+    for (int i = 0; i < V; i++)
+        l2[i] = -INFINITY;
+    for (int j = 0; j < 2000; j++)
+        l2[ids[j]] = l[ids[j]];
     n = nucleus(l2, V, 1.0, 0.9, in);
     assert_true(n > 1024 && n < 2000);
     p = params(1.0, 0.9, 2000, 0);
@@ -489,14 +544,10 @@ static void test_large_vocab(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_greedy),
-        cmocka_unit_test(test_logprobs),
-        cmocka_unit_test(test_top_k),
-        cmocka_unit_test(test_top_p),
-        cmocka_unit_test(test_frequencies),
-        cmocka_unit_test(test_reproducible),
-        cmocka_unit_test(test_validate),
-        cmocka_unit_test(test_large_vocab),
+        cmocka_unit_test(test_greedy),      cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_top_k),       cmocka_unit_test(test_top_p),
+        cmocka_unit_test(test_frequencies), cmocka_unit_test(test_reproducible),
+        cmocka_unit_test(test_validate),    cmocka_unit_test(test_large_vocab),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -20,6 +20,14 @@ typedef struct kn_cpu {
 
 #define KN_ATTN_MAX_SCORES (1u << 22) /* floats of scores per query tile */
 
+/* scales may sit at any byte offset in a shard: read them with memcpy */
+static float kn_src_scale(const kn_src_t *s, int64_t i)
+{
+    float v;
+    memcpy(&v, (const uint8_t *)s->scale + 4 * (size_t)i, 4);
+    return v;
+}
+
 float kn_src_get(const kn_src_t *s, int64_t r, int64_t c)
 {
     int64_t R = s->row0 + r, C = s->col0 + c;
@@ -29,7 +37,7 @@ float kn_src_get(const kn_src_t *s, int64_t r, int64_t c)
                        1);
     if (s->scale) {
         int64_t bc = (s->full_cols + AFD_FP8_BLOCK - 1) / AFD_FP8_BLOCK;
-        v *= s->scale[(R / AFD_FP8_BLOCK) * bc + C / AFD_FP8_BLOCK];
+        v *= kn_src_scale(s, (R / AFD_FP8_BLOCK) * bc + C / AFD_FP8_BLOCK);
     }
     return v;
 }
@@ -44,8 +52,15 @@ void kn_src_dequant(const kn_src_t *s, float *dst)
         const uint8_t *src = (const uint8_t *)s->data + (size_t)(R * s->full_cols + s->col0) * es;
         afd_convert_to_f32(s->dtype, src, d, (size_t)s->cols);
         if (!s->scale) continue;
-        const float *srow = s->scale + (R / AFD_FP8_BLOCK) * bc;
-        for (int64_t c = 0; c < s->cols; c++) d[c] *= srow[(s->col0 + c) / AFD_FP8_BLOCK];
+        int64_t srow = (R / AFD_FP8_BLOCK) * bc;
+        for (int64_t c0 = 0; c0 < s->cols;) { /* one scale per 128-column block */
+            int64_t blk = (s->col0 + c0) / AFD_FP8_BLOCK;
+            int64_t c1 = (blk + 1) * AFD_FP8_BLOCK - s->col0;
+            if (c1 > s->cols) c1 = s->cols;
+            float sc = kn_src_scale(s, srow + blk);
+            for (int64_t c = c0; c < c1; c++) d[c] *= sc;
+            c0 = c1;
+        }
     }
 }
 
