@@ -10,8 +10,8 @@
  *   - list options accumulate; --help and --print-config return AFD_ERR_CANCELED;
  *     --print-config hides secrets; help lists every option with its default;
  *   - afd_parse_int_list edge cases.
- * Tests named test_regression_* document library bugs found while writing this file; they fail
- * until the bug is fixed (see the comment above each for file:line and the expected result).
+ * Tests named test_regression_* pin library bugs found while writing this file (now fixed;
+ * the comment above each names the place and the expected result).
  * Every test sets and clears its own environment variables; strings are freed with
  * afd_opts_free so the sanitizer build stays leak-free.
  */
