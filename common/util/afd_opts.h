@@ -44,7 +44,7 @@ typedef struct afd_opt {
 /*
  * Parses the table into cfg. Non-option arguments are left in argv[*first_arg..argc)
  * (the parser permutes nothing: parsing stops at "--" or the first non-option).
- * --help prints help and returns AFD_ERR_CANCELED with *want_exit set to 0;
+ * --help prints help and returns AFD_ERR_CANCELED;
  * --print-config prints the effective configuration likewise. Errors name the
  * option and are logged.
  */

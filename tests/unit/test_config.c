@@ -510,9 +510,9 @@ static void test_err_moe_layers(void **state)
     expect_error(o, AFD_ERR_FORMAT);
 }
 
-/* Regression (fixed; common/model/mdl_config.c:172 and 180): eos_token_id values are not checked to be
- * integers, so 1.5 is silently truncated to token 1 while every other integer field rejects
- * a fraction with AFD_ERR_FORMAT. Expected: AFD_ERR_FORMAT for 1.5 and for [2, 2.5]. */
+/* Regression (fixed; common/model/mdl_config.c:172 and 180): eos_token_id values are not checked to
+ * be integers, so 1.5 is silently truncated to token 1 while every other integer field rejects a
+ * fraction with AFD_ERR_FORMAT. Expected: AFD_ERR_FORMAT for 1.5 and for [2, 2.5]. */
 static void test_regression_eos_not_integer(void **state)
 {
     (void)state;
@@ -657,6 +657,7 @@ static void test_load_dir(void **state)
 
 int main(void)
 {
+    /* clang-format off */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_plain_and_wrapper),
         cmocka_unit_test(test_real_step3),
@@ -675,5 +676,6 @@ int main(void)
         cmocka_unit_test(test_err_json),
         cmocka_unit_test(test_load_dir),
     };
+    /* clang-format on */
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

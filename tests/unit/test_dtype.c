@@ -506,13 +506,21 @@ static void test_fp8_rows_small(void **state)
 
 int main(void)
 {
+    /* clang-format off */
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_e4m3_table),           cmocka_unit_test(test_e4m3_exact_values),
-        cmocka_unit_test(test_e4m3_rne_midpoints),   cmocka_unit_test(test_e4m3_saturation_nan),
-        cmocka_unit_test(test_e4m3_random_sweep),    cmocka_unit_test(test_bf16_rne),
-        cmocka_unit_test(test_f16_all_codes),        cmocka_unit_test(test_f16_rounding),
-        cmocka_unit_test(test_dtype_names),          cmocka_unit_test(test_fp8_rows_layout),
-        cmocka_unit_test(test_fp8_rows_error_bound), cmocka_unit_test(test_fp8_rows_small),
+        cmocka_unit_test(test_e4m3_table),
+        cmocka_unit_test(test_e4m3_exact_values),
+        cmocka_unit_test(test_e4m3_rne_midpoints),
+        cmocka_unit_test(test_e4m3_saturation_nan),
+        cmocka_unit_test(test_e4m3_random_sweep),
+        cmocka_unit_test(test_bf16_rne),
+        cmocka_unit_test(test_f16_all_codes),
+        cmocka_unit_test(test_f16_rounding),
+        cmocka_unit_test(test_dtype_names),
+        cmocka_unit_test(test_fp8_rows_layout),
+        cmocka_unit_test(test_fp8_rows_error_bound),
+        cmocka_unit_test(test_fp8_rows_small),
     };
+    /* clang-format on */
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

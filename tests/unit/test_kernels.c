@@ -1119,6 +1119,7 @@ static void test_backend_misc(void **state)
 
 int main(void)
 {
+    /* clang-format off */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_rmsnorm),
@@ -1134,5 +1135,6 @@ int main(void)
         cmocka_unit_test(test_round),
         cmocka_unit_test(test_backend_misc),
     };
+    /* clang-format on */
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -413,9 +413,9 @@ static void test_bounds_and_errors(void **state)
     assert_int_equal(afd_opts_parse(bad_def, &c, 1, ARGV0, NULL, NULL), AFD_ERR_RANGE);
 }
 
-/* Regression (fixed; common/util/afd_opts.c:175-178): "--config" as the last argument has no value; the
- * pre-scan skips it and the main loop does i++ past argc, so parsing succeeds and
- * *first_arg = argc + 1, past the end of argv. Expected: AFD_ERR_INVALID ("needs a value"). */
+/* Regression (fixed; common/util/afd_opts.c:175-178): "--config" as the last argument has no value;
+ * the pre-scan skips it and the main loop does i++ past argc, so parsing succeeds and *first_arg =
+ * argc + 1, past the end of argv. Expected: AFD_ERR_INVALID ("needs a value"). */
 static void test_regression_config_without_value(void **state)
 {
     (void)state;
@@ -427,8 +427,8 @@ static void test_regression_config_without_value(void **state)
     assert_int_equal(st, AFD_ERR_INVALID);
 }
 
-/* Regression (fixed; common/util/afd_opts.c:137-144): the pre-scan for --config runs over the whole argv,
- * while option parsing stops at the first non-option ("model.bin" here), so a --config that
+/* Regression (fixed; common/util/afd_opts.c:137-144): the pre-scan for --config runs over the whole
+ * argv, while option parsing stops at the first non-option ("model.bin" here), so a --config that
  * belongs to the program's arguments is still read and applied. Expected: options after the
  * first non-option are left alone (port stays 8080, first_arg = 1). */
 static void test_regression_config_after_argument(void **state)
@@ -443,6 +443,20 @@ static void test_regression_config_after_argument(void **state)
     assert_int_equal(st, AFD_OK);
     assert_int_equal(first, 1);
     assert_int_equal(port, 8080);
+    /* "--config" as the separate value of --name is a name, not a file to read */
+    st = parse(&c, &first, ARGV("--name", "--config", "--port", "9"));
+    int name_ok = st == AFD_OK && c.name && !strcmp(c.name, "--config");
+    port = c.port;
+    afd_opts_free(table, &c);
+    assert_true(name_ok);
+    assert_int_equal(port, 9);
+    assert_int_equal(first, 5);
+    /* a bool flag takes no separate value: a --config right after it is still read */
+    st = parse(&c, &first, ARGV("--verbose", "--config", (char *)file));
+    port = c.port;
+    afd_opts_free(table, &c);
+    assert_int_equal(st, AFD_OK);
+    assert_int_equal(port, 1234);
 }
 
 static void test_list(void **state)
@@ -587,8 +601,8 @@ static void test_int_list(void **state)
     }
 }
 
-/* Regression (fixed; common/util/afd_opts.c:283 and 295): values are stored in int but only checked against
- * the caller's long bounds, so with bounds wider than int (e.g. [LONG_MIN, LONG_MAX])
+/* Regression (fixed; common/util/afd_opts.c:283 and 295): values are stored in int but only checked
+ * against the caller's long bounds, so with bounds wider than int (e.g. [LONG_MIN, LONG_MAX])
  * "3000000000" is accepted and silently truncated. Expected: AFD_ERR_RANGE for any value
  * outside [INT_MIN, INT_MAX]. */
 static void test_regression_int_list_int_overflow(void **state)
@@ -606,6 +620,7 @@ static void test_regression_int_list_int_overflow(void **state)
 
 int main(void)
 {
+    /* clang-format off */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_defaults, clear_env),
         cmocka_unit_test_setup(test_flags, clear_env),
@@ -621,5 +636,6 @@ int main(void)
         cmocka_unit_test_setup(test_int_list, clear_env),
         cmocka_unit_test_setup(test_regression_int_list_int_overflow, clear_env),
     };
+    /* clang-format on */
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

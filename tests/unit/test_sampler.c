@@ -543,11 +543,17 @@ static void test_large_vocab(void **state)
 
 int main(void)
 {
+    /* clang-format off */
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_greedy),      cmocka_unit_test(test_logprobs),
-        cmocka_unit_test(test_top_k),       cmocka_unit_test(test_top_p),
-        cmocka_unit_test(test_frequencies), cmocka_unit_test(test_reproducible),
-        cmocka_unit_test(test_validate),    cmocka_unit_test(test_large_vocab),
+        cmocka_unit_test(test_greedy),
+        cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_top_k),
+        cmocka_unit_test(test_top_p),
+        cmocka_unit_test(test_frequencies),
+        cmocka_unit_test(test_reproducible),
+        cmocka_unit_test(test_validate),
+        cmocka_unit_test(test_large_vocab),
     };
+    /* clang-format on */
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
