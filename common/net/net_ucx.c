@@ -39,7 +39,21 @@
  * from one thread; callbacks run on that thread inside net_ucx_progress/wait/destroy,
  * and a send callback may also run inside net_ucx_send (immediate completion).
  * Callbacks must not call net_ucx_progress/wait/destroy (UCX forbids progress from
- * its callbacks); they may call net_ucx_send and net_ucx_disconnect.
+ * its callbacks); they may call net_ucx_send and net_ucx_disconnect (a disconnect from
+ * inside a callback is carried out when the progress call returns).
+ *
+ * Other rules of use:
+ *   - headers reach alloc_cb/recv_cb copied to max_align_t-aligned memory;
+ *   - alloc_cb also runs for zero-length payloads: return any non-NULL pointer (it is
+ *     not written) to accept the message, NULL to drop it;
+ *   - net_ucx_progress/wait count user-visible events (deliveries, drops, send
+ *     completions, peer failures), not UCX-internal progress;
+ *   - disconnect returns at once; the flush runs in later progress calls. destroy
+ *     closes what is left (forcibly for failed peers) and waits at most
+ *     NET_UCX_CLOSE_WAIT_MS for closes and transfers in flight; pending send
+ *     callbacks run during destroy, messages arriving meanwhile are dropped;
+ *   - do not fork() while a net_ucx_t exists (UCX's async thread and its epoll set
+ *     would be shared with the child); create it after forking.
  */
 #define _GNU_SOURCE
 #include "net_ucx.h"
@@ -89,11 +103,12 @@ struct ucx_region {
 };
 
 struct net_ucx_peer {
-    net_ucx_peer_t *next; /* u->peers while open, u->closing while closing */
+    net_ucx_peer_t *next; /* u->peers while open, then u->deferred, then u->closing */
     net_ucx_t *u;
     ucp_ep_h ep;
     uint32_t id;
     int failed;       /* the error handler ran: close with force */
+    int closing;      /* net_ucx_disconnect was called: no more err_cb */
     int closed;       /* the close request completed */
     int req_released; /* destroy gave up waiting and released the close request */
     void *close_req;
@@ -112,7 +127,9 @@ struct net_ucx {
     ucx_slab_t *slabs;
     ucx_region_t *regions;
     net_ucx_peer_t *peers;
+    net_ucx_peer_t *deferred; /* disconnected from inside a callback: closed after it */
     net_ucx_peer_t *closing;
+    int in_progress;         /* inside ucp_worker_progress/destroy: UCX callbacks may run */
     unsigned closed_pending; /* closing peers whose request completed, not yet reaped */
     uint64_t outstanding;    /* sends and rendezvous receives in flight */
     uint64_t events;         /* user-visible events: completions, drops, peer errors */
@@ -241,6 +258,10 @@ static ucs_status_t ucx_am_cb(void *arg, const void *header, size_t header_lengt
     net_ucx_t *u = arg;
     int rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
 
+    if (u->destroying) { /* the application is going away: take nothing new */
+        ucx_drop(u);
+        return UCS_OK;
+    }
     /* Returning UCS_OK drops either kind: UCX frees the eager data, and for rendezvous
      * it releases the descriptor and acks the sender (whose send then completes OK). */
     if (header_length > u->opts.max_hdr) {
@@ -465,6 +486,7 @@ static void ucx_reap(net_ucx_t *u)
 /* Starts closing p's endpoint (already unlinked from u->peers). */
 static void ucx_close_ep(net_ucx_t *u, net_ucx_peer_t *p)
 {
+    p->closing = 1;
     ucp_request_param_t cp = {
         .op_attr_mask =
             UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS,
@@ -488,6 +510,22 @@ static void ucx_close_ep(net_ucx_t *u, net_ucx_peer_t *p)
     }
 }
 
+/* One ucp_worker_progress, then the closes that callbacks asked for and the reaping of
+ * finished closes. */
+static unsigned ucx_progress(net_ucx_t *u)
+{
+    u->in_progress = 1;
+    unsigned n = ucp_worker_progress(u->worker);
+    u->in_progress = 0;
+    while (u->deferred) {
+        net_ucx_peer_t *p = u->deferred;
+        u->deferred = p->next;
+        ucx_close_ep(u, p);
+    }
+    if (u->closed_pending) ucx_reap(u);
+    return n;
+}
+
 void net_ucx_destroy(net_ucx_t *u)
 {
     if (!u) return;
@@ -498,10 +536,7 @@ void net_ucx_destroy(net_ucx_t *u)
         ucx_close_ep(u, p);
     }
     double deadline = now_ms() + NET_UCX_CLOSE_WAIT_MS;
-    while ((u->closing || u->outstanding) && now_ms() < deadline) {
-        ucp_worker_progress(u->worker);
-        ucx_reap(u);
-    }
+    while ((u->closing || u->deferred || u->outstanding) && now_ms() < deadline) ucx_progress(u);
     if (u->closing || u->outstanding) {
         /* e.g. a peer that neither answers nor is known to be dead (no err_mode_peer):
          * UCX requires every request to be released before the worker goes */
@@ -516,7 +551,13 @@ void net_ucx_destroy(net_ucx_t *u)
                  n, (unsigned long long)u->outstanding, NET_UCX_CLOSE_WAIT_MS);
     }
     ucp_worker_release_address(u->worker, u->addr);
+    u->in_progress = 1; /* leftover requests may complete in there */
     ucp_worker_destroy(u->worker);
+    while (u->deferred) {
+        net_ucx_peer_t *p = u->deferred;
+        u->deferred = p->next;
+        free(p);
+    }
     while (u->closing) {
         net_ucx_peer_t *p = u->closing;
         u->closing = p->next;
@@ -565,8 +606,7 @@ afd_status_t net_ucx_arm(net_ucx_t *u)
 unsigned net_ucx_progress(net_ucx_t *u)
 {
     uint64_t e0 = u->events;
-    ucp_worker_progress(u->worker);
-    if (u->closed_pending) ucx_reap(u);
+    ucx_progress(u);
     return (unsigned)(u->events - e0);
 }
 
@@ -660,9 +700,10 @@ static void ucx_ep_err(void *arg, ucp_ep_h ep, ucs_status_t status)
     net_ucx_peer_t *p = arg;
     net_ucx_t *u = p->u;
     p->failed = 1;
-    u->events++;
     afd_error("ucx: peer %u failed: %s", p->id, ucs_status_string(status));
-    /* the callback may disconnect p: do not touch it afterwards */
+    if (p->closing || u->destroying) return; /* the caller is done with this peer */
+    u->events++;
+    /* the callback may disconnect p (deferred): do not touch p afterwards */
     if (u->opts.err_cb) u->opts.err_cb(u->opts.arg, p->id, xfer_status(status));
 }
 
@@ -708,10 +749,18 @@ void net_ucx_disconnect(net_ucx_peer_t *p)
 {
     if (!p) return;
     net_ucx_t *u = p->u;
+    if (u->destroying) return; /* destroy is closing every endpoint already */
     net_ucx_peer_t **pp = &u->peers;
     while (*pp && *pp != p) pp = &(*pp)->next;
-    AFD_ASSERT(*pp == p);
+    AFD_ASSERT(*pp == p); /* disconnecting twice is a bug */
     *pp = p->next;
+    p->closing = 1;
+    if (u->in_progress) {
+        /* called from a callback (e.g. err_cb): UCX may still be using the endpoint */
+        p->next = u->deferred;
+        u->deferred = p;
+        return;
+    }
     ucx_close_ep(u, p);
 }
 

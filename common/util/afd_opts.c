@@ -24,7 +24,7 @@ static afd_status_t opt_set(const afd_opt_t *o, void *cfg, const char *val, cons
     switch (o->type) {
     case AFD_OPT_INT: {
         errno = 0;
-        long v = strtol(val, &end, 10);
+        long v = strtol(val, &end, 0);
         if (errno || end == val || *end) {
             afd_error("option %s (%s): '%s' is not an integer", o->name, from, val);
             return AFD_ERR_INVALID;

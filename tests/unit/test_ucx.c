@@ -17,7 +17,9 @@
  *         than wall time (getrusage), and wakes up early when a message arrives;
  *   - a peer that _exit()s mid-transfer with err_mode_peer triggers err_cb with its
  *     peer_id within a bounded time (UCX_TLS=tcp, and the default transports, where
- *     PEER mode leaves shm out unless UCX_MM_ERROR_HANDLING=y); sends to it fail.
+ *     PEER mode leaves shm out unless UCX_MM_ERROR_HANDLING=y); the pending rendezvous
+ *     receive ends in recv_cb with an error; sends to it fail; err_cb may disconnect
+ *     the peer itself (tcp case).
  * Every wait has a deadline; a child that goes wrong exits non-zero and the parent
  * fails the test. The whole file runs in a few seconds.
  */
@@ -73,6 +75,7 @@ typedef struct side {
     int n_peer_err;
     uint32_t err_peer;
     afd_status_t err_status;
+    int disconnect_in_err; /* err_cb disconnects the peer itself (from inside progress) */
 } side_t;
 
 static const size_t k_sizes[] = {0, 1, 100, 8 * KiB, 1 * MiB, 16 * MiB};
@@ -260,6 +263,10 @@ static void t_err(void *arg, uint32_t peer_id, afd_status_t st)
     s->n_peer_err++;
     s->err_peer = peer_id;
     s->err_status = st;
+    if (s->disconnect_in_err && s->peer) {
+        net_ucx_disconnect(s->peer);
+        s->peer = NULL;
+    }
 }
 
 static void t_sent(void *arg, afd_status_t st)
@@ -678,10 +685,10 @@ static void child_dies(side_t *s, void *arg)
     _exit(0);
 }
 
-static void run_peer_exit(int tcp)
+static void run_peer_exit(int tcp, int disconnect_in_err)
 {
     use_tls(tcp);
-    side_t ps = {0}, cs = {0};
+    side_t ps = {.disconnect_in_err = disconnect_in_err}, cs = {0};
     pair_start(&ps, t_opts(&ps, 1, 256, 64 * MiB), &cs, t_opts(&cs, 1, 256, 64 * MiB), child_dies,
                NULL);
     assert_true(PUMP_UNTIL(&ps, ps.n_recv == 1, DEADLINE));
@@ -701,12 +708,20 @@ static void run_peer_exit(int tcp)
     assert_int_equal(ps.err_status, AFD_ERR_PEER);
     assert_true(dt < 8000);
     assert_int_equal(ps.n_bad, 0);
-    /* a send to the failed peer fails, now or through its callback */
-    unsigned char b[10] = {0};
-    afd_status_t st = t_send(&ps, 2, sizeof(b), sizeof(thdr_t), 0, b, NULL);
-    if (st == AFD_OK) assert_true(PUMP_UNTIL(&ps, ps.n_sent_err == 1, DEADLINE));
-    else assert_int_equal(st, AFD_ERR_PEER);
-    net_ucx_disconnect(ps.peer);
+    /* every accepted message ends in exactly one recv_cb, even the one cut short */
+    PUMP_UNTIL(&ps, ps.n_alloc == ps.n_recv + ps.n_recv_err, 3000);
+    assert_int_equal(ps.n_alloc, ps.n_recv + ps.n_recv_err);
+    if (disconnect_in_err) {
+        assert_null(ps.peer);
+        for (int i = 0; i < 10; i++) net_ucx_progress(ps.u); /* the deferred close runs */
+    } else {
+        /* a send to the failed peer fails, now or through its callback */
+        unsigned char b[10] = {0};
+        afd_status_t st = t_send(&ps, 2, sizeof(b), sizeof(thdr_t), 0, b, NULL);
+        if (st == AFD_OK) assert_true(PUMP_UNTIL(&ps, ps.n_sent_err == 1, DEADLINE));
+        else assert_int_equal(st, AFD_ERR_PEER);
+        net_ucx_disconnect(ps.peer);
+    }
     double d0 = now_ms();
     t_destroy(ps.u);
     assert_true(now_ms() - d0 < 2500);
@@ -716,13 +731,13 @@ static void run_peer_exit(int tcp)
 static void test_peer_exit_tcp(void **state)
 {
     (void)state;
-    run_peer_exit(1);
+    run_peer_exit(1, 1);
 }
 
 static void test_peer_exit_default(void **state)
 {
     (void)state;
-    run_peer_exit(0);
+    run_peer_exit(0, 0);
 }
 
 /* ---- two workers in one process ---- */
