@@ -25,7 +25,6 @@
 
 #define ATTN_MAX_FFN  64
 #define ATTN_MAX_MB   NET_WIRE_MAX_MB
-#define ATTN_LAT_BUCKETS 24
 
 typedef struct attn_opts {
     char *coordinator, *cluster_token, *model, *backend, *name, *kv_dtype, *a2f_dtype,
@@ -127,7 +126,7 @@ typedef struct attn_node {
     int logits_cap;
     /* stats */
     uint64_t attn_us, wait_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens;
-    uint64_t lat[ATTN_MAX_FFN][ATTN_LAT_BUCKETS], lat_n[ATTN_MAX_FFN], lat_sum[ATTN_MAX_FFN];
+    net_lat_hist_t lat[ATTN_MAX_FFN];
 } attn_node_t;
 
 static volatile sig_atomic_t g_stop;
@@ -200,15 +199,7 @@ static void attn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, si
     }
     int fi = ffn_index(a, h.src);
     if (fi < 0) return;
-    uint64_t now = net_wire_now_ns();
-    if (now > h.send_ns) {
-        uint64_t us = (now - h.send_ns) / 1000;
-        int b = 0;
-        while (b < ATTN_LAT_BUCKETS - 1 && (1ull << b) < us) b++;
-        a->lat[fi][b]++;
-        a->lat_n[fi]++;
-        a->lat_sum[fi] += us;
-    }
+    net_lat_record(&a->lat[fi], h.send_ns);
     a->f2a_bytes += len;
     a->mb[h.mb].got++;
 }
@@ -730,15 +721,7 @@ static void send_heartbeat(attn_node_t *a)
     ns.f2a_bytes = a->f2a_bytes;
     ns.tokens = a->tokens;
     Afd__LatencyHist hs[ATTN_MAX_FFN], *hp[ATTN_MAX_FFN];
-    for (int f = 0; f < a->num_ffn; f++) {
-        afd__latency_hist__init(&hs[f]);
-        hs[f].peer_id = a->ffn_ids[f];
-        hs[f].n_buckets = ATTN_LAT_BUCKETS;
-        hs[f].buckets = a->lat[f];
-        hs[f].count = a->lat_n[f];
-        hs[f].sum_us = a->lat_sum[f];
-        hp[f] = &hs[f];
-    }
+    net_lat_to_proto(a->lat, a->num_ffn, hs, hp);
     ns.n_peer_latency = (size_t)a->num_ffn;
     ns.peer_latency = hp;
     Afd__Heartbeat hb = AFD__HEARTBEAT__INIT;
@@ -764,6 +747,7 @@ static afd_status_t apply_peers(attn_node_t *a, const Afd__PeerTable *pt)
                                           p->node_id, &a->ffn_peers[p->index]);
         if (st) return st;
         a->ffn_ids[p->index] = p->node_id;
+        a->lat[p->index].peer_id = p->node_id;
         if ((int)p->index + 1 > a->num_ffn) a->num_ffn = (int)p->index + 1;
     }
     a->epoch = pt->epoch;
@@ -794,12 +778,7 @@ int main(int argc, char **argv)
         afd_error("--kv-dtype bf16|fp8|f32, --a2f-dtype fp8|bf16|f32, --f2a-dtype bf16|f32");
         return 2;
     }
-    if (a.o.cpu >= 0) {
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET((int)a.o.cpu, &set);
-        if (sched_setaffinity(0, sizeof(set), &set)) afd_warn("pinning to cpu %ld: %m", a.o.cpu);
-    }
+    net_node_pin_cpu(a.o.cpu);
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     signal(SIGPIPE, SIG_IGN);
@@ -838,30 +817,14 @@ int main(int argc, char **argv)
                          .err_cb = attn_peer_err,
                          .arg = &a};
     if (net_ucx_create(&uo, &a.ucx)) return 1;
-    const void *addr;
-    size_t alen;
-    net_ucx_address(a.ucx, &addr, &alen);
-    Afd__Ready rd = AFD__READY__INIT;
-    rd.ucx_address.data = (uint8_t *)addr;
-    rd.ucx_address.len = alen;
-    Afd__Frame fr = AFD__FRAME__INIT;
-    fr.body_case = AFD__FRAME__BODY_READY;
-    fr.ready = &rd;
-    if (net_node_send(&a.ctl, &fr)) return 1;
+    if (net_node_send_ready(&a.ctl, a.ucx)) return 1;
     uint64_t last_hb = 0;
     int rc = 0;
     while (!g_stop) {
         Afd__Frame *in;
         while (!g_stop && (st = net_node_next(&a.ctl, &in)) == AFD_OK) {
             if (in->body_case == AFD__FRAME__BODY_PEERS) {
-                if (apply_peers(&a, in->peers) == AFD_OK) {
-                    Afd__Connected cn = AFD__CONNECTED__INIT;
-                    cn.epoch = a.epoch;
-                    Afd__Frame out = AFD__FRAME__INIT;
-                    out.body_case = AFD__FRAME__BODY_CONNECTED;
-                    out.connected = &cn;
-                    net_node_send(&a.ctl, &out);
-                }
+                if (apply_peers(&a, in->peers) == AFD_OK) net_node_send_connected(&a.ctl, a.epoch);
             } else if (in->body_case == AFD__FRAME__BODY_PLAN) {
                 handle_plan(&a, in->plan);
             }

@@ -23,7 +23,6 @@
 
 #define FFN_MAX_ATTN  64
 #define FFN_MAX_SLOTS 32
-#define FFN_LAT_BUCKETS 24
 
 typedef struct ffn_opts {
     char *coordinator, *cluster_token, *model, *backend, *name;
@@ -85,7 +84,7 @@ typedef struct ffn_node {
     int cap;
     /* stats */
     uint64_t ffn_us, wait_us, steps, a2f_bytes, f2a_bytes, tokens, errors;
-    uint64_t lat[FFN_MAX_ATTN][FFN_LAT_BUCKETS], lat_n[FFN_MAX_ATTN], lat_sum[FFN_MAX_ATTN];
+    net_lat_hist_t lat[FFN_MAX_ATTN];
 } ffn_node_t;
 
 static volatile sig_atomic_t g_stop;
@@ -173,15 +172,7 @@ static void ffn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, siz
         if (status) afd_error("A2F transfer from node %u failed: %s", h.src, afd_status_str(status));
         return;
     }
-    uint64_t now = net_wire_now_ns();
-    if (now > h.send_ns) {
-        uint64_t us = (now - h.send_ns) / 1000;
-        int b = 0;
-        while (b < FFN_LAT_BUCKETS - 1 && (1ull << b) < us) b++;
-        f->lat[ai][b]++;
-        f->lat_n[ai]++;
-        f->lat_sum[ai] += us;
-    }
+    net_lat_record(&f->lat[ai], h.send_ns);
     f->a2f_bytes += len;
     s->arrived[ai] = 1;
     s->hdr[ai] = h;
@@ -311,15 +302,7 @@ static void send_heartbeat(ffn_node_t *f)
     ns.f2a_bytes = f->f2a_bytes;
     ns.tokens = f->tokens;
     Afd__LatencyHist hs[FFN_MAX_ATTN], *hp[FFN_MAX_ATTN];
-    for (int a = 0; a < f->num_attn; a++) {
-        afd__latency_hist__init(&hs[a]);
-        hs[a].peer_id = f->attn_ids[a];
-        hs[a].n_buckets = FFN_LAT_BUCKETS;
-        hs[a].buckets = f->lat[a];
-        hs[a].count = f->lat_n[a];
-        hs[a].sum_us = f->lat_sum[a];
-        hp[a] = &hs[a];
-    }
+    net_lat_to_proto(f->lat, f->num_attn, hs, hp);
     ns.n_peer_latency = (size_t)f->num_attn;
     ns.peer_latency = hp;
     Afd__Heartbeat hb = AFD__HEARTBEAT__INIT;
@@ -350,6 +333,7 @@ static afd_status_t apply_peers(ffn_node_t *f, const Afd__PeerTable *pt)
                                           p->node_id, &f->attn_peers[p->index]);
         if (st) return st;
         f->attn_ids[p->index] = p->node_id;
+        f->lat[p->index].peer_id = p->node_id;
         if ((int)p->index + 1 > f->num_attn) f->num_attn = (int)p->index + 1;
     }
     f->epoch = pt->epoch;
@@ -372,12 +356,7 @@ int main(int argc, char **argv)
         afd_error("--model and --cluster-token are required");
         return 2;
     }
-    if (f.o.cpu >= 0) {
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET((int)f.o.cpu, &set);
-        if (sched_setaffinity(0, sizeof(set), &set)) afd_warn("pinning to cpu %ld: %m", f.o.cpu);
-    }
+    net_node_pin_cpu(f.o.cpu);
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     signal(SIGPIPE, SIG_IGN);
@@ -418,16 +397,7 @@ int main(int argc, char **argv)
                          .err_cb = ffn_peer_err,
                          .arg = &f};
     if (net_ucx_create(&uo, &f.ucx)) return 1;
-    const void *addr;
-    size_t alen;
-    net_ucx_address(f.ucx, &addr, &alen);
-    Afd__Ready rd = AFD__READY__INIT;
-    rd.ucx_address.data = (uint8_t *)addr;
-    rd.ucx_address.len = alen;
-    Afd__Frame fr = AFD__FRAME__INIT;
-    fr.body_case = AFD__FRAME__BODY_READY;
-    fr.ready = &rd;
-    if (net_node_send(&f.ctl, &fr)) {
+    if (net_node_send_ready(&f.ctl, f.ucx)) {
         afd_error("coordinator gone before ready");
         return 1;
     }
@@ -438,14 +408,7 @@ int main(int argc, char **argv)
         Afd__Frame *in;
         while ((st = net_node_next(&f.ctl, &in)) == AFD_OK) {
             if (in->body_case == AFD__FRAME__BODY_PEERS) {
-                if (apply_peers(&f, in->peers) == AFD_OK) {
-                    Afd__Connected cn = AFD__CONNECTED__INIT;
-                    cn.epoch = f.epoch;
-                    Afd__Frame out = AFD__FRAME__INIT;
-                    out.body_case = AFD__FRAME__BODY_CONNECTED;
-                    out.connected = &cn;
-                    net_node_send(&f.ctl, &out);
-                }
+                if (apply_peers(&f, in->peers) == AFD_OK) net_node_send_connected(&f.ctl, f.epoch);
             }
             net_frame_free(in);
         }

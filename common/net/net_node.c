@@ -2,6 +2,9 @@
 #define _GNU_SOURCE
 #include "net_node.h"
 #include "afd_log.h"
+#include "net_wire.h"
+
+#include <sched.h>
 
 #include <errno.h>
 #include <poll.h>
@@ -116,4 +119,63 @@ void net_node_wait(net_node_t *n, net_ucx_t *ucx, int busy_us, int timeout_ms)
     }
     if (poll(p, (nfds_t)np, timeout_ms) < 0 && errno != EINTR) afd_warn("poll: %m");
     if (ucx) net_ucx_progress(ucx);
+}
+
+void net_node_pin_cpu(long cpu)
+{
+    if (cpu < 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET((int)cpu, &set);
+    if (sched_setaffinity(0, sizeof(set), &set)) afd_warn("pinning to cpu %ld: %m", cpu);
+}
+
+afd_status_t net_node_send_ready(net_node_t *n, net_ucx_t *ucx)
+{
+    const void *addr;
+    size_t alen;
+    afd_status_t st = net_ucx_address(ucx, &addr, &alen);
+    if (st) return st;
+    Afd__Ready rd = AFD__READY__INIT;
+    rd.ucx_address.data = (uint8_t *)addr;
+    rd.ucx_address.len = alen;
+    Afd__Frame f = AFD__FRAME__INIT;
+    f.body_case = AFD__FRAME__BODY_READY;
+    f.ready = &rd;
+    return net_node_send(n, &f);
+}
+
+afd_status_t net_node_send_connected(net_node_t *n, uint32_t epoch)
+{
+    Afd__Connected cn = AFD__CONNECTED__INIT;
+    cn.epoch = epoch;
+    Afd__Frame f = AFD__FRAME__INIT;
+    f.body_case = AFD__FRAME__BODY_CONNECTED;
+    f.connected = &cn;
+    return net_node_send(n, &f);
+}
+
+void net_lat_record(net_lat_hist_t *h, uint64_t send_ns)
+{
+    uint64_t now = net_wire_now_ns();
+    if (now <= send_ns) return; /* clocks of two hosts disagree: not a sample */
+    uint64_t us = (now - send_ns) / 1000;
+    int b = 0;
+    while (b < NET_LAT_BUCKETS - 1 && (1ull << b) < us) b++;
+    h->buckets[b]++;
+    h->count++;
+    h->sum_us += us;
+}
+
+void net_lat_to_proto(net_lat_hist_t *h, int n, Afd__LatencyHist *pb, Afd__LatencyHist **pp)
+{
+    for (int i = 0; i < n; i++) {
+        afd__latency_hist__init(&pb[i]);
+        pb[i].peer_id = h[i].peer_id;
+        pb[i].n_buckets = NET_LAT_BUCKETS;
+        pb[i].buckets = h[i].buckets;
+        pb[i].count = h[i].count;
+        pb[i].sum_us = h[i].sum_us;
+        pp[i] = &pb[i];
+    }
 }

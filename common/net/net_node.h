@@ -35,4 +35,24 @@ void net_node_wait(net_node_t *n, net_ucx_t *ucx, int busy_us, int timeout_ms);
 
 uint64_t net_now_us(void);
 
+/* Pins the calling process to one CPU (cpu < 0: no-op); a failure is logged, not fatal. */
+void net_node_pin_cpu(long cpu);
+/* Sends Ready with this node's UCX worker address. */
+afd_status_t net_node_send_ready(net_node_t *n, net_ucx_t *ucx);
+/* Sends Connected for an epoch. */
+afd_status_t net_node_send_connected(net_node_t *n, uint32_t epoch);
+
+/* Per-peer one-way latency: counts per power-of-two microsecond bucket. */
+#define NET_LAT_BUCKETS 24
+typedef struct net_lat_hist {
+    uint32_t peer_id;
+    uint64_t buckets[NET_LAT_BUCKETS];
+    uint64_t count, sum_us;
+} net_lat_hist_t;
+
+/* Records a message sent at send_ns (sender's CLOCK_REALTIME) and received now. */
+void net_lat_record(net_lat_hist_t *h, uint64_t send_ns);
+/* Fills a heartbeat's latency entries (pb and pp hold n entries) from n histograms. */
+void net_lat_to_proto(net_lat_hist_t *h, int n, Afd__LatencyHist *pb, Afd__LatencyHist **pp);
+
 #endif

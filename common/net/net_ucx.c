@@ -109,9 +109,9 @@ struct net_ucx_peer {
     uint32_t id;
     int failed;       /* the error handler ran: close with force */
     int closing;      /* net_ucx_disconnect was called: no more err_cb */
-    int closed;       /* the close request completed */
-    int req_released; /* destroy gave up waiting and released the close request */
-    void *close_req;
+    int state;        /* PEER_*: where closing stands */
+    int req_released; /* destroy gave up waiting and released req */
+    void *req;        /* the flush or close request in flight */
 };
 
 struct net_ucx {
@@ -457,56 +457,114 @@ err_free:
     return st;
 }
 
+/*
+ * Closing an endpoint. A failed peer is closed with force at once. Otherwise, with
+ * err_mode_peer: flush (ucp_ep_flush_nbx), then close with force, which also purges
+ * whatever UCX still holds for the endpoint (a rendezvous receive from a peer that died
+ * unnoticed would otherwise trip UCX 1.13's assertions in ucp_worker_destroy); without
+ * it (force is refused then): ucp_ep_close_nbx in flush mode. Peers being closed sit on
+ * u->closing; completions only mark them (they run inside UCX), ucx_reap acts on them.
+ */
+enum { PEER_FLUSHING = 1, PEER_CLOSING = 2, PEER_FLUSHED = 3, PEER_CLOSED = 4 };
+
+static void ucx_flush_done(void *request, ucs_status_t status, void *user_data)
+{
+    net_ucx_peer_t *p = user_data;
+    if (status != UCS_OK)
+        afd_debug("ucx: flushing the endpoint of peer %u: %s", p->id, ucs_status_string(status));
+    if (!p->req_released) ucp_request_free(request);
+    p->req = NULL;
+    p->state = PEER_FLUSHED;
+    p->u->closed_pending++;
+}
+
 static void ucx_close_done(void *request, ucs_status_t status, void *user_data)
 {
     net_ucx_peer_t *p = user_data;
     if (status != UCS_OK)
         afd_debug("ucx: closing the endpoint of peer %u: %s", p->id, ucs_status_string(status));
-    p->closed = 1;
-    p->u->closed_pending++;
     if (!p->req_released) ucp_request_free(request);
+    p->req = NULL;
+    p->state = PEER_CLOSED;
+    p->u->closed_pending++;
 }
 
-/* Frees the closing peers whose close request completed. */
+/* Closes p's endpoint with force (err_mode_peer only); the ep is gone on return. */
+static void ucx_close_force(net_ucx_peer_t *p)
+{
+    ucp_request_param_t cp = {
+        .op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,
+        .flags = UCP_EP_CLOSE_FLAG_FORCE,
+    };
+    ucs_status_ptr_t sp = ucp_ep_close_nbx(p->ep, &cp);
+    if (UCS_PTR_IS_PTR(sp)) ucp_request_free(sp); /* not expected for force */
+    else if (UCS_PTR_IS_ERR(sp))
+        afd_debug("ucx: closing the endpoint of peer %u: %s", p->id,
+                  ucs_status_string(UCS_PTR_STATUS(sp)));
+}
+
+/* Starts closing p's endpoint (already unlinked from u->peers); frees p when done. */
+static void ucx_close_ep(net_ucx_t *u, net_ucx_peer_t *p)
+{
+    p->closing = 1;
+    ucs_status_ptr_t sp;
+    if (p->failed) {
+        ucx_close_force(p);
+        free(p);
+        return;
+    }
+    if (u->opts.err_mode_peer) {
+        ucp_request_param_t fp = {
+            .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
+            .cb.send = ucx_flush_done,
+            .user_data = p,
+        };
+        sp = ucp_ep_flush_nbx(p->ep, &fp);
+        if (!UCS_PTR_IS_PTR(sp)) {
+            if (UCS_PTR_IS_ERR(sp))
+                afd_debug("ucx: flushing the endpoint of peer %u: %s", p->id,
+                          ucs_status_string(UCS_PTR_STATUS(sp)));
+            ucx_close_force(p);
+            free(p);
+            return;
+        }
+        p->state = PEER_FLUSHING;
+    } else {
+        ucp_request_param_t cp = {
+            .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
+            .cb.send = ucx_close_done,
+            .user_data = p,
+        };
+        sp = ucp_ep_close_nbx(p->ep, &cp);
+        if (!UCS_PTR_IS_PTR(sp)) {
+            /* done, or failed: the endpoint is released either way */
+            if (UCS_PTR_IS_ERR(sp))
+                afd_error("ucx: closing the endpoint of peer %u failed: %s", p->id,
+                          ucs_status_string(UCS_PTR_STATUS(sp)));
+            free(p);
+            return;
+        }
+        p->state = PEER_CLOSING;
+    }
+    p->req = sp;
+    p->next = u->closing;
+    u->closing = p;
+}
+
+/* Acts on closing peers whose flush or close completed (outside UCX callbacks). */
 static void ucx_reap(net_ucx_t *u)
 {
     net_ucx_peer_t **pp = &u->closing;
     while (*pp && u->closed_pending) {
         net_ucx_peer_t *p = *pp;
-        if (p->closed) {
+        if (p->state == PEER_FLUSHED || p->state == PEER_CLOSED) {
             *pp = p->next;
             u->closed_pending--;
+            if (p->state == PEER_FLUSHED) ucx_close_force(p);
             free(p);
         } else {
             pp = &p->next;
         }
-    }
-}
-
-/* Starts closing p's endpoint (already unlinked from u->peers). */
-static void ucx_close_ep(net_ucx_t *u, net_ucx_peer_t *p)
-{
-    p->closing = 1;
-    ucp_request_param_t cp = {
-        .op_attr_mask =
-            UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS,
-        .cb.send = ucx_close_done,
-        .user_data = p,
-        .flags = p->failed ? UCP_EP_CLOSE_FLAG_FORCE : 0,
-    };
-    ucs_status_ptr_t sp = ucp_ep_close_nbx(p->ep, &cp);
-    if (sp == NULL) {
-        free(p);
-    } else if (UCS_PTR_IS_ERR(sp)) {
-        /* the endpoint is released anyway */
-        if (!p->failed)
-            afd_error("ucx: closing the endpoint of peer %u failed: %s", p->id,
-                      ucs_status_string(UCS_PTR_STATUS(sp)));
-        free(p);
-    } else {
-        p->close_req = sp;
-        p->next = u->closing;
-        u->closing = p;
     }
 }
 
@@ -537,30 +595,34 @@ void net_ucx_destroy(net_ucx_t *u)
     }
     double deadline = now_ms() + NET_UCX_CLOSE_WAIT_MS;
     while ((u->closing || u->deferred || u->outstanding) && now_ms() < deadline) ucx_progress(u);
-    if (u->closing || u->outstanding) {
-        /* e.g. a peer that neither answers nor is known to be dead (no err_mode_peer):
-         * UCX requires every request to be released before the worker goes */
-        unsigned n = 0;
-        for (net_ucx_peer_t *p = u->closing; p; p = p->next, n++) {
-            if (p->closed) continue;
-            p->req_released = 1;
-            ucp_request_free(p->close_req);
-        }
-        afd_warn("ucx: destroying with %u endpoint(s) still closing and %llu transfer(s) "
-                 "pending after %d ms",
-                 n, (unsigned long long)u->outstanding, NET_UCX_CLOSE_WAIT_MS);
-    }
-    ucp_worker_release_address(u->worker, u->addr);
-    u->in_progress = 1; /* leftover requests may complete in there */
-    ucp_worker_destroy(u->worker);
-    while (u->deferred) {
-        net_ucx_peer_t *p = u->deferred;
-        u->deferred = p->next;
-        free(p);
-    }
+
+    /* What is left: peers that neither answer nor are known to be dead. UCX wants every
+     * request released before the worker goes; records stay allocated until after
+     * ucp_worker_destroy, which may still complete them. */
+    net_ucx_peer_t *zombies = NULL;
+    unsigned n = 0;
     while (u->closing) {
         net_ucx_peer_t *p = u->closing;
         u->closing = p->next;
+        if (p->req) {
+            p->req_released = 1;
+            ucp_request_free(p->req);
+            n++;
+        }
+        if (p->state == PEER_FLUSHING || p->state == PEER_FLUSHED) ucx_close_force(p);
+        p->next = zombies;
+        zombies = p;
+    }
+    if (n || u->outstanding)
+        afd_warn("ucx: destroying with %u endpoint(s) still closing and %llu transfer(s) "
+                 "pending after %d ms",
+                 n, (unsigned long long)u->outstanding, NET_UCX_CLOSE_WAIT_MS);
+    ucp_worker_release_address(u->worker, u->addr);
+    u->in_progress = 1; /* leftover requests may complete in there */
+    ucp_worker_destroy(u->worker);
+    while (zombies) {
+        net_ucx_peer_t *p = zombies;
+        zombies = p->next;
         free(p);
     }
     while (u->regions) {
