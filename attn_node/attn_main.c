@@ -579,17 +579,11 @@ static afd_status_t run_step(attn_node_t *a, const Afd__StepPlan *plan, Afd__Ste
             a->xfer_us += net_now_us() - t1;
         }
     }
+    /* the last layer: each micro-batch is finished (final norm, lm_head, sampling) as soon
+     * as its FFN answer is in, while the FFN nodes still work on the later ones */
     int nrows = 0;
-    for (int i = 0; i < nmb; i++) {
-        if ((st = wait_f2a(a, &mbs[i], deadline))) return st;
-        add_f2a(a, &mbs[i]);
-        nrows += mbs[i].nrows;
-    }
     for (int i = 0; i < nmb; i++)
-        if ((st = wait_tx(a, &mbs[i], deadline))) return st;
-    /* advance the caches, then sample */
-    for (int i = 0; i < nmb; i++)
-        for (int j = 0; j < mbs[i].nseq; j++) mbs[i].seqs[j]->cached += mbs[i].take[j];
+        if (mbs[i].nrows > nrows) nrows = mbs[i].nrows;
     size_t V = (size_t)c->vocab_size;
     if (nrows > a->logits_cap) {
         free(a->logits);
@@ -600,10 +594,13 @@ static afd_status_t run_step(attn_node_t *a, const Afd__StepPlan *plan, Afd__Ste
         }
         a->logits_cap = nrows;
     }
-    uint64_t t0 = net_now_us();
     for (int i = 0; i < nmb; i++) {
         attn_mb_t *mb = &mbs[i];
+        if ((st = wait_f2a(a, mb, deadline))) return st;
+        add_f2a(a, mb);
+        for (int j = 0; j < mb->nseq; j++) mb->seqs[j]->cached += mb->take[j];
         if (!mb->nrows) continue;
+        uint64_t t0 = net_now_us();
         float *dl = a->logits;
         if (strcmp(be->ops->name, "cpu") != 0) {
             dl = be->ops->alloc(be, 4 * V * (size_t)mb->nrows);
@@ -640,8 +637,10 @@ static afd_status_t run_step(attn_node_t *a, const Afd__StepPlan *plan, Afd__Ste
             add_token(res, arr, arr_cap, t);
             if (fin != AFD__FINISH__FINISH_NONE) seq_remove(a, s);
         }
+        a->attn_us += net_now_us() - t0;
     }
-    a->attn_us += net_now_us() - t0;
+    for (int i = 0; i < nmb; i++)
+        if ((st = wait_tx(a, &mbs[i], deadline))) return st;
     a->tokens += (uint64_t)nwork;
     res->tokens_in_step = (uint32_t)nwork;
     a->steps++;

@@ -79,9 +79,12 @@ static int parse_size(const char *s, size_t *out)
     errno = 0;
     unsigned long long v = strtoull(s, &end, 10);
     if (errno || end == s) return -1;
-    if (*end == 'K' || *end == 'k') v <<= 10, end++;
-    else if (*end == 'M' || *end == 'm') v <<= 20, end++;
-    else if (*end == 'G' || *end == 'g') v <<= 30, end++;
+    if (*end == 'K' || *end == 'k')
+        v <<= 10, end++;
+    else if (*end == 'M' || *end == 'm')
+        v <<= 20, end++;
+    else if (*end == 'G' || *end == 'g')
+        v <<= 30, end++;
     if (*end) return -1;
     *out = (size_t)v;
     return 0;
@@ -149,8 +152,7 @@ static int run_receiver(bench_t *b)
         net_ucx_progress(b->u);
         if (b->ack_pending) {
             b->ack_pending = 0;
-            if (net_ucx_send(b->peer, &b->ack, sizeof(b->ack), NULL, 0, NULL, NULL, NULL) !=
-                AFD_OK)
+            if (net_ucx_send(b->peer, &b->ack, sizeof(b->ack), NULL, 0, NULL, NULL, NULL) != AFD_OK)
                 return 1;
         }
     }
@@ -176,8 +178,10 @@ static void tx_recv(void *arg, const void *hdr, size_t hdr_len, void *data, size
     bench_t *b = arg;
     bhdr_t h;
     memcpy(&h, hdr, sizeof(h));
-    if (st == AFD_OK && h.magic == BENCH_MAGIC && h.phase == PH_ACK) b->acked = 1;
-    else b->failed = 1;
+    if (st == AFD_OK && h.magic == BENCH_MAGIC && h.phase == PH_ACK)
+        b->acked = 1;
+    else
+        b->failed = 1;
 }
 
 static void tx_done(void *arg, afd_status_t st)
@@ -195,15 +199,15 @@ static int send_phase(bench_t *b, uint32_t phase, size_t size, uint64_t count, l
     for (uint64_t i = 0; i < count && !b->failed;) {
         if (b->inflight < (uint64_t)window) {
             b->inflight++;
-            if (net_ucx_send(b->peer, &h, sizeof(h), b->buf, size, b->memh, tx_done, b) !=
-                AFD_OK)
+            if (net_ucx_send(b->peer, &h, sizeof(h), b->buf, size, b->memh, tx_done, b) != AFD_OK)
                 return -1;
             i++;
         } else {
             net_ucx_progress(b->u);
         }
     }
-    while (!b->failed && (!b->acked || b->inflight)) net_ucx_progress(b->u);
+    while (!b->failed && (!b->acked || b->inflight))
+        net_ucx_progress(b->u);
     return b->failed ? -1 : 0;
 }
 
@@ -232,17 +236,22 @@ int main(int argc, char **argv)
         }
         if (!v) usage();
         i++;
-        if (!strcmp(a, "--sizes")) size_list = v;
-        else if (!strcmp(a, "--window")) window = atol(v);
-        else if (!strcmp(a, "--min-iters")) min_iters = atol(v);
-        else if (!strcmp(a, "--warmup")) warmup = atol(v);
-        else if (!strcmp(a, "--rx-slots")) rx_slots = atol(v);
+        if (!strcmp(a, "--sizes"))
+            size_list = v;
+        else if (!strcmp(a, "--window"))
+            window = atol(v);
+        else if (!strcmp(a, "--min-iters"))
+            min_iters = atol(v);
+        else if (!strcmp(a, "--warmup"))
+            warmup = atol(v);
+        else if (!strcmp(a, "--rx-slots"))
+            rx_slots = atol(v);
         else if (!strcmp(a, "--cpus")) {
             if (sscanf(v, "%d,%d", &cpu_tx, &cpu_rx) != 2 || cpu_tx < 0 || cpu_rx < 0) usage();
-        }
-        else if (!strcmp(a, "--bytes")) {
+        } else if (!strcmp(a, "--bytes")) {
             if (parse_size(v, &bytes)) usage();
-        } else usage();
+        } else
+            usage();
     }
     char *list = strdup(size_list);
     for (char *t = strtok(list, ","); t; t = strtok(NULL, ",")) {
@@ -341,7 +350,8 @@ int main(int argc, char **argv)
         b.inflight++;
         if (net_ucx_send(b.peer, &q, sizeof(q), NULL, 0, NULL, tx_done, &b) == AFD_OK) {
             double d = now_s() + 5;
-            while (b.inflight && now_s() < d) net_ucx_progress(b.u);
+            while (b.inflight && now_s() < d)
+                net_ucx_progress(b.u);
         }
     }
     /* both sides close their endpoint before either goes away */
@@ -350,7 +360,8 @@ int main(int argc, char **argv)
     if (xfer(sock, &c, 1, 1) == 0) {
         struct pollfd pfd = {.fd = sock, .events = POLLIN};
         double d = now_s() + 5;
-        while (now_s() < d && poll(&pfd, 1, 0) == 0) net_ucx_wait(b.u, 0, 10);
+        while (now_s() < d && poll(&pfd, 1, 0) == 0)
+            net_ucx_wait(b.u, 0, 10);
     }
     net_ucx_mem_unmap(b.u, b.memh);
     net_ucx_destroy(b.u);

@@ -68,6 +68,7 @@ perftest() { # size -> MB/s (ucp_am_bw, overall bandwidth of the client)
         out=$(timeout 120 ucx_perftest 127.0.0.1 "${args[@]}" -f 2>/dev/null) && break
         out=
     done
+    [ -z "$out" ] && kill "$srv" 2>/dev/null
     wait "$srv" 2>/dev/null
     echo "$out" | awk 'NF == 8 && $1 ~ /^[0-9]+$/ {v = $6} END {print v + 0}'
 }

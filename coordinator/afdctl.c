@@ -77,7 +77,8 @@ static int http_get(const char *url, const char *path, int timeout_ms, int *stat
 typedef struct up_opts {
     char *model, *micro_batches, *cluster_token, *api_key, *a2f_dtype, *f2a_dtype, *kv_dtype,
         *backend, *log_dir;
-    long attn, ffn, port, ctrl_port, threads, kv_budget_mb, ready_timeout_s, busy_poll_us;
+    long attn, ffn, port, ctrl_port, threads, kv_budget_mb, ready_timeout_s, busy_poll_us,
+        max_batch_tokens;
     int pin;
 } up_opts_t;
 
@@ -100,6 +101,8 @@ static const afd_opt_t up_table[] = {
     {"kv-dtype", AFD_OPT_STRING, "bf16", O(kv_dtype), 0, 0, 0, "KV cache: bf16, fp8, f32"},
     {"kv-budget-mb", AFD_OPT_INT, "256", O(kv_budget_mb), 1, 1 << 24, 0,
      "KV cache per attention node (MiB)"},
+    {"max-batch-tokens", AFD_OPT_INT, "512", O(max_batch_tokens), 1, 1 << 20, 0,
+     "prefill tokens per step on each attention node"},
     {"backend", AFD_OPT_STRING, "cpu", O(backend), 0, 0, 0, "cpu or cuda"},
     {"threads", AFD_OPT_INT, "1", O(threads), 0, 1024, 0, "GEMM threads per node"},
     {"busy-poll-us", AFD_OPT_INT, "-1", O(busy_poll_us), -1, 1000000, 0,
@@ -252,7 +255,9 @@ static int cmd_local_up(int argc, char **argv)
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     signal(SIGPIPE, SIG_IGN);
-    char sport[24], sctrl[32], sthreads[24], skv[24], sbusy[24], scpu[24], coordaddr[64];
+    char sport[24], sctrl[32], sthreads[24], skv[24], sbusy[24], scpu[24], coordaddr[64],
+        smbt[24];
+    snprintf(smbt, sizeof(smbt), "%ld", o.max_batch_tokens);
     snprintf(sport, sizeof(sport), "%ld", o.port);
     snprintf(sctrl, sizeof(sctrl), "%d", ctrl);
     snprintf(coordaddr, sizeof(coordaddr), "127.0.0.1:%d", ctrl);
@@ -326,6 +331,8 @@ static int cmd_local_up(int argc, char **argv)
                 nargv[j++] = o.kv_dtype;
                 nargv[j++] = "--kv-budget-mb";
                 nargv[j++] = skv;
+                nargv[j++] = "--max-batch-tokens";
+                nargv[j++] = smbt;
             }
             nargv[j] = NULL;
             if (spawn(o.log_dir, name, nargv) < 0) {

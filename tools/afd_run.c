@@ -228,7 +228,7 @@ int main(int argc, char **argv)
     kn_seq_t *ks = malloc(sizeof(kn_seq_t) * (size_t)nseq);
     float *logits = malloc(sizeof(float) * (size_t)nseq * cfg.vocab_size);
     if (!tok || !pos || !rows || !row_seq || !ks || !logits) goto out_free;
-    double t_prefill = 0, t_decode = 0;
+    double t_prefill = 0, t_decode = 0, attn_decode = 0, ffn_decode = 0;
     long decode_tokens = 0, prefill_tokens = 0, steps = 0, decode_steps = 0;
     for (;;) {
         int ntok = 0, nks = 0, nrows = 0, prefill = 0;
@@ -262,7 +262,7 @@ int main(int argc, char **argv)
         }
         if (nks == 0) break;
         mdl_batch_t b = {.nseq = nks, .ntok = ntok, .tokens = tok, .pos = pos, .seqs = ks};
-        double ts = now_s();
+        double ts = now_s(), a0 = run.attn_s, f0 = run.ffn_s;
         if ((st = mdl_runner_step(&run, &kv->store, &b, rows, nrows, logits))) {
             afd_error("forward step failed: %s", afd_status_str(st));
             goto out_free;
@@ -300,6 +300,8 @@ int main(int argc, char **argv)
             t_decode += dt;
             decode_tokens += nrows;
             decode_steps++;
+            attn_decode += run.attn_s - a0;
+            ffn_decode += run.ffn_s - f0;
         }
     }
     double t_total = now_s() - t0;
@@ -341,6 +343,8 @@ int main(int argc, char **argv)
                                 t_decode > 0 ? decode_tokens / t_decode : 0);
         cJSON_AddNumberToObject(tm, "steps", (double)steps);
         cJSON_AddNumberToObject(tm, "decode_steps", (double)decode_steps);
+        cJSON_AddNumberToObject(tm, "decode_attn_s", attn_decode);
+        cJSON_AddNumberToObject(tm, "decode_ffn_s", ffn_decode);
         cJSON_AddNumberToObject(tm, "batch", nseq);
         cJSON_AddNumberToObject(tm, "threads", be->threads);
         cJSON_AddNumberToObject(tm, "weight_bytes", (double)m->bytes_loaded);

@@ -3,6 +3,14 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 
 static void runner_free_bufs(mdl_runner_t *r)
 {
@@ -71,7 +79,10 @@ afd_status_t mdl_runner_step(mdl_runner_t *r, const kn_kv_t *kv, const mdl_batch
     if (st) return st;
     mdl_embed(m, &r->ws, b, r->x);
     for (int l = 0; l < c->num_layers; l++) {
+        double t0 = now_s();
         mdl_attn(m, &r->ws, l, kv, b, r->x, r->g, r->ids, r->wts);
+        double t1 = now_s();
+        r->attn_s += t1 - t0;
         be->ops->round(be, r->g, n, H, r->a2f);
         if (c->is_moe[l]) {
             be->ops->download(be, r->h_ids, r->ids, sizeof(int32_t) * (size_t)n * k);
@@ -80,6 +91,7 @@ afd_status_t mdl_runner_step(mdl_runner_t *r, const kn_kv_t *kv, const mdl_batch
         mdl_ffn(m, &r->ws, l, r->g, n, r->h_ids, r->h_wts, r->part);
         be->ops->round(be, r->part, n, H, r->f2a);
         be->ops->add(be, r->x, r->part, (size_t)n * H);
+        r->ffn_s += now_s() - t1;
     }
     float *dl = logits;
     /* logits land in backend memory first when the backend is not the host */

@@ -20,6 +20,7 @@ typedef struct mdl_runner {
     int32_t *h_ids;       /* host copies for the FFN half */
     float *h_wts;
     int cap;
+    double attn_s, ffn_s; /* time spent in the attention and FFN halves (benchmarks) */
 } mdl_runner_t;
 
 afd_status_t mdl_runner_init(mdl_runner_t *r, const mdl_model_t *m, afd_dtype_t a2f,

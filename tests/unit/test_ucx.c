@@ -3,7 +3,9 @@
  *   - two workers in one process: messages of 0 B .. 16 MiB both ways (eager and
  *     rendezvous), content and header checked, stats; a header above the sender's
  *     max_hdr is refused with AFD_ERR_RANGE; a memh that does not cover the payload
- *     is refused;
+ *     is refused; destroying a worker while a rendezvous receive is in flight and the
+ *     sender is not progressing returns in bounded time and still ends the receive
+ *     with one recv_cb;
  *   - a fork()ed peer (addresses exchanged over a socketpair), under the default
  *     transports and under UCX_TLS=tcp UCX_NET_DEVICES=lo:
  *       * sizes 0, 1, 100, 8 KiB, 1 MiB, 16 MiB sent both ways at once, from
@@ -17,11 +19,12 @@
  *         than wall time (getrusage), and wakes up early when a message arrives;
  *   - a peer that _exit()s mid-transfer with err_mode_peer triggers err_cb with its
  *     peer_id within a bounded time (UCX_TLS=tcp, and the default transports, where
- *     PEER mode leaves shm out unless UCX_MM_ERROR_HANDLING=y); the pending rendezvous
- *     receive ends in recv_cb with an error; sends to it fail; err_cb may disconnect
- *     the peer itself (tcp case).
+ *     PEER mode leaves shm out unless UCX_MM_ERROR_HANDLING=y); the rendezvous receive
+ *     cut short still ends in exactly one recv_cb; sends to it fail; err_cb may
+ *     disconnect the peer itself (tcp case).
  * Every wait has a deadline; a child that goes wrong exits non-zero and the parent
- * fails the test. The whole file runs in a few seconds.
+ * fails the test. The whole file runs in a few seconds. TEST_FILTER / TEST_SKIP
+ * (cmocka patterns, e.g. '*_tcp') select tests.
  */
 #define _GNU_SOURCE
 #include <stdarg.h>
@@ -45,12 +48,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#define T_MAGIC   0x58444641u
-#define TF_DROP   1u
-#define MAX_MSGS  16
-#define DEADLINE  10000 /* ms, for any one wait */
-#define KiB       1024u
-#define MiB       (1024u * 1024u)
+#define T_MAGIC  0x58444641u
+#define TF_DROP  1u
+#define MAX_MSGS 16
+#define DEADLINE 10000 /* ms, for any one wait */
+#define KiB      1024u
+#define MiB      (1024u * 1024u)
 
 typedef struct thdr {
     uint32_t magic, seq;
@@ -120,7 +123,8 @@ static void for_each_task(void (*fn)(pid_t tid, double cpu, void *arg), void *ar
         if (!fp) continue;
         unsigned long ut = 0, st = 0;
         char *p = fgets(buf, sizeof(buf), fp) ? strrchr(buf, ')') : NULL;
-        if (p && sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) == 2)
+        if (p &&
+            sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) == 2)
             fn(tid, (double)(ut + st) * tick_ms, arg);
         fclose(fp);
     }
@@ -178,7 +182,8 @@ static uint8_t pat(size_t i, uint32_t seq)
 
 static void fill(unsigned char *p, size_t len, uint32_t seq)
 {
-    for (size_t i = 0; i < len; i++) p[i] = pat(i, seq);
+    for (size_t i = 0; i < len; i++)
+        p[i] = pat(i, seq);
 }
 
 static int check(const unsigned char *p, size_t len, uint32_t seq)
@@ -196,10 +201,14 @@ static void use_tls(int tcp)
         setenv("UCX_NET_DEVICES", "lo", 1);
         return;
     }
-    if (g_orig_tls) setenv("UCX_TLS", g_orig_tls, 1);
-    else unsetenv("UCX_TLS");
-    if (g_orig_dev) setenv("UCX_NET_DEVICES", g_orig_dev, 1);
-    else unsetenv("UCX_NET_DEVICES");
+    if (g_orig_tls)
+        setenv("UCX_TLS", g_orig_tls, 1);
+    else
+        unsetenv("UCX_TLS");
+    if (g_orig_dev)
+        setenv("UCX_NET_DEVICES", g_orig_dev, 1);
+    else
+        unsetenv("UCX_NET_DEVICES");
 }
 
 /* ---- callbacks ---- */
@@ -272,8 +281,10 @@ static void t_err(void *arg, uint32_t peer_id, afd_status_t st)
 static void t_sent(void *arg, afd_status_t st)
 {
     side_t *s = arg;
-    if (st == AFD_OK) s->n_sent_ok++;
-    else s->n_sent_err++;
+    if (st == AFD_OK)
+        s->n_sent_ok++;
+    else
+        s->n_sent_err++;
 }
 
 static net_ucx_opts_t t_opts(side_t *s, int err_peer, size_t max_hdr, size_t max_payload)
@@ -297,14 +308,16 @@ static afd_status_t t_send(side_t *s, uint32_t seq, size_t len, size_t hdr_len, 
     unsigned char hdr[1024];
     thdr_t h = {.magic = T_MAGIC, .seq = seq, .len = len, .flags = flags};
     memcpy(hdr, &h, sizeof(h));
-    for (size_t j = 0; j + sizeof(h) < hdr_len; j++) hdr[sizeof(h) + j] = (uint8_t)(j * 7 + seq);
+    for (size_t j = 0; j + sizeof(h) < hdr_len; j++)
+        hdr[sizeof(h) + j] = (uint8_t)(j * 7 + seq);
     return net_ucx_send(s->peer, hdr, hdr_len, buf, len, memh, t_sent, s);
 }
 
 #define PUMP_UNTIL(s, cond, ms)                                                                    \
     ({                                                                                             \
         double d_ = now_ms() + (ms);                                                               \
-        while (!(cond) && now_ms() < d_) net_ucx_wait((s)->u, 50, 10);                             \
+        while (!(cond) && now_ms() < d_)                                                           \
+            net_ucx_wait((s)->u, 50, 10);                                                          \
         (cond);                                                                                    \
     })
 
@@ -313,7 +326,7 @@ static afd_status_t t_send(side_t *s, uint32_t seq, size_t len, size_t hdr_len, 
 #define CCHECK(c)                                                                                  \
     do {                                                                                           \
         if (!(c)) {                                                                                \
-            fprintf(stderr, "child: %s:%d: check failed: %s\n", __FILE__, __LINE__, #c);          \
+            fprintf(stderr, "child: %s:%d: check failed: %s\n", __FILE__, __LINE__, #c);           \
             _exit(2);                                                                              \
         }                                                                                          \
     } while (0)
@@ -453,7 +466,8 @@ static int teardown(void **state)
 static unsigned char *post_sizes(side_t *s, void **memh)
 {
     size_t total = 0;
-    for (int i = 0; i < N_SIZES; i++) total += (k_sizes[i] + 63) & ~(size_t)63;
+    for (int i = 0; i < N_SIZES; i++)
+        total += (k_sizes[i] + 63) & ~(size_t)63;
     unsigned char *buf = malloc(total);
     if (!buf || net_ucx_mem_map(s->u, buf, total, memh) != AFD_OK) return NULL;
     size_t off = 0;
@@ -461,8 +475,7 @@ static unsigned char *post_sizes(side_t *s, void **memh)
         unsigned char *p = buf + off;
         fill(p, k_sizes[i], (uint32_t)i);
         void *mh = (i % 2 == 0 && k_sizes[i]) ? *memh : NULL;
-        if (t_send(s, (uint32_t)i, k_sizes[i], sizeof(thdr_t) + (size_t)i * 8, 0, p, mh) !=
-            AFD_OK)
+        if (t_send(s, (uint32_t)i, k_sizes[i], sizeof(thdr_t) + (size_t)i * 8, 0, p, mh) != AFD_OK)
             return NULL;
         off += (k_sizes[i] + 63) & ~(size_t)63;
     }
@@ -476,8 +489,7 @@ static void child_sizes(side_t *s, void *arg)
     unsigned char *buf = post_sizes(s, &memh);
     CCHECK(buf);
     uint32_t all = (1u << N_SIZES) - 1;
-    CCHECK(PUMP_UNTIL(s, s->n_sent_ok + s->n_sent_err == N_SIZES && s->recv_mask == all,
-                      DEADLINE));
+    CCHECK(PUMP_UNTIL(s, s->n_sent_ok + s->n_sent_err == N_SIZES && s->recv_mask == all, DEADLINE));
     CCHECK(s->n_sent_ok == N_SIZES && s->n_bad == 0 && s->n_recv_err == 0);
     net_ucx_mem_unmap(s->u, memh);
     free(buf);
@@ -491,8 +503,8 @@ static void run_sizes(int tcp)
     ps.arena = malloc(ps.arena_len);
     cs.arena = malloc(cs.arena_len);
     assert_non_null(ps.arena);
-    pair_start(&ps, t_opts(&ps, 0, 256, 64 * MiB), &cs, t_opts(&cs, 0, 256, 64 * MiB),
-               child_sizes, NULL);
+    pair_start(&ps, t_opts(&ps, 0, 256, 64 * MiB), &cs, t_opts(&cs, 0, 256, 64 * MiB), child_sizes,
+               NULL);
     assert_int_equal(net_ucx_mem_map(ps.u, ps.arena, ps.arena_len, &ps.arena_memh), AFD_OK);
     void *memh;
     unsigned char *buf = post_sizes(&ps, &memh);
@@ -506,7 +518,8 @@ static void run_sizes(int tcp)
     net_ucx_stats_t st;
     net_ucx_get_stats(ps.u, &st);
     uint64_t bytes = 0;
-    for (int i = 0; i < N_SIZES; i++) bytes += k_sizes[i];
+    for (int i = 0; i < N_SIZES; i++)
+        bytes += k_sizes[i];
     assert_int_equal(st.rx_msgs, N_SIZES);
     assert_int_equal(st.tx_msgs, N_SIZES);
     assert_int_equal(st.rx_bytes, bytes);
@@ -545,12 +558,12 @@ static void child_drops(side_t *s, void *arg)
         size_t len, hdr;
         uint32_t flags;
     } m[DROP_SENDS] = {
-        {100, sizeof(thdr_t), TF_DROP},  /* 0: alloc_cb NULL, eager */
+        {100, sizeof(thdr_t), TF_DROP},     /* 0: alloc_cb NULL, eager */
         {1 * MiB, sizeof(thdr_t), TF_DROP}, /* 1: alloc_cb NULL, rendezvous */
-        {100, 200, 0},                   /* 2: header over the receiver's max_hdr, eager */
-        {1 * MiB, 200, 0},               /* 3: header over max_hdr, rendezvous */
-        {8 * MiB, sizeof(thdr_t), 0},    /* 4: payload over max_payload */
-        {100, sizeof(thdr_t), 0},        /* 5..7: delivered */
+        {100, 200, 0},                      /* 2: header over the receiver's max_hdr, eager */
+        {1 * MiB, 200, 0},                  /* 3: header over max_hdr, rendezvous */
+        {8 * MiB, sizeof(thdr_t), 0},       /* 4: payload over max_payload */
+        {100, sizeof(thdr_t), 0},           /* 5..7: delivered */
         {1 * MiB, 40, 0},
         {0, sizeof(thdr_t), 0},
     };
@@ -564,15 +577,16 @@ static void child_drops(side_t *s, void *arg)
     /* dropped rendezvous messages are acked by the receiver: every send completes OK */
     CCHECK(PUMP_UNTIL(s, s->n_sent_ok + s->n_sent_err == DROP_SENDS, DEADLINE));
     CCHECK(s->n_sent_ok == DROP_SENDS);
-    for (int i = 0; i < DROP_SENDS; i++) free(bufs[i]);
+    for (int i = 0; i < DROP_SENDS; i++)
+        free(bufs[i]);
 }
 
 static void run_drops(int tcp)
 {
     use_tls(tcp);
     side_t ps = {0}, cs = {0};
-    pair_start(&ps, t_opts(&ps, 0, 64, 4 * MiB), &cs, t_opts(&cs, 0, 1024, 64 * MiB),
-               child_drops, NULL);
+    pair_start(&ps, t_opts(&ps, 0, 64, 4 * MiB), &cs, t_opts(&cs, 0, 1024, 64 * MiB), child_drops,
+               NULL);
     uint32_t want = (1u << 5) | (1u << 6) | (1u << 7);
     net_ucx_stats_t st;
     PUMP_UNTIL(&ps, (net_ucx_get_stats(ps.u, &st), st.rx_dropped == 5 && ps.recv_mask == want),
@@ -609,7 +623,8 @@ static void child_idle(side_t *s, void *arg)
     (void)arg;
     /* stay quiet (but responsive) for 500 ms, then send one message */
     double d = now_ms() + 500;
-    while (now_ms() < d) net_ucx_wait(s->u, 0, 20);
+    while (now_ms() < d)
+        net_ucx_wait(s->u, 0, 20);
     unsigned char b[100];
     fill(b, sizeof(b), 3);
     CCHECK(t_send(s, 3, sizeof(b), sizeof(thdr_t), 0, b, NULL) == AFD_OK);
@@ -635,7 +650,8 @@ static void run_idle(int tcp)
     /* the message sent ~500 ms after the start wakes a long wait early */
     w0 = now_ms();
     c0 = cpu_ms();
-    while (ps.n_recv == 0 && now_ms() - w0 < 5000) net_ucx_wait(ps.u, 0, 5000);
+    while (ps.n_recv == 0 && now_ms() - w0 < 5000)
+        net_ucx_wait(ps.u, 0, 5000);
     wall = now_ms() - w0;
     cpu = cpu_ms() - c0;
     print_message("woken after %.1f ms (%.1f ms since start), %.1f ms cpu\n", wall,
@@ -681,7 +697,8 @@ static void child_dies(side_t *s, void *arg)
     CCHECK(big);
     fill(big, len, 1);
     CCHECK(t_send(s, 1, len, sizeof(thdr_t), 0, big, NULL) == AFD_OK);
-    for (int i = 0; i < 3; i++) net_ucx_progress(s->u);
+    for (int i = 0; i < 3; i++)
+        net_ucx_progress(s->u);
     _exit(0);
 }
 
@@ -701,8 +718,7 @@ static void run_peer_exit(int tcp, int disconnect_in_err)
     assert_int_equal(waitpid(g_child, &status, 0), g_child);
     g_child = -1;
     print_message("err_cb after %.1f ms (status %s); 16 MiB message: %d alloc, %d ok, %d failed\n",
-                  dt, afd_status_str(ps.err_status), ps.n_alloc - 1, ps.n_recv - 1,
-                  ps.n_recv_err);
+                  dt, afd_status_str(ps.err_status), ps.n_alloc - 1, ps.n_recv - 1, ps.n_recv_err);
     assert_int_equal(ps.n_peer_err, 1);
     assert_int_equal(ps.err_peer, 1);
     assert_int_equal(ps.err_status, AFD_ERR_PEER);
@@ -713,13 +729,16 @@ static void run_peer_exit(int tcp, int disconnect_in_err)
     assert_int_equal(ps.n_alloc, ps.n_recv + ps.n_recv_err);
     if (disconnect_in_err) {
         assert_null(ps.peer);
-        for (int i = 0; i < 10; i++) net_ucx_progress(ps.u); /* the deferred close runs */
+        for (int i = 0; i < 10; i++)
+            net_ucx_progress(ps.u); /* the deferred close runs */
     } else {
         /* a send to the failed peer fails, now or through its callback */
         unsigned char b[10] = {0};
         afd_status_t st = t_send(&ps, 2, sizeof(b), sizeof(thdr_t), 0, b, NULL);
-        if (st == AFD_OK) assert_true(PUMP_UNTIL(&ps, ps.n_sent_err == 1, DEADLINE));
-        else assert_int_equal(st, AFD_ERR_PEER);
+        if (st == AFD_OK)
+            assert_true(PUMP_UNTIL(&ps, ps.n_sent_err == 1, DEADLINE));
+        else
+            assert_int_equal(st, AFD_ERR_PEER);
         net_ucx_disconnect(ps.peer);
     }
     double d0 = now_ms();
@@ -801,10 +820,51 @@ static void test_two_workers(void **state)
     assert_int_equal(a.n_bad + b.n_bad + a.n_recv_err + b.n_recv_err, 0);
     net_ucx_disconnect(a.peer);
     net_ucx_disconnect(b.peer);
-    for (int i = 0; i < 50; i++) pump2(&a, &b);
+    for (int i = 0; i < 50; i++)
+        pump2(&a, &b);
     t_destroy(a.u);
     t_destroy(b.u);
-    for (int i = 0; i < N_SIZES; i++) free(bufs[i]);
+    for (int i = 0; i < N_SIZES; i++)
+        free(bufs[i]);
+}
+
+/* Destroy while a rendezvous receive is in flight and the sender is not progressing:
+ * bounded, no crash, the receive still ends in exactly one recv_cb. */
+static void test_destroy_midway(void **state)
+{
+    (void)state;
+    use_tls(0);
+    side_t a = {0}, b = {0};
+    net_ucx_opts_t oa = t_opts(&a, 1, 128, 64 * MiB), ob = t_opts(&b, 1, 128, 64 * MiB);
+    assert_int_equal(net_ucx_create(&oa, &a.u), AFD_OK);
+    track(a.u);
+    assert_int_equal(net_ucx_create(&ob, &b.u), AFD_OK);
+    track(b.u);
+    const void *aa, *ba;
+    size_t al, bl;
+    assert_int_equal(net_ucx_address(a.u, &aa, &al), AFD_OK);
+    assert_int_equal(net_ucx_address(b.u, &ba, &bl), AFD_OK);
+    assert_int_equal(net_ucx_connect(a.u, ba, bl, 2, &a.peer), AFD_OK);
+    assert_int_equal(net_ucx_connect(b.u, aa, al, 1, &b.peer), AFD_OK);
+    size_t len = 16 * MiB;
+    unsigned char *buf = malloc(len);
+    assert_non_null(buf);
+    fill(buf, len, 1);
+    assert_int_equal(t_send(&a, 1, len, sizeof(thdr_t), 0, buf, NULL), AFD_OK);
+    double d = now_ms() + DEADLINE;
+    while (b.n_alloc == 0 && now_ms() < d)
+        pump2(&a, &b);
+    assert_int_equal(b.n_alloc, 1);
+    double t0 = now_ms();
+    t_destroy(b.u); /* a is not progressed meanwhile */
+    assert_true(now_ms() - t0 < 2500);
+    assert_int_equal(b.n_recv + b.n_recv_err, 1);
+    assert_int_equal(b.n_bad, 0);
+    t0 = now_ms();
+    t_destroy(a.u);
+    assert_true(now_ms() - t0 < 2500);
+    assert_int_equal(a.n_sent_ok + a.n_sent_err, 1); /* the send callback ran, either way */
+    free(buf);
 }
 
 /* An idle worker with no endpoint at all sleeps too. */
@@ -836,6 +896,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_idle_alone, teardown),
         cmocka_unit_test_teardown(test_two_workers, teardown),
+        cmocka_unit_test_teardown(test_destroy_midway, teardown),
         cmocka_unit_test_teardown(test_sizes_default, teardown),
         cmocka_unit_test_teardown(test_drops_default, teardown),
         cmocka_unit_test_teardown(test_idle_default, teardown),
