@@ -122,6 +122,7 @@ typedef struct attn_node {
     attn_mb_t mb[ATTN_MAX_MB];
     uint64_t cur_step;
     int step_failed;
+    uint64_t last_hb_us;
     float *logits;
     int logits_cap;
     /* stats */
@@ -385,6 +386,16 @@ static afd_status_t mb_reserve(attn_node_t *a, attn_mb_t *mb, int ntok, int nseq
 
 /* ---- the step ---- */
 
+static void send_heartbeat(attn_node_t *a);
+
+/* Heartbeats go out during long steps too, so the coordinator never takes a busy node
+ * for a dead one. */
+static void maybe_heartbeat(attn_node_t *a)
+{
+    uint64_t now = net_now_us();
+    if (now - a->last_hb_us > (uint64_t)a->o.heartbeat_ms * 1000) send_heartbeat(a);
+}
+
 /* Waits until every FFN node answered micro-batch mb (or the deadline / a failure). */
 static afd_status_t wait_f2a(attn_node_t *a, attn_mb_t *mb, uint64_t deadline)
 {
@@ -393,6 +404,7 @@ static afd_status_t wait_f2a(attn_node_t *a, attn_mb_t *mb, uint64_t deadline)
         if (a->step_failed) return AFD_ERR_PEER;
         if (net_now_us() > deadline) return AFD_ERR_TIMEOUT;
         if (g_stop) return AFD_ERR_SHUTDOWN;
+        maybe_heartbeat(a);
         net_node_wait(&a->ctl, a->ucx, (int)a->o.busy_poll_us, 5);
     }
     a->wait_us += net_now_us() - t0;
@@ -705,6 +717,7 @@ static void handle_plan(attn_node_t *a, const Afd__StepPlan *plan)
 
 static void send_heartbeat(attn_node_t *a)
 {
+    a->last_hb_us = net_now_us();
     Afd__NodeStats ns = AFD__NODE_STATS__INIT;
     Afd__StageTimes busy = AFD__STAGE_TIMES__INIT;
     busy.attn_us = a->attn_us;
@@ -817,7 +830,6 @@ int main(int argc, char **argv)
                          .arg = &a};
     if (net_ucx_create(&uo, &a.ucx)) return 1;
     if (net_node_send_ready(&a.ctl, a.ucx)) return 1;
-    uint64_t last_hb = 0;
     int rc = 0;
     while (!g_stop) {
         Afd__Frame *in;
@@ -828,22 +840,14 @@ int main(int argc, char **argv)
                 handle_plan(&a, in->plan);
             }
             net_frame_free(in);
-            uint64_t now = net_now_us();
-            if (now - last_hb > (uint64_t)a.o.heartbeat_ms * 1000) {
-                send_heartbeat(&a);
-                last_hb = now;
-            }
+            maybe_heartbeat(&a);
         }
         if (st == AFD_ERR_PEER) {
             afd_error("lost the coordinator; exiting");
             rc = 1;
             break;
         }
-        uint64_t now = net_now_us();
-        if (now - last_hb > (uint64_t)a.o.heartbeat_ms * 1000) {
-            send_heartbeat(&a);
-            last_hb = now;
-        }
+        maybe_heartbeat(&a);
         net_node_wait(&a.ctl, a.ucx, 0, 100);
     }
     afd_info("stopping");

@@ -84,11 +84,16 @@ for m in a.micro_batches:
     with LocalUp(a.model, 1, 1, m, extra=extra, timeout=300) as c:
         # whole-answer requests: the client sleeps while the cluster decodes, and the
         # coordinator's token counter, polled, gives the steady decode rate
+        failed = []
+
         def one(i):
             body = {"prompt": prompts[i], "max_tokens": a.tokens, "temperature": 0,
                     "ignore_eos": True}
             r = urllib.request.Request(c.url + "/v1/completions", data=json.dumps(body).encode())
-            urllib.request.urlopen(r, timeout=900).read()
+            try:
+                urllib.request.urlopen(r, timeout=900).read()
+            except Exception as e:  # counted and reported, not a traceback per request
+                failed.append(str(e))
 
         th = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
         for t in th:
@@ -99,6 +104,10 @@ for m in a.micro_batches:
             time.sleep(0.2)
         for t in th:
             t.join()
+        if failed:
+            print(f"AFD 1A1F pinned, m={m}: {len(failed)} requests failed ({failed[0]}); "
+                  f"logs in {c.logdir}")
+            continue
         # steady decode: every sequence past its first two tokens, none finished
         lo, hi = 2 * a.batch, (a.tokens - 1) * a.batch
         win = [s for s in samples if lo <= s[1] <= hi]

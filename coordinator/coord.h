@@ -89,6 +89,8 @@ typedef struct coord {
     uint32_t epoch;
     int ready;
     int micro_batches;
+    int mb_auto;                /* --micro-batches auto: refined from measured stage times */
+    uint64_t auto_ffn_us, auto_units, auto_last_us;
     /* scheduler */
     coord_req_t *reqs;         /* all live requests */
     coord_seq_t *wait_head, *wait_tail;

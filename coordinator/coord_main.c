@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include "coord.h"
 #include "afd_log.h"
+#include "afd_plan.h"
 
 #include <signal.h>
 #include <stdlib.h>
@@ -42,9 +43,53 @@ static const afd_opt_t coord_table[] = {
     AFD_OPTS_END};
 #undef O
 
+/*
+ * --micro-batches auto: every few seconds, m = ceil(2 (1 + T_c / T_f)) from the nodes'
+ * heartbeats: T_f is the FFN busy time per (layer, micro-batch) of the last window, T_c the
+ * mean one-way F2A latency the attention nodes see.
+ */
+static void auto_micro_batches(coord_t *c)
+{
+    uint64_t now = coord_now_us();
+    if (!c->mb_auto || !c->ready || now - c->auto_last_us < 2000000) return;
+    uint64_t ffn_us = 0, steps = 0, lat_sum = 0, lat_n = 0;
+    int nffn = 0;
+    for (int i = 0; i < COORD_MAX_NODES; i++) {
+        coord_node_t *n = &c->nodes[i];
+        if (!n->open || n->state != NODE_CONNECTED || !n->last_hb || !n->last_hb->stats) continue;
+        const Afd__NodeStats *st = n->last_hb->stats;
+        if (n->role == AFD__ROLE__ROLE_FFN) {
+            ffn_us += st->busy ? st->busy->ffn_us : 0;
+            nffn++;
+        } else {
+            if (st->steps > steps) steps = st->steps;
+            for (size_t k = 0; k < st->n_peer_latency; k++) {
+                lat_sum += st->peer_latency[k]->sum_us;
+                lat_n += st->peer_latency[k]->count;
+            }
+        }
+    }
+    if (!nffn) return;
+    ffn_us /= (uint64_t)nffn;
+    uint64_t units = steps * (uint64_t)c->cfg.num_layers * (uint64_t)c->micro_batches;
+    if (units > c->auto_units + 10 * (uint64_t)c->cfg.num_layers && ffn_us > c->auto_ffn_us) {
+        double tf = (double)(ffn_us - c->auto_ffn_us) / (double)(units - c->auto_units);
+        double tc = lat_n ? (double)lat_sum / (double)lat_n : 0;
+        int m = afd_plan_micro_batches(tc, tf, 2, 4);
+        if (m != c->micro_batches)
+            afd_info("micro-batches %d -> %d (FFN %.0f us, transfer %.0f us per micro-batch)",
+                     c->micro_batches, m, tf, tc);
+        c->micro_batches = m;
+    }
+    c->auto_ffn_us = ffn_us;
+    c->auto_units = units;
+    c->auto_last_us = now;
+}
+
 static void on_tick(uv_timer_t *t)
 {
     coord_t *c = t->data;
+    auto_micro_batches(c);
     coord_nodes_check_timeouts(c);
     coord_sched_reap(c);
     coord_sched_kick(c);
@@ -74,6 +119,7 @@ int main(int argc, char **argv)
     }
     if (!strcmp(c.o.micro_batches, "auto")) {
         c.micro_batches = 3; /* refined from measured stage times as steps run */
+        c.mb_auto = 1;
     } else {
         char *end;
         long m = strtol(c.o.micro_batches, &end, 10);
