@@ -77,11 +77,17 @@ typedef struct attn_seq {
     int32_t *stop;
     int nstop;
     mdl_rng_t rng;
+    int mb;            /* the micro-batch it runs in, for its whole life */
+    int abort_pending; /* aborted while its micro-batch was in flight */
     struct attn_seq *next;
 } attn_seq_t;
 
-/* one micro-batch of a step */
+/* one micro-batch: a stream of steps (step s+1 starts as soon as its step s is sampled) */
 typedef struct attn_mb {
+    int busy;           /* a step is in flight */
+    uint64_t step;
+    int nmb;
+    uint64_t deadline_us;
     int nseq, ntok, nrows;
     int cap_tok, cap_seq;
     int32_t *tok, *pos, *rows;
@@ -104,6 +110,25 @@ typedef struct attn_mb {
     mdl_ws_t ws;
 } attn_mb_t;
 
+#define ATTN_MAX_PLANS 16
+
+typedef struct attn_plan {
+    Afd__Frame *f;   /* owns the frame; f->plan is the plan */
+    int applied;     /* admissions and aborts done */
+    unsigned started; /* bit i: micro-batch i started this step */
+    int prefill_left; /* this step's prefill token budget, spent in micro-batch order */
+} attn_plan_t;
+
+typedef struct attn_acc { /* one step's result, gathered over its micro-batches */
+    int used, nmb, done;
+    uint64_t step;
+    Afd__StepResult res;
+    Afd__SeqToken **arr;
+    size_t cap;
+    uint32_t tokens;
+    uint64_t t0;
+} attn_acc_t;
+
 typedef struct attn_node {
     attn_opts_t o;
     mdl_config_t cfg;
@@ -120,9 +145,13 @@ typedef struct attn_node {
     attn_seq_t *seqs;   /* running, in admission order */
     int nseqs;
     attn_mb_t mb[ATTN_MAX_MB];
-    uint64_t cur_step;
     int step_failed;
     uint64_t last_hb_us;
+    int cur_nmb;                          /* micro-batches the sequences are spread over */
+    attn_plan_t plans[ATTN_MAX_PLANS];    /* received, not yet started by every micro-batch */
+    int nplans;
+    attn_acc_t acc[ATTN_MAX_PLANS];       /* results of steps in flight */
+    Afd__Frame *pending_peers;            /* a peer table waiting for the pipeline to drain */
     float *logits;
     int logits_cap;
     /* stats */
@@ -163,8 +192,8 @@ static void *attn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
     net_wire_hdr_t h;
     memcpy(&h, hdr, sizeof(h));
     int fi = ffn_index(a, h.src);
-    if (h.kind != NET_WIRE_F2A || fi < 0 || h.epoch != a->epoch || h.step != a->cur_step ||
-        h.payload != len) {
+    if (h.kind != NET_WIRE_F2A || fi < 0 || h.epoch != a->epoch || h.payload != len ||
+        h.mb >= ATTN_MAX_MB || !a->mb[h.mb].busy || a->mb[h.mb].step != h.step) {
         afd_warn("dropping an F2A message from node %u (step %llu, epoch %u): not expected",
                  h.src, (unsigned long long)h.step, h.epoch);
         return NULL;
@@ -384,7 +413,7 @@ static afd_status_t mb_reserve(attn_node_t *a, attn_mb_t *mb, int ntok, int nseq
     return mdl_ws_reserve(a->m, &mb->ws, ntok > 0 ? ntok : 1);
 }
 
-/* ---- the step ---- */
+/* ---- the pipeline ---- */
 
 static void send_heartbeat(attn_node_t *a);
 
@@ -396,38 +425,23 @@ static void maybe_heartbeat(attn_node_t *a)
     if (now - a->last_hb_us > (uint64_t)a->o.heartbeat_ms * 1000) send_heartbeat(a);
 }
 
-/* Waits until every FFN node answered micro-batch mb (or the deadline / a failure). */
-static afd_status_t wait_f2a(attn_node_t *a, attn_mb_t *mb, uint64_t deadline)
-{
-    uint64_t t0 = net_now_us();
-    while (mb->got < a->num_ffn) {
-        if (a->step_failed) return AFD_ERR_PEER;
-        if (net_now_us() > deadline) return AFD_ERR_TIMEOUT;
-        if (g_stop) return AFD_ERR_SHUTDOWN;
-        maybe_heartbeat(a);
-        net_node_wait(&a->ctl, a->ucx, (int)a->o.busy_poll_us, 5);
-    }
-    a->wait_us += net_now_us() - t0;
-    return AFD_OK;
-}
-
-static afd_status_t wait_tx(attn_node_t *a, attn_mb_t *mb, uint64_t deadline)
+/* Waits for the sends of a micro-batch's previous A2F (its buffer is reused). */
+static afd_status_t wait_tx(attn_node_t *a, attn_mb_t *mb)
 {
     while (mb->tx_pending > 0) {
         if (a->step_failed) return AFD_ERR_PEER;
-        if (net_now_us() > deadline) return AFD_ERR_TIMEOUT;
+        if (net_now_us() > mb->deadline_us) return AFD_ERR_TIMEOUT;
         net_node_wait(&a->ctl, a->ucx, (int)a->o.busy_poll_us, 5);
     }
     return AFD_OK;
 }
 
 /* Sends micro-batch mb's A2F for a layer to every FFN node. */
-static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int nmb, int layer,
-                             uint64_t deadline)
+static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
 {
     const mdl_config_t *c = &a->cfg;
     kn_backend_t *be = a->m->be;
-    afd_status_t st = wait_tx(a, mb, deadline);
+    afd_status_t st = wait_tx(a, mb);
     if (st) return st;
     uint32_t H = (uint32_t)c->hidden_size, k = c->is_moe[layer] ? (uint32_t)c->top_k : 0;
     uint64_t bytes = net_wire_payload_bytes(NET_WIRE_A2F, (uint32_t)mb->ntok, H, a->a2f, k);
@@ -453,10 +467,10 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int nmb, in
     h->kind = NET_WIRE_A2F;
     h->epoch = a->epoch;
     h->src = a->ctl.node_id;
-    h->step = a->cur_step;
+    h->step = mb->step;
     h->layer = (uint16_t)layer;
     h->mb = (uint8_t)mbi;
-    h->nmb = (uint8_t)nmb;
+    h->nmb = (uint8_t)mb->nmb;
     h->ntok = (uint32_t)mb->ntok;
     h->hidden = H;
     h->dtype = (uint8_t)a->a2f;
@@ -478,10 +492,11 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int nmb, in
     return AFD_OK;
 }
 
-static afd_status_t add_f2a(attn_node_t *a, attn_mb_t *mb)
+/* Sums the FFN partials of micro-batch mb into its residual. */
+static void add_f2a(attn_node_t *a, attn_mb_t *mb)
 {
     size_t n = (size_t)mb->ntok * a->cfg.hidden_size;
-    if (!n) return AFD_OK;
+    if (!n) return;
     kn_backend_t *be = a->m->be;
     /* partials arrive on the host; sum them there, then add into the residual */
     float *sum = mb->h_g;
@@ -493,226 +508,398 @@ static afd_status_t add_f2a(attn_node_t *a, attn_mb_t *mb)
         be->ops->upload(be, mb->g, sum, 4 * n);
         be->ops->add(be, mb->x, mb->g, n);
     }
-    return AFD_OK;
 }
 
-static afd_status_t run_step(attn_node_t *a, const Afd__StepPlan *plan, Afd__StepResult *res,
-                             Afd__SeqToken ***arr, size_t *arr_cap)
+/* Attention of one layer for micro-batch i, then its A2F. */
+static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
 {
-    const mdl_config_t *c = &a->cfg;
-    const mdl_model_t *m = a->m;
-    kn_backend_t *be = m->be;
-    uint64_t t_start = net_now_us();
-    int nmb = (int)plan->micro_batches;
-    if (nmb < 1 || nmb > ATTN_MAX_MB) nmb = 1;
-    a->cur_step = plan->step;
-    a->step_failed = 0;
-    uint64_t deadline = t_start + (uint64_t)a->o.step_deadline_ms * 1000;
+    attn_mb_t *mb = &a->mb[i];
+    uint64_t t0 = net_now_us();
+    if (mb->ntok) {
+        mdl_batch_t b = {.nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos,
+                         .seqs = mb->ks};
+        mdl_attn(a->m, &mb->ws, layer, &a->kv->store, &b, mb->x, mb->g, mb->ids, mb->wts);
+    }
+    uint64_t t1 = net_now_us();
+    a->attn_us += t1 - t0;
+    afd_status_t st = send_a2f(a, mb, i, layer);
+    a->xfer_us += net_now_us() - t1;
+    return st;
+}
 
+static attn_acc_t *acc_get(attn_node_t *a, uint64_t step, int nmb)
+{
+    attn_acc_t *fr = NULL;
+    for (int k = 0; k < ATTN_MAX_PLANS; k++) {
+        if (a->acc[k].used && a->acc[k].step == step) return &a->acc[k];
+        if (!a->acc[k].used && !fr) fr = &a->acc[k];
+    }
+    AFD_ASSERT(fr); /* at most a few steps are in flight */
+    memset(fr, 0, sizeof(*fr));
+    afd__step_result__init(&fr->res);
+    fr->used = 1;
+    fr->step = step;
+    fr->nmb = nmb;
+    fr->t0 = net_now_us();
+    fr->res.step = step;
+    return fr;
+}
+
+static void acc_send(attn_node_t *a, attn_acc_t *acc, const char *error)
+{
+    acc->res.tokens_in_step = acc->tokens;
+    acc->res.error = (char *)error;
+    Afd__Frame f = AFD__FRAME__INIT;
+    f.body_case = AFD__FRAME__BODY_RESULT;
+    f.result = &acc->res;
+    net_node_send(&a->ctl, &f);
+    for (size_t i = 0; i < acc->res.n_tokens; i++) {
+        free(acc->res.tokens[i]->top_ids);
+        free(acc->res.tokens[i]->top_logprobs);
+        free(acc->res.tokens[i]->error);
+        free(acc->res.tokens[i]);
+    }
+    free(acc->arr);
+    a->step_us += net_now_us() - acc->t0;
+    a->steps++;
+    acc->used = 0;
+}
+
+/* The earliest plan micro-batch i has not started; NULL when none has arrived. */
+static attn_plan_t *next_plan(attn_node_t *a, int i)
+{
+    for (int k = 0; k < a->nplans; k++)
+        if (!(a->plans[k].started & (1u << i))) return &a->plans[k];
+    return NULL;
+}
+
+static int all_idle(const attn_node_t *a)
+{
+    for (int i = 0; i < ATTN_MAX_MB; i++)
+        if (a->mb[i].busy) return 0;
+    return 1;
+}
+
+/* Drops plans every micro-batch has started. */
+static void plans_gc(attn_node_t *a)
+{
+    int k = 0;
+    for (int j = 0; j < a->nplans; j++) {
+        attn_plan_t *p = &a->plans[j];
+        unsigned all = (1u << p->f->plan->micro_batches) - 1;
+        if (p->applied && (p->started & all) == all)
+            net_frame_free(p->f);
+        else
+            a->plans[k++] = *p;
+    }
+    a->nplans = k;
+}
+
+/* Spreads the sequences over nmb micro-batches (a barrier: nothing is in flight). */
+static void rebalance(attn_node_t *a, int nmb)
+{
+    int i = 0;
+    for (attn_seq_t *s = a->seqs; s; s = s->next) s->mb = i++ % nmb;
+    a->cur_nmb = nmb;
+}
+
+/* Admissions and aborts of a plan, done when its first micro-batch starts. */
+static void plan_apply(attn_node_t *a, attn_plan_t *p)
+{
+    const Afd__StepPlan *plan = p->f->plan;
+    attn_acc_t *acc = acc_get(a, plan->step, (int)plan->micro_batches);
     for (size_t i = 0; i < plan->n_abort; i++) {
         attn_seq_t *s = seq_find(a, plan->abort[i]);
-        if (s) seq_remove(a, s);
+        if (!s) continue;
+        if (a->mb[s->mb].busy)
+            s->abort_pending = 1; /* its micro-batch is in flight: removed when it lands */
+        else
+            seq_remove(a, s);
     }
     for (size_t i = 0; i < plan->n_admit; i++) {
         const char *err = seq_admit(a, plan->admit[i]);
-        if (err) add_token(res, arr, arr_cap, new_token(plan->admit[i]->seq_id, AFD__FINISH__FINISH_ERROR, err));
-    }
-    /* this step's work: decode tokens always, prefill chunks up to the token budget */
-    int budget = (int)a->o.max_batch_tokens, nwork = 0;
-    for (int i = 0; i < nmb; i++) a->mb[i].nseq = a->mb[i].ntok = a->mb[i].nrows = 0;
-    attn_mb_t *mbs = a->mb;
-    afd_status_t st;
-    for (int pass = 0; pass < 2; pass++) {
-        /* pass 0 sizes the buffers, pass 1 fills them */
-        int cnt_tok[ATTN_MAX_MB] = {0}, cnt_seq[ATTN_MAX_MB] = {0};
-        int left = budget;
+        if (err) {
+            add_token(&acc->res, &acc->arr, &acc->cap,
+                      new_token(plan->admit[i]->seq_id, AFD__FINISH__FINISH_ERROR, err));
+            continue;
+        }
+        /* the new sequence joins the micro-batch with the fewest sequences */
+        int cnt[ATTN_MAX_MB] = {0};
+        attn_seq_t *added = NULL;
         for (attn_seq_t *s = a->seqs; s; s = s->next) {
-            int take;
-            if (s->cached < s->len - 1 || s->cached < s->prompt_len) {
-                take = s->len - s->cached;
-                if (take > left) take = left;
-                if (take <= 0) continue;
-                left -= take;
-            } else {
-                take = 1;
-            }
-            int best = 0;
-            for (int i = 1; i < nmb; i++)
-                if (cnt_tok[i] < cnt_tok[best]) best = i;
-            if (pass == 1) {
-                attn_mb_t *mb = &mbs[best];
-                mb->seqs[mb->nseq] = s;
-                mb->take[mb->nseq] = take;
-                mb->ks[mb->nseq] = (kn_seq_t){s->blocks, s->cached, take};
-                for (int k = 0; k < take; k++) {
-                    mb->tok[mb->ntok + k] = s->tokens[s->cached + k];
-                    mb->pos[mb->ntok + k] = s->cached + k;
-                }
-                mb->ntok += take;
-                if (s->cached + take == s->len) {
-                    mb->rows[mb->nrows] = mb->ntok - 1;
-                    mb->row_seq[mb->nrows++] = s;
-                }
-                mb->nseq++;
-                nwork += take;
-            }
-            cnt_tok[best] += take;
-            cnt_seq[best]++;
+            if (s->id == plan->admit[i]->seq_id) added = s;
+            else cnt[s->mb]++;
         }
-        if (pass == 0)
-            for (int i = 0; i < nmb; i++)
-                if ((st = mb_reserve(a, &mbs[i], cnt_tok[i], cnt_seq[i]))) return st;
+        int best = 0;
+        for (int m = 1; m < a->cur_nmb; m++)
+            if (cnt[m] < cnt[best]) best = m;
+        if (added) added->mb = best;
     }
-    /* the pipeline: attention of micro-batch i overlaps the FFN work of micro-batch i-1 */
-    for (int i = 0; i < nmb; i++) {
-        attn_mb_t *mb = &mbs[i];
-        if (mb->ntok) {
-            mdl_batch_t b = {.nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok,
-                             .pos = mb->pos, .seqs = mb->ks};
-            mdl_embed(m, &mb->ws, &b, mb->x);
+    p->applied = 1;
+    p->prefill_left = (int)a->o.max_batch_tokens;
+}
+
+/* Starts micro-batch i on plan p: builds its work, embeds and runs layer 0. */
+static afd_status_t mb_start(attn_node_t *a, int i, attn_plan_t *p)
+{
+    const Afd__StepPlan *plan = p->f->plan;
+    attn_mb_t *mb = &a->mb[i];
+    if (!p->applied) plan_apply(a, p);
+    p->started |= 1u << i;
+    acc_get(a, plan->step, (int)plan->micro_batches);
+    /* aborted sequences of this micro-batch leave now that it is idle */
+    for (attn_seq_t *s = a->seqs, *nx; s; s = nx) {
+        nx = s->next;
+        if (s->mb == i && s->abort_pending) seq_remove(a, s);
+    }
+    int ntok = 0, nseq = 0, left = p->prefill_left;
+    for (attn_seq_t *s = a->seqs; s; s = s->next) {
+        if (s->mb != i) continue;
+        int take = s->len - s->cached;
+        if (s->cached < s->len - 1 || s->cached < s->prompt_len) {
+            if (take > left) take = left;
+            if (take <= 0) continue;
+            left -= take;
+        } else {
+            take = 1;
         }
+        ntok += take;
+        nseq++;
     }
-    for (int l = 0; l < c->num_layers; l++) {
-        for (int i = 0; i < nmb; i++) {
-            attn_mb_t *mb = &mbs[i];
-            if (l > 0) {
-                if ((st = wait_f2a(a, mb, deadline))) return st;
-                add_f2a(a, mb);
-            }
-            uint64_t t0 = net_now_us();
-            if (mb->ntok) {
-                mdl_batch_t b = {.nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok,
-                                 .pos = mb->pos, .seqs = mb->ks};
-                mdl_attn(m, &mb->ws, l, &a->kv->store, &b, mb->x, mb->g, mb->ids, mb->wts);
-            }
-            uint64_t t1 = net_now_us();
-            a->attn_us += t1 - t0;
-            if ((st = send_a2f(a, mb, i, nmb, l, deadline))) return st;
-            a->xfer_us += net_now_us() - t1;
+    afd_status_t st = mb_reserve(a, mb, ntok, nseq);
+    if (st) return st;
+    mb->nseq = mb->ntok = mb->nrows = 0;
+    for (attn_seq_t *s = a->seqs; s; s = s->next) {
+        if (s->mb != i) continue;
+        int take = s->len - s->cached;
+        if (s->cached < s->len - 1 || s->cached < s->prompt_len) {
+            if (take > p->prefill_left) take = p->prefill_left;
+            if (take <= 0) continue;
+            p->prefill_left -= take;
+        } else {
+            take = 1;
         }
+        mb->seqs[mb->nseq] = s;
+        mb->take[mb->nseq] = take;
+        mb->ks[mb->nseq] = (kn_seq_t){s->blocks, s->cached, take};
+        for (int k = 0; k < take; k++) {
+            mb->tok[mb->ntok + k] = s->tokens[s->cached + k];
+            mb->pos[mb->ntok + k] = s->cached + k;
+        }
+        mb->ntok += take;
+        if (s->cached + take == s->len) {
+            mb->rows[mb->nrows] = mb->ntok - 1;
+            mb->row_seq[mb->nrows++] = s;
+        }
+        mb->nseq++;
     }
-    /* the last layer: each micro-batch is finished (final norm, lm_head, sampling) as soon
-     * as its FFN answer is in, while the FFN nodes still work on the later ones */
-    int nrows = 0;
-    for (int i = 0; i < nmb; i++)
-        if (mbs[i].nrows > nrows) nrows = mbs[i].nrows;
+    mb->busy = 1;
+    mb->step = plan->step;
+    mb->nmb = (int)plan->micro_batches;
+    mb->deadline_us = net_now_us() + (uint64_t)a->o.step_deadline_ms * 1000;
+    if (mb->ntok) {
+        mdl_batch_t b = {.nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos,
+                         .seqs = mb->ks};
+        mdl_embed(a->m, &mb->ws, &b, mb->x);
+    }
+    plans_gc(a);
+    return mb_layer(a, i, 0);
+}
+
+/* The last FFN answer of micro-batch i is in: final norm, lm_head and sampling. */
+static afd_status_t mb_finish(attn_node_t *a, int i)
+{
+    attn_mb_t *mb = &a->mb[i];
+    const mdl_config_t *c = &a->cfg;
+    kn_backend_t *be = a->m->be;
+    attn_acc_t *acc = acc_get(a, mb->step, mb->nmb);
+    for (int j = 0; j < mb->nseq; j++) mb->seqs[j]->cached += mb->take[j];
     size_t V = (size_t)c->vocab_size;
-    if (nrows > a->logits_cap) {
+    if (mb->nrows > a->logits_cap) {
         free(a->logits);
-        a->logits = malloc(4 * V * (size_t)nrows);
-        if (!a->logits) {
-            a->logits_cap = 0;
-            return AFD_ERR_NOMEM;
-        }
-        a->logits_cap = nrows;
+        a->logits = malloc(4 * V * (size_t)mb->nrows);
+        a->logits_cap = a->logits ? mb->nrows : 0;
+        if (!a->logits) return AFD_ERR_NOMEM;
     }
-    for (int i = 0; i < nmb; i++) {
-        attn_mb_t *mb = &mbs[i];
-        if ((st = wait_f2a(a, mb, deadline))) return st;
-        add_f2a(a, mb);
-        for (int j = 0; j < mb->nseq; j++) mb->seqs[j]->cached += mb->take[j];
-        if (!mb->nrows) continue;
-        uint64_t t0 = net_now_us();
+    uint64_t t0 = net_now_us();
+    if (mb->nrows) {
         float *dl = a->logits;
         if (strcmp(be->ops->name, "cpu") != 0) {
             dl = be->ops->alloc(be, 4 * V * (size_t)mb->nrows);
             if (!dl) return AFD_ERR_NOMEM;
         }
-        mdl_final(m, &mb->ws, mb->x, mb->rows, mb->nrows, dl);
+        mdl_final(a->m, &mb->ws, mb->x, mb->rows, mb->nrows, dl);
         if (dl != a->logits) {
             be->ops->download(be, a->logits, dl, 4 * V * (size_t)mb->nrows);
             be->ops->free(be, dl);
         }
-        for (int r = 0; r < mb->nrows; r++) {
-            attn_seq_t *s = mb->row_seq[r];
-            mdl_sample_t out;
-            mdl_sampler_pick(a->smp, a->logits + (size_t)r * V, &s->sp, &s->rng, &out);
-            s->tokens[s->len++] = out.token;
-            s->ngen++;
-            Afd__Finish fin = AFD__FINISH__FINISH_NONE;
-            if (seq_stops(a, s, out.token))
-                fin = AFD__FINISH__FINISH_STOP;
-            else if (s->ngen >= s->max_tokens)
-                fin = AFD__FINISH__FINISH_LENGTH;
-            Afd__SeqToken *t = new_token(s->id, fin, NULL);
-            t->token = out.token;
-            t->logprob = out.logprob;
-            t->prompt_tokens = (uint32_t)s->prompt_len;
-            if (out.ntop > 0) {
-                t->n_top_ids = t->n_top_logprobs = (size_t)out.ntop;
-                t->top_ids = malloc(4 * (size_t)out.ntop);
-                t->top_logprobs = malloc(4 * (size_t)out.ntop);
-                AFD_ASSERT(t->top_ids && t->top_logprobs);
-                memcpy(t->top_ids, out.top_ids, 4 * (size_t)out.ntop);
-                memcpy(t->top_logprobs, out.top_logprobs, 4 * (size_t)out.ntop);
-            }
-            add_token(res, arr, arr_cap, t);
-            if (fin != AFD__FINISH__FINISH_NONE) seq_remove(a, s);
-        }
-        a->attn_us += net_now_us() - t0;
     }
-    for (int i = 0; i < nmb; i++)
-        if ((st = wait_tx(a, &mbs[i], deadline))) return st;
-    a->tokens += (uint64_t)nwork;
-    res->tokens_in_step = (uint32_t)nwork;
-    a->steps++;
-    a->step_us += net_now_us() - t_start;
+    for (int r = 0; r < mb->nrows; r++) {
+        attn_seq_t *s = mb->row_seq[r];
+        if (s->abort_pending) continue; /* removed below: nobody waits for its token */
+        mdl_sample_t out;
+        mdl_sampler_pick(a->smp, a->logits + (size_t)r * V, &s->sp, &s->rng, &out);
+        s->tokens[s->len++] = out.token;
+        s->ngen++;
+        Afd__Finish fin = AFD__FINISH__FINISH_NONE;
+        if (seq_stops(a, s, out.token))
+            fin = AFD__FINISH__FINISH_STOP;
+        else if (s->ngen >= s->max_tokens)
+            fin = AFD__FINISH__FINISH_LENGTH;
+        Afd__SeqToken *t = new_token(s->id, fin, NULL);
+        t->token = out.token;
+        t->logprob = out.logprob;
+        t->prompt_tokens = (uint32_t)s->prompt_len;
+        if (out.ntop > 0) {
+            t->n_top_ids = t->n_top_logprobs = (size_t)out.ntop;
+            t->top_ids = malloc(4 * (size_t)out.ntop);
+            t->top_logprobs = malloc(4 * (size_t)out.ntop);
+            AFD_ASSERT(t->top_ids && t->top_logprobs);
+            memcpy(t->top_ids, out.top_ids, 4 * (size_t)out.ntop);
+            memcpy(t->top_logprobs, out.top_logprobs, 4 * (size_t)out.ntop);
+        }
+        add_token(&acc->res, &acc->arr, &acc->cap, t);
+        if (fin != AFD__FINISH__FINISH_NONE) seq_remove(a, s);
+    }
+    for (attn_seq_t *s = a->seqs, *nx; s; s = nx) {
+        nx = s->next;
+        if (s->mb == i && s->abort_pending) seq_remove(a, s);
+    }
+    a->attn_us += net_now_us() - t0;
+    a->tokens += (uint64_t)mb->ntok;
+    acc->tokens += (uint32_t)mb->ntok;
+    mb->busy = 0;
+    if (++acc->done == acc->nmb) acc_send(a, acc, NULL);
     return AFD_OK;
 }
 
-static void free_result(Afd__StepResult *res)
+/* A step failed (deadline, dead peer): every sequence here ends with the error, every step
+ * in flight reports it, and the pipeline starts empty. */
+static void pipeline_fail(attn_node_t *a, afd_status_t st, const char *why)
 {
-    for (size_t i = 0; i < res->n_tokens; i++) {
-        free(res->tokens[i]->top_ids);
-        free(res->tokens[i]->top_logprobs);
-        free(res->tokens[i]->error);
-        free(res->tokens[i]);
+    char msg[200];
+    snprintf(msg, sizeof(msg), "attention node %u: step failed: %s", a->ctl.node_id,
+             why ? why : afd_status_str(st));
+    afd_error("%s", msg);
+    attn_acc_t *first = NULL;
+    for (int k = 0; k < ATTN_MAX_PLANS; k++)
+        if (a->acc[k].used && (!first || a->acc[k].step < first->step)) first = &a->acc[k];
+    for (int i = 0; i < ATTN_MAX_MB; i++)
+        if (a->mb[i].busy && !first) first = acc_get(a, a->mb[i].step, a->mb[i].nmb);
+    while (a->seqs) {
+        if (first)
+            add_token(&first->res, &first->arr, &first->cap,
+                      new_token(a->seqs->id, AFD__FINISH__FINISH_ERROR, msg));
+        seq_remove(a, a->seqs);
     }
+    for (int k = 0; k < ATTN_MAX_PLANS; k++)
+        if (a->acc[k].used) acc_send(a, &a->acc[k], msg);
+    for (int i = 0; i < ATTN_MAX_MB; i++) {
+        a->mb[i].busy = 0;
+        a->mb[i].tx_pending = 0;
+    }
+    /* plans some micro-batches started are over; the others run later, empty */
+    int k = 0;
+    for (int j = 0; j < a->nplans; j++) {
+        if (a->plans[j].started)
+            net_frame_free(a->plans[j].f);
+        else
+            a->plans[k++] = a->plans[j];
+    }
+    a->nplans = k;
+    a->step_failed = 0;
 }
 
-static void handle_plan(attn_node_t *a, const Afd__StepPlan *plan)
+/*
+ * Runs the next task of the pipeline, in (step, layer, micro-batch) order: a micro-batch
+ * whose FFN answers are all in goes on with its next layer (or is sampled after the last),
+ * an idle micro-batch starts its next step as soon as that step's plan is here. Returns 1
+ * when it did something.
+ */
+static int pipeline_run(attn_node_t *a)
 {
-    Afd__StepResult res = AFD__STEP_RESULT__INIT;
-    Afd__StageTimes times = AFD__STAGE_TIMES__INIT;
-    Afd__SeqToken **arr = NULL;
-    size_t cap = 0;
-    uint64_t a0 = a->attn_us, w0 = a->wait_us, x0 = a->xfer_us, t0 = net_now_us();
-    res.step = plan->step;
-    afd_status_t st = plan->epoch == a->epoch ? run_step(a, plan, &res, &arr, &cap)
-                                              : AFD_ERR_PEER;
-    if (st) {
-        char msg[160];
-        snprintf(msg, sizeof(msg), "step %llu failed on attention node %u: %s",
-                 (unsigned long long)plan->step, a->ctl.node_id,
-                 plan->epoch != a->epoch ? "placement epoch changed" : afd_status_str(st));
-        afd_error("%s", msg);
-        res.error = msg;
-        /* every sequence here depended on the step: end them all with the error */
-        while (a->seqs) {
-            add_token(&res, &arr, &cap, new_token(a->seqs->id, AFD__FINISH__FINISH_ERROR, msg));
-            seq_remove(a, a->seqs);
+    int L = a->cfg.num_layers, best = -1;
+    uint64_t bstep = 0;
+    int blayer = 0;
+    attn_plan_t *bplan = NULL;
+    for (int i = 0; i < a->cur_nmb; i++) {
+        attn_mb_t *mb = &a->mb[i];
+        uint64_t step;
+        int layer;
+        attn_plan_t *p = NULL;
+        if (mb->busy) {
+            if (mb->got < a->num_ffn) continue;
+            step = mb->step;
+            layer = mb->want_layer + 1;
+        } else {
+            p = next_plan(a, i);
+            if (!p) continue;
+            const Afd__StepPlan *pl = p->f->plan;
+            /* a new micro-batch count or placement is a barrier, handled below once
+             * every micro-batch is idle */
+            if ((int)pl->micro_batches != a->cur_nmb || pl->epoch != a->epoch) continue;
+            step = pl->step;
+            layer = 0;
         }
-        for (int i = 0; i < ATTN_MAX_MB; i++) a->mb[i].tx_pending = 0;
-        Afd__Frame f = AFD__FRAME__INIT;
-        f.body_case = AFD__FRAME__BODY_RESULT;
-        f.result = &res;
-        net_node_send(&a->ctl, &f);
-        res.error = NULL;
-        free_result(&res);
-        free(arr);
+        if (best < 0 || step < bstep || (step == bstep && layer < blayer)) {
+            best = i;
+            bstep = step;
+            blayer = layer;
+            bplan = p;
+        }
+    }
+    if (best < 0) {
+        /* the barrier case: micro-batch count or epoch changes, every micro-batch idle */
+        if (a->nplans && all_idle(a) && !a->plans[0].started) {
+            attn_plan_t *p = &a->plans[0];
+            const Afd__StepPlan *pl = p->f->plan;
+            if (pl->epoch != a->epoch) {
+                attn_acc_t *acc = acc_get(a, pl->step, (int)pl->micro_batches);
+                (void)acc;
+                pipeline_fail(a, AFD_ERR_PEER, "placement epoch changed");
+                /* the plan itself never ran: report its step too and drop it */
+                net_frame_free(p->f);
+                memmove(&a->plans[0], &a->plans[1], sizeof(a->plans[0]) * (size_t)(--a->nplans));
+                return 1;
+            }
+            if ((int)pl->micro_batches != a->cur_nmb) {
+                int nmb = (int)pl->micro_batches;
+                if (nmb < 1 || nmb > ATTN_MAX_MB) nmb = 1;
+                rebalance(a, nmb);
+                return 1;
+            }
+        }
+        return 0;
+    }
+    afd_status_t st;
+    attn_mb_t *mb = &a->mb[best];
+    if (!mb->busy) {
+        st = mb_start(a, best, bplan);
+    } else {
+        add_f2a(a, mb);
+        st = blayer < L ? mb_layer(a, best, blayer) : mb_finish(a, best);
+    }
+    if (st) pipeline_fail(a, st, NULL);
+    return 1;
+}
+
+static void queue_plan(attn_node_t *a, Afd__Frame *f)
+{
+    const Afd__StepPlan *pl = f->plan;
+    if (pl->micro_batches < 1 || pl->micro_batches > ATTN_MAX_MB || a->nplans == ATTN_MAX_PLANS) {
+        afd_error("plan for step %llu refused: %u micro-batches, %d plans queued",
+                  (unsigned long long)pl->step, pl->micro_batches, a->nplans);
+        Afd__StepResult res = AFD__STEP_RESULT__INIT;
+        res.step = pl->step;
+        res.error = "plan refused by the attention node";
+        Afd__Frame out = AFD__FRAME__INIT;
+        out.body_case = AFD__FRAME__BODY_RESULT;
+        out.result = &res;
+        net_node_send(&a->ctl, &out);
+        net_frame_free(f);
         return;
     }
-    times.attn_us = a->attn_us - a0;
-    times.wait_us = a->wait_us - w0;
-    times.xfer_us = a->xfer_us - x0;
-    times.step_us = net_now_us() - t0;
-    res.times = &times;
-    Afd__Frame f = AFD__FRAME__INIT;
-    f.body_case = AFD__FRAME__BODY_RESULT;
-    f.result = &res;
-    net_node_send(&a->ctl, &f);
-    free_result(&res);
-    free(arr);
+    a->plans[a->nplans++] = (attn_plan_t){.f = f};
 }
 
 static void send_heartbeat(attn_node_t *a)
@@ -833,25 +1020,54 @@ int main(int argc, char **argv)
     int rc = 0;
     while (!g_stop) {
         Afd__Frame *in;
-        while (!g_stop && (st = net_node_next(&a.ctl, &in)) == AFD_OK) {
+        while ((st = net_node_next(&a.ctl, &in)) == AFD_OK) {
+            if (in->body_case == AFD__FRAME__BODY_PLAN) {
+                queue_plan(&a, in); /* owns the frame now */
+                continue;
+            }
             if (in->body_case == AFD__FRAME__BODY_PEERS) {
-                if (apply_peers(&a, in->peers) == AFD_OK) net_node_send_connected(&a.ctl, a.epoch);
-            } else if (in->body_case == AFD__FRAME__BODY_PLAN) {
-                handle_plan(&a, in->plan);
+                /* a new placement applies once nothing is in flight */
+                if (a.pending_peers) net_frame_free(a.pending_peers);
+                a.pending_peers = in;
+                continue;
             }
             net_frame_free(in);
-            maybe_heartbeat(&a);
         }
         if (st == AFD_ERR_PEER) {
             afd_error("lost the coordinator; exiting");
             rc = 1;
             break;
         }
+        if (a.pending_peers && all_idle(&a)) {
+            if (apply_peers(&a, a.pending_peers->peers) == AFD_OK)
+                net_node_send_connected(&a.ctl, a.epoch);
+            net_frame_free(a.pending_peers);
+            a.pending_peers = NULL;
+        }
         maybe_heartbeat(&a);
-        net_node_wait(&a.ctl, a.ucx, 0, 100);
+        if (a.step_failed) {
+            pipeline_fail(&a, AFD_ERR_PEER, "an FFN node failed");
+            continue;
+        }
+        if (pipeline_run(&a)) continue;
+        /* nothing runnable: wait for FFN answers (spinning briefly while a step is in
+         * flight) or for the coordinator; check the step deadlines */
+        int inflight = !all_idle(&a);
+        uint64_t t0 = net_now_us();
+        net_node_wait(&a.ctl, a.ucx, inflight ? (int)a.o.busy_poll_us : 0, inflight ? 5 : 100);
+        if (inflight) {
+            a.wait_us += net_now_us() - t0;
+            for (int i = 0; i < ATTN_MAX_MB; i++)
+                if (a.mb[i].busy && net_now_us() > a.mb[i].deadline_us) {
+                    pipeline_fail(&a, AFD_ERR_TIMEOUT, "step deadline passed (FFN answers missing)");
+                    break;
+                }
+        }
     }
     afd_info("stopping");
     net_node_close(&a.ctl);
+    for (int k = 0; k < a.nplans; k++) net_frame_free(a.plans[k].f);
+    if (a.pending_peers) net_frame_free(a.pending_peers);
     while (a.seqs) seq_remove(&a, a.seqs);
     for (int f = 0; f < a.num_ffn; f++)
         if (a.ffn_peers[f]) net_ucx_disconnect(a.ffn_peers[f]);

@@ -106,6 +106,13 @@ static ffn_slot_t *slot_find(ffn_node_t *f, const net_wire_hdr_t *h, int create)
     ffn_slot_t *free_slot = NULL;
     for (int i = 0; i < FFN_MAX_SLOTS; i++) {
         ffn_slot_t *s = &f->slots[i];
+        /* a slot some attention node never completed (its step failed there) goes stale:
+         * steps in flight are at most a few apart */
+        if (create && s->used && s->have >= 0 && !s->complete && s->key.step + 8 < h->step) {
+            afd_warn("dropping the unfinished step %llu layer %u micro-batch %u",
+                     (unsigned long long)s->key.step, s->key.layer, s->key.mb);
+            s->used = 0;
+        }
         if (s->used && s->key.step == h->step && s->key.layer == h->layer && s->key.mb == h->mb)
             return s;
         if (!s->used && !free_slot) free_slot = s;
