@@ -514,14 +514,12 @@ static void add_f2a(attn_node_t *a, attn_mb_t *mb)
 static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
 {
     attn_mb_t *mb = &a->mb[i];
-    uint64_t t0 = net_now_us();
     if (mb->ntok) {
         mdl_batch_t b = {.nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos,
                          .seqs = mb->ks};
         mdl_attn(a->m, &mb->ws, layer, &a->kv->store, &b, mb->x, mb->g, mb->ids, mb->wts);
     }
     uint64_t t1 = net_now_us();
-    a->attn_us += t1 - t0;
     afd_status_t st = send_a2f(a, mb, i, layer);
     a->xfer_us += net_now_us() - t1;
     return st;
@@ -721,7 +719,6 @@ static afd_status_t mb_finish(attn_node_t *a, int i)
         a->logits_cap = a->logits ? mb->nrows : 0;
         if (!a->logits) return AFD_ERR_NOMEM;
     }
-    uint64_t t0 = net_now_us();
     if (mb->nrows) {
         float *dl = a->logits;
         if (strcmp(be->ops->name, "cpu") != 0) {
@@ -765,7 +762,6 @@ static afd_status_t mb_finish(attn_node_t *a, int i)
         nx = s->next;
         if (s->mb == i && s->abort_pending) seq_remove(a, s);
     }
-    a->attn_us += net_now_us() - t0;
     a->tokens += (uint64_t)mb->ntok;
     acc->tokens += (uint32_t)mb->ntok;
     mb->busy = 0;
@@ -873,12 +869,16 @@ static int pipeline_run(attn_node_t *a)
     }
     afd_status_t st;
     attn_mb_t *mb = &a->mb[best];
+    /* attn_us: everything this core does for the pipeline (attention, packing and sending
+     * A2F, summing F2A, sampling), the attention stage's busy time */
+    uint64_t t0 = net_now_us();
     if (!mb->busy) {
         st = mb_start(a, best, bplan);
     } else {
         add_f2a(a, mb);
         st = blayer < L ? mb_layer(a, best, blayer) : mb_finish(a, best);
     }
+    a->attn_us += net_now_us() - t0;
     if (st) pipeline_fail(a, st, NULL);
     return 1;
 }

@@ -118,12 +118,14 @@ for m in a.micro_batches:
         tps = (k1 - k0) / (t1 - t0)
         steps = b1["attention"][0] - b0["attention"][0]
         if steps > 0:
+            # busy time per step of each stage, against the achieved time per step (steps
+            # overlap in the pipeline: the batch over the decode rate)
             attn = (b1["attention"][1] - b0["attention"][1]) / steps
             ffn = (b1["ffn"][2] - b0["ffn"][2]) / steps
-            step = (b1["attention"][3] - b0["attention"][3]) / steps
+            step = 1e6 * a.batch / tps
             eff = f"{max(attn, ffn) / step:.0%}"
-            detail = (f"per step: attention {attn / 1000:.0f} ms, FFN {ffn / 1000:.0f} ms, "
-                      f"step {step / 1000:.0f} ms ({steps} steps)")
+            detail = (f"per step: attention {attn / 1000:.0f} ms, FFN {ffn / 1000:.0f} ms busy, "
+                      f"{step / 1000:.0f} ms achieved ({steps} steps)")
         else:
             eff, detail = "n/a", "(heartbeats did not cover the window; raise --tokens)"
         print(f"AFD 1A1F pinned, m={m}: {tps:7.1f} decode tokens/s = {tps / base_tps:.2f}x "

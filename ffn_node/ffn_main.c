@@ -256,8 +256,6 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         return;
     }
     if (n > 0) mdl_ffn(f->m, &f->ws, layer, f->g, n, f->ids, f->wts, f->out);
-    uint64_t t1 = net_now_us();
-    f->ffn_us += t1 - t0;
     f->tokens += (uint64_t)n;
     off = 0;
     for (int a = 0; a < f->num_attn; a++) {
@@ -292,6 +290,8 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         }
         f->f2a_bytes += bytes;
     }
+    /* ffn_us: the FFN stage's busy time, unpacking, compute, packing and sending */
+    f->ffn_us += net_now_us() - t0;
     if (layer == c->num_layers - 1 && s->key.mb == s->key.nmb - 1) f->steps++;
     s->complete = 0;
     s->have = -1; /* processed: freed once the sends complete */

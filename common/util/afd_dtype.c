@@ -130,24 +130,24 @@ const float afd_e4m3_table[256] = {
 
 uint8_t afd_f32_to_e4m3(float f)
 {
-    if (isnan(f)) return 0x7f;
-    uint8_t sign = signbit(f) ? 0x80 : 0;
-    float a = fabsf(f);
-    if (a >= AFD_E4M3_MAX) return sign | 0x7e; /* saturate to 448 */
-    if (a < ldexpf(1.0f, -6)) {                 /* subnormal range: multiples of 2^-9 */
-        float m = nearbyintf(a * 512.0f);      /* m in 0..8; 8 is the smallest normal */
+    union {
+        float f;
+        uint32_t u;
+    } v = {.f = f};
+    uint8_t sign = (uint8_t)((v.u >> 24) & 0x80);
+    uint32_t abs = v.u & 0x7fffffffu;
+    if (abs > 0x7f800000u) return 0x7f;               /* NaN */
+    if (abs >= 0x43e00000u) return sign | 0x7e;       /* >= 448 (and inf): saturate */
+    if (abs < 0x3c800000u) {                          /* below 2^-6: subnormal steps of 2^-9 */
+        float m = nearbyintf(v.f < 0 ? -v.f * 512.0f : v.f * 512.0f); /* 0..8; 8 = 2^-6 */
         return sign | (uint8_t)m;
     }
-    int e;
-    float m = frexpf(a, &e); /* a = m * 2^e, m in [0.5, 1) */
-    float scaled = nearbyintf(m * 16.0f); /* 4 significant bits, ties to even */
-    if (scaled >= 16.0f) {
-        scaled /= 2;
-        e++;
-    }
-    int exp = e - 1 + 7;
-    if (exp > 15 || (exp == 15 && ((int)scaled & 7) == 7)) return sign | 0x7e;
-    return sign | (uint8_t)(exp << 3) | ((uint8_t)scaled & 7);
+    /* normal: rebias the exponent (127 -> 7) and round the mantissa to 3 bits, ties to even;
+     * a carry out of the mantissa bumps the exponent, as it should */
+    uint32_t x = abs - (120u << 23);
+    x = (x + 0x7ffffu + ((x >> 20) & 1u)) >> 20;
+    if (x > 0x7e) x = 0x7e;
+    return sign | (uint8_t)x;
 }
 
 void afd_convert_to_f32(afd_dtype_t dt, const void *src, float *dst, size_t n)
