@@ -37,7 +37,7 @@ LLHTTP_DIR ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
 INCLUDES := -Icommon/util -Icommon/model -Icommon/kernels -Icommon/net -I$(BUILD)/proto -I$(LLHTTP_INC)
 CFLAGS := -std=c11 -Wall -Wextra -Werror $(OPT) -g -MMD -MP -pthread $(SANFLAGS) $(INCLUDES)
-LDFLAGS := -pthread $(SANFLAGS)
+LDFLAGS := -pthread -Wl,--as-needed $(SANFLAGS)
 LDLIBS := -lucp -lucs -luv -lprotobuf-c -lcjson -lopenblas -lm
 
 COMMON_SRC := $(wildcard common/util/*.c common/model/*.c common/kernels/*.c common/kernels/cpu/*.c common/net/*.c)

@@ -99,12 +99,10 @@ typedef struct attn_mb {
     int32_t *ids;
     int32_t *h_ids;
     float *h_wts, *h_g;
-    uint8_t *tx;        /* packed A2F */
-    size_t tx_cap;
+    net_ucx_buf_t tx;   /* packed A2F */
     int tx_pending;
     net_wire_hdr_t txh;
-    uint8_t *rx[ATTN_MAX_FFN];
-    size_t rx_cap[ATTN_MAX_FFN];
+    net_ucx_buf_t rx[ATTN_MAX_FFN]; /* F2A answers, one per FFN node */
     int got;            /* F2A answers received for `want_layer` */
     int want_layer;
     mdl_ws_t ws;
@@ -206,13 +204,8 @@ static void *attn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
         return NULL;
     }
     if (len == 0) return g_empty;
-    if (mb->rx_cap[fi] < len) {
-        uint8_t *nb = realloc(mb->rx[fi], len);
-        if (!nb) return NULL;
-        mb->rx[fi] = nb;
-        mb->rx_cap[fi] = len;
-    }
-    return mb->rx[fi];
+    if (net_ucx_buf_reserve(a->ucx, &mb->rx[fi], len)) return NULL;
+    return mb->rx[fi].p;
 }
 
 static void attn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, size_t len,
@@ -445,12 +438,7 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
     if (st) return st;
     uint32_t H = (uint32_t)c->hidden_size, k = c->is_moe[layer] ? (uint32_t)c->top_k : 0;
     uint64_t bytes = net_wire_payload_bytes(NET_WIRE_A2F, (uint32_t)mb->ntok, H, a->a2f, k);
-    if (mb->tx_cap < bytes) {
-        uint8_t *nb = realloc(mb->tx, bytes);
-        if (!nb) return AFD_ERR_NOMEM;
-        mb->tx = nb;
-        mb->tx_cap = bytes;
-    }
+    if ((st = net_ucx_buf_reserve(a->ucx, &mb->tx, bytes))) return st;
     if (mb->ntok) {
         size_t n = (size_t)mb->ntok;
         be->ops->download(be, mb->h_g, mb->g, 4 * n * H);
@@ -458,7 +446,7 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
             be->ops->download(be, mb->h_ids, mb->ids, 4 * n * k);
             be->ops->download(be, mb->h_wts, mb->wts, 4 * n * k);
         }
-        net_wire_pack_a2f(mb->h_g, (uint32_t)n, H, a->a2f, mb->h_ids, mb->h_wts, k, mb->tx);
+        net_wire_pack_a2f(mb->h_g, (uint32_t)n, H, a->a2f, mb->h_ids, mb->h_wts, k, mb->tx.p);
     }
     net_wire_hdr_t *h = &mb->txh;
     memset(h, 0, sizeof(*h));
@@ -482,7 +470,8 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
     for (int f = 0; f < a->num_ffn; f++) {
         h->send_ns = net_wire_now_ns();
         mb->tx_pending++;
-        st = net_ucx_send(a->ffn_peers[f], h, sizeof(*h), mb->tx, bytes, NULL, attn_send_done, mb);
+        st = net_ucx_send(a->ffn_peers[f], h, sizeof(*h), mb->tx.p, bytes, bytes ? mb->tx.memh : NULL,
+                          attn_send_done, mb);
         if (st) {
             mb->tx_pending--;
             return st;
@@ -501,7 +490,7 @@ static void add_f2a(attn_node_t *a, attn_mb_t *mb)
     /* partials arrive on the host; sum them there, then add into the residual */
     float *sum = mb->h_g;
     memset(sum, 0, 4 * n);
-    for (int f = 0; f < a->num_ffn; f++) net_wire_add_rows(mb->rx[f], n, a->f2a, sum);
+    for (int f = 0; f < a->num_ffn; f++) net_wire_add_rows(mb->rx[f].p, n, a->f2a, sum);
     if (strcmp(be->ops->name, "cpu") == 0) {
         be->ops->add(be, mb->x, sum, n);
     } else {
@@ -1071,6 +1060,10 @@ int main(int argc, char **argv)
     while (a.seqs) seq_remove(&a, a.seqs);
     for (int f = 0; f < a.num_ffn; f++)
         if (a.ffn_peers[f]) net_ucx_disconnect(a.ffn_peers[f]);
+    for (int i = 0; i < ATTN_MAX_MB; i++) {
+        net_ucx_buf_free(a.ucx, &a.mb[i].tx);
+        for (int f = 0; f < ATTN_MAX_FFN; f++) net_ucx_buf_free(a.ucx, &a.mb[i].rx[f]);
+    }
     net_ucx_destroy(a.ucx);
     mdl_sampler_destroy(a.smp);
     mdl_kv_destroy(a.kv);

@@ -1,8 +1,11 @@
 #!/bin/bash
-# The CPU benchmarks (`make bench`): GEMM of the cpu backend against raw OpenBLAS at the
-# model's shapes, then decode throughput of the single-process runner on the mini model.
+# The CPU benchmarks (`make bench`, about 6 minutes on 2 cores): GEMM of the cpu backend
+# against raw OpenBLAS at the model's shapes; decode throughput of the single-process runner
+# on the mini model; the data-plane transfer rate next to ucx_perftest; and the AFD pipeline
+# (1A1F, a core each) against the single-process runner on one core.
 #   BUILD  build directory (default build)
 #   QUICK=1 runs the GEMM benchmark with --quick
+#   ONLY="gemm decode xfer pipeline" picks some of them
 set -eu
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -12,13 +15,29 @@ start=$(date +%s)
 
 [ -x "$BIN/afd_gemm_bench" ] || { echo "run_cpu: $BIN/afd_gemm_bench is missing (run make)" >&2; exit 1; }
 
-echo "=== GEMM: cpu backend matmul vs raw cblas_sgemm (1 thread, y = x W^T, bf16 weights) ==="
-gemm_args=(--threads 1 --json "$BUILD/bench-gemm.json")
-[ "${QUICK:-0}" = 1 ] && gemm_args+=(--quick)
-"$BIN/afd_gemm_bench" "${gemm_args[@]}"
-echo "(results also in $BUILD/bench-gemm.json)"
-echo
-echo "=== Decode: afd_run on the mini model, 1 thread ==="
-bench/decode_cpu.sh
-echo
+ONLY=${ONLY:-"gemm decode xfer pipeline"}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+if want gemm; then
+    echo "=== GEMM: cpu backend matmul vs raw cblas_sgemm (1 thread, y = x W^T, bf16 weights) ==="
+    gemm_args=(--threads 1 --json "$BUILD/bench-gemm.json")
+    [ "${QUICK:-0}" = 1 ] && gemm_args+=(--quick)
+    "$BIN/afd_gemm_bench" "${gemm_args[@]}"
+    echo "(results also in $BUILD/bench-gemm.json)"
+    echo
+fi
+if want decode; then
+    echo "=== Decode: afd_run on the mini model, 1 thread ==="
+    bench/decode_cpu.sh
+    echo
+fi
+if want xfer; then
+    echo "=== Data plane: net_ucx_send against ucx_perftest (ucp_am_bw) ==="
+    bench/xfer_bench.sh
+    echo
+fi
+if want pipeline; then
+    echo "=== AFD pipeline: 1A1F pinned against afd_run on one core ==="
+    /usr/bin/python3 bench/pipeline_cpu.py --batch 512 --tokens 32 --micro-batches 2 3
+    echo
+fi
 echo "=== CPU benchmarks done in $(($(date +%s) - start)) s ==="

@@ -57,10 +57,8 @@ typedef struct ffn_slot {
     net_wire_hdr_t key; /* step, layer, mb, nmb of the first slice */
     int arrived[FFN_MAX_ATTN];
     net_wire_hdr_t hdr[FFN_MAX_ATTN];
-    uint8_t *rx[FFN_MAX_ATTN];
-    size_t rx_cap[FFN_MAX_ATTN];
-    uint8_t *tx[FFN_MAX_ATTN];
-    size_t tx_cap[FFN_MAX_ATTN];
+    net_ucx_buf_t rx[FFN_MAX_ATTN]; /* A2F slices, one per attention node */
+    net_ucx_buf_t tx[FFN_MAX_ATTN]; /* F2A answers */
     net_wire_hdr_t txh[FFN_MAX_ATTN];
     int have;
     uint64_t first_us;
@@ -156,13 +154,8 @@ static void *ffn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
         return NULL;
     }
     if (len == 0) return g_empty;
-    if (s->rx_cap[ai] < len) {
-        uint8_t *nb = realloc(s->rx[ai], len);
-        if (!nb) return NULL;
-        s->rx[ai] = nb;
-        s->rx_cap[ai] = len;
-    }
-    return s->rx[ai];
+    if (net_ucx_buf_reserve(f->ucx, &s->rx[ai], len)) return NULL;
+    return s->rx[ai].p;
 }
 
 static void ffn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, size_t len,
@@ -241,7 +234,7 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
             bad = 1;
             break;
         }
-        if (h->ntok && net_wire_unpack_a2f(s->rx[a], h->ntok, (uint32_t)H, h->dtype, h->topk,
+        if (h->ntok && net_wire_unpack_a2f(s->rx[a].p, h->ntok, (uint32_t)H, h->dtype, h->topk,
                                            (uint32_t)c->num_experts, f->g + (size_t)off * H,
                                            f->ids + (size_t)off * k, f->wts + (size_t)off * k)) {
             afd_error("A2F from node %u: expert id or weight out of range", h->src);
@@ -262,16 +255,12 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         const net_wire_hdr_t *h = &s->hdr[a];
         afd_dtype_t rdt = (afd_dtype_t)h->reply_dtype;
         size_t bytes = (size_t)h->ntok * H * afd_dtype_size(rdt);
-        if (s->tx_cap[a] < bytes) {
-            uint8_t *nb = realloc(s->tx[a], bytes);
-            if (!nb) {
-                afd_error("out of memory for the F2A buffer");
-                continue;
-            }
-            s->tx[a] = nb;
-            s->tx_cap[a] = bytes;
+        if (net_ucx_buf_reserve(f->ucx, &s->tx[a], bytes)) {
+            afd_error("out of memory for the F2A buffer");
+            continue;
         }
-        if (h->ntok) net_wire_pack_rows(f->out + (size_t)off * H, (size_t)h->ntok * H, rdt, s->tx[a]);
+        if (h->ntok)
+            net_wire_pack_rows(f->out + (size_t)off * H, (size_t)h->ntok * H, rdt, s->tx[a].p);
         off += (int)h->ntok;
         net_wire_hdr_t *r = &s->txh[a];
         *r = *h;
@@ -282,8 +271,8 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         r->payload = bytes;
         r->send_ns = net_wire_now_ns();
         s->sends++;
-        afd_status_t st = net_ucx_send(f->attn_peers[a], r, sizeof(*r), s->tx[a], bytes, NULL,
-                                       ffn_send_done, s);
+        afd_status_t st = net_ucx_send(f->attn_peers[a], r, sizeof(*r), s->tx[a].p, bytes,
+                                       bytes ? s->tx[a].memh : NULL, ffn_send_done, s);
         if (st) {
             s->sends--;
             afd_error("F2A to node %u: %s", h->src, afd_status_str(st));
@@ -450,6 +439,11 @@ int main(int argc, char **argv)
     net_node_close(&f.ctl);
     for (int a = 0; a < f.num_attn; a++)
         if (f.attn_peers[a]) net_ucx_disconnect(f.attn_peers[a]);
+    for (int i = 0; i < FFN_MAX_SLOTS; i++)
+        for (int a = 0; a < FFN_MAX_ATTN; a++) {
+            net_ucx_buf_free(f.ucx, &f.slots[i].rx[a]);
+            net_ucx_buf_free(f.ucx, &f.slots[i].tx[a]);
+        }
     net_ucx_destroy(f.ucx);
     mdl_ws_free(f.m, &f.ws);
     mdl_model_free(f.m);

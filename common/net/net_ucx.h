@@ -69,6 +69,17 @@ unsigned net_ucx_wait(net_ucx_t *u, int busy_us, int timeout_ms);
 afd_status_t net_ucx_mem_map(net_ucx_t *u, void *p, size_t len, void **memh);
 void net_ucx_mem_unmap(net_ucx_t *u, void *memh);
 
+/* A message buffer registered once with net_ucx_mem_map, re-registered only when it grows. */
+typedef struct net_ucx_buf {
+    uint8_t *p;
+    size_t cap;
+    void *memh; /* NULL when registration failed: transfers still work, unregistered */
+} net_ucx_buf_t;
+
+/* Makes b hold at least need bytes; must not be called while a transfer uses b. */
+afd_status_t net_ucx_buf_reserve(net_ucx_t *u, net_ucx_buf_t *b, size_t need);
+void net_ucx_buf_free(net_ucx_t *u, net_ucx_buf_t *b);
+
 /* Creates an endpoint to a worker address; peer_id is the caller's name for it (passed
  * to err_cb). */
 afd_status_t net_ucx_connect(net_ucx_t *u, const void *addr, size_t len, uint32_t peer_id,
