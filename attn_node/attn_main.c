@@ -23,7 +23,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define ATTN_MAX_FFN  64
+#define ATTN_MAX_FFN  NET_MAX_PEERS
 #define ATTN_MAX_MB   NET_WIRE_MAX_MB
 
 typedef struct attn_opts {
@@ -137,9 +137,7 @@ typedef struct attn_node {
     net_node_t ctl;
     net_ucx_t *ucx;
     uint32_t epoch;
-    int num_ffn;
-    uint32_t ffn_ids[ATTN_MAX_FFN];
-    net_ucx_peer_t *ffn_peers[ATTN_MAX_FFN];
+    net_peer_set_t ffn;  /* the FFN nodes, by share index */
     attn_seq_t *seqs;   /* running, in admission order */
     int nseqs;
     attn_mb_t mb[ATTN_MAX_MB];
@@ -154,7 +152,6 @@ typedef struct attn_node {
     int logits_cap;
     /* stats */
     uint64_t attn_us, wait_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens;
-    net_lat_hist_t lat[ATTN_MAX_FFN];
 } attn_node_t;
 
 static volatile sig_atomic_t g_stop;
@@ -162,13 +159,6 @@ static void on_signal(int sig)
 {
     (void)sig;
     g_stop = 1;
-}
-
-static int ffn_index(attn_node_t *a, uint32_t id)
-{
-    for (int i = 0; i < a->num_ffn; i++)
-        if (a->ffn_ids[i] == id) return i;
-    return -1;
 }
 
 /* ---- data plane callbacks ---- */
@@ -189,7 +179,7 @@ static void *attn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
     }
     net_wire_hdr_t h;
     memcpy(&h, hdr, sizeof(h));
-    int fi = ffn_index(a, h.src);
+    int fi = net_peer_set_index(&a->ffn, h.src);
     if (h.kind != NET_WIRE_F2A || fi < 0 || h.epoch != a->epoch || h.payload != len ||
         h.mb >= ATTN_MAX_MB || !a->mb[h.mb].busy || a->mb[h.mb].step != h.step) {
         afd_warn("dropping an F2A message from node %u (step %llu, epoch %u): not expected",
@@ -220,9 +210,9 @@ static void attn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, si
         afd_error("F2A transfer from node %u failed: %s", h.src, afd_status_str(status));
         return;
     }
-    int fi = ffn_index(a, h.src);
+    int fi = net_peer_set_index(&a->ffn, h.src);
     if (fi < 0) return;
-    net_lat_record(&a->lat[fi], h.send_ns);
+    net_lat_record(&a->ffn.lat[fi], h.send_ns);
     a->f2a_bytes += len;
     a->mb[h.mb].got++;
 }
@@ -467,10 +457,10 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
     h->payload = bytes;
     mb->got = 0;
     mb->want_layer = layer;
-    for (int f = 0; f < a->num_ffn; f++) {
+    for (int f = 0; f < a->ffn.n; f++) {
         h->send_ns = net_wire_now_ns();
         mb->tx_pending++;
-        st = net_ucx_send(a->ffn_peers[f], h, sizeof(*h), mb->tx.p, bytes, bytes ? mb->tx.memh : NULL,
+        st = net_ucx_send(a->ffn.ep[f], h, sizeof(*h), mb->tx.p, bytes, bytes ? mb->tx.memh : NULL,
                           attn_send_done, mb);
         if (st) {
             mb->tx_pending--;
@@ -490,7 +480,7 @@ static void add_f2a(attn_node_t *a, attn_mb_t *mb)
     /* partials arrive on the host; sum them there, then add into the residual */
     float *sum = mb->h_g;
     memset(sum, 0, 4 * n);
-    for (int f = 0; f < a->num_ffn; f++) net_wire_add_rows(mb->rx[f].p, n, a->f2a, sum);
+    for (int f = 0; f < a->ffn.n; f++) net_wire_add_rows(mb->rx[f].p, n, a->f2a, sum);
     if (strcmp(be->ops->name, "cpu") == 0) {
         be->ops->add(be, mb->x, sum, n);
     } else {
@@ -813,7 +803,7 @@ static int pipeline_run(attn_node_t *a)
         int layer;
         attn_plan_t *p = NULL;
         if (mb->busy) {
-            if (mb->got < a->num_ffn) continue;
+            if (mb->got < a->ffn.n) continue;
             step = mb->step;
             layer = mb->want_layer + 1;
         } else {
@@ -909,8 +899,8 @@ static void send_heartbeat(attn_node_t *a)
     ns.f2a_bytes = a->f2a_bytes;
     ns.tokens = a->tokens;
     Afd__LatencyHist hs[ATTN_MAX_FFN], *hp[ATTN_MAX_FFN];
-    net_lat_to_proto(a->lat, a->num_ffn, hs, hp);
-    ns.n_peer_latency = (size_t)a->num_ffn;
+    net_lat_to_proto(a->ffn.lat, a->ffn.n, hs, hp);
+    ns.n_peer_latency = (size_t)a->ffn.n;
     ns.peer_latency = hp;
     Afd__Heartbeat hb = AFD__HEARTBEAT__INIT;
     hb.time_us = net_now_us();
@@ -923,23 +913,10 @@ static void send_heartbeat(attn_node_t *a)
 
 static afd_status_t apply_peers(attn_node_t *a, const Afd__PeerTable *pt)
 {
-    for (int f = 0; f < a->num_ffn; f++)
-        if (a->ffn_peers[f]) net_ucx_disconnect(a->ffn_peers[f]);
-    memset(a->ffn_peers, 0, sizeof(a->ffn_peers));
-    a->num_ffn = 0;
-    for (size_t i = 0; i < pt->n_peers; i++) {
-        const Afd__Peer *p = pt->peers[i];
-        if (p->role != AFD__ROLE__ROLE_FFN) continue;
-        if (p->index >= ATTN_MAX_FFN) return AFD_ERR_RANGE;
-        afd_status_t st = net_ucx_connect(a->ucx, p->ucx_address.data, p->ucx_address.len,
-                                          p->node_id, &a->ffn_peers[p->index]);
-        if (st) return st;
-        a->ffn_ids[p->index] = p->node_id;
-        a->lat[p->index].peer_id = p->node_id;
-        if ((int)p->index + 1 > a->num_ffn) a->num_ffn = (int)p->index + 1;
-    }
+    afd_status_t st = net_peer_set_apply(&a->ffn, a->ucx, pt, AFD__ROLE__ROLE_FFN);
+    if (st) return st;
     a->epoch = pt->epoch;
-    afd_info("epoch %u: %d FFN nodes", a->epoch, a->num_ffn);
+    afd_info("epoch %u: %d FFN nodes", a->epoch, a->ffn.n);
     return AFD_OK;
 }
 
@@ -1058,8 +1035,7 @@ int main(int argc, char **argv)
     for (int k = 0; k < a.nplans; k++) net_frame_free(a.plans[k].f);
     if (a.pending_peers) net_frame_free(a.pending_peers);
     while (a.seqs) seq_remove(&a, a.seqs);
-    for (int f = 0; f < a.num_ffn; f++)
-        if (a.ffn_peers[f]) net_ucx_disconnect(a.ffn_peers[f]);
+    net_peer_set_close(&a.ffn);
     for (int i = 0; i < ATTN_MAX_MB; i++) {
         net_ucx_buf_free(a.ucx, &a.mb[i].tx);
         for (int f = 0; f < ATTN_MAX_FFN; f++) net_ucx_buf_free(a.ucx, &a.mb[i].rx[f]);

@@ -443,8 +443,9 @@ static int cmd_status(int argc, char **argv)
     printf("requests: %d running, %d waiting, %d succeeded, %d failed\n",
            cJSON_GetObjectItem(rq, "running")->valueint, cJSON_GetObjectItem(rq, "waiting")->valueint,
            cJSON_GetObjectItem(rq, "succeeded")->valueint, cJSON_GetObjectItem(rq, "failed")->valueint);
-    printf("%-4s %-10s %-5s %-14s %-8s %-12s %-16s %-10s %s\n", "ID", "ROLE", "INDEX", "NAME",
-           "STATE", "EXPERTS", "KV USED/TOTAL", "RUNNING", "PEER LATENCY (mean us)");
+    printf("%-4s %-10s %-5s %-14s %-8s %-12s %-16s %-8s %-16s %s\n", "ID", "ROLE", "INDEX",
+           "NAME", "STATE", "EXPERTS", "KV USED/TOTAL", "RUNNING", "BUSY/WAIT s",
+           "PEER LATENCY (mean us)");
     const cJSON *n;
     cJSON_ArrayForEach(n, cJSON_GetObjectItem(root, "nodes"))
     {
@@ -457,16 +458,25 @@ static int cmd_status(int argc, char **argv)
         if (kt) snprintf(kv, sizeof(kv), "%d/%d", ku ? ku->valueint : 0, kt->valueint);
         const cJSON *r = cJSON_GetObjectItem(n, "running");
         if (r) snprintf(run, sizeof(run), "%d", r->valueint);
+        char busy[48] = "-";
+        const cJSON *b = cJSON_GetObjectItem(n, "busy");
+        if (b) {
+            int is_ffn = !strcmp(cJSON_GetObjectItem(n, "role")->valuestring, "ffn");
+            const cJSON *bu = cJSON_GetObjectItem(b, is_ffn ? "ffn_us" : "attn_us");
+            const cJSON *wa = cJSON_GetObjectItem(b, "wait_us");
+            snprintf(busy, sizeof(busy), "%.1f/%.1f", bu ? bu->valuedouble / 1e6 : 0,
+                     wa ? wa->valuedouble / 1e6 : 0);
+        }
         size_t k = 0;
         const cJSON *l;
         cJSON_ArrayForEach(l, cJSON_GetObjectItem(n, "peer_latency"))
         k += (size_t)snprintf(lat + k, sizeof(lat) - k, "%s%d:%.0f", k ? " " : "",
                               cJSON_GetObjectItem(l, "peer")->valueint,
                               cJSON_GetObjectItem(l, "mean_us")->valuedouble);
-        printf("%-4d %-10s %-5d %-14s %-8s %-12s %-16s %-10s %s\n",
+        printf("%-4d %-10s %-5d %-14s %-8s %-12s %-16s %-8s %-16s %s\n",
                cJSON_GetObjectItem(n, "id")->valueint, cJSON_GetObjectItem(n, "role")->valuestring,
                cJSON_GetObjectItem(n, "index")->valueint, cJSON_GetObjectItem(n, "name")->valuestring,
-               cJSON_GetObjectItem(n, "state")->valuestring, experts, kv, run, lat);
+               cJSON_GetObjectItem(n, "state")->valuestring, experts, kv, run, busy, lat);
     }
     cJSON_Delete(root);
     return 0;

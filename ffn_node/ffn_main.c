@@ -21,7 +21,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define FFN_MAX_ATTN  64
+#define FFN_MAX_ATTN  NET_MAX_PEERS
 #define FFN_MAX_SLOTS 32
 
 typedef struct ffn_opts {
@@ -72,9 +72,7 @@ typedef struct ffn_node {
     net_node_t ctl;
     net_ucx_t *ucx;
     uint32_t epoch;
-    int num_attn;
-    uint32_t attn_ids[FFN_MAX_ATTN];
-    net_ucx_peer_t *attn_peers[FFN_MAX_ATTN];
+    net_peer_set_t attn; /* the attention nodes, by index */
     ffn_slot_t slots[FFN_MAX_SLOTS];
     net_wire_limits_t lim;
     float *g, *out, *wts;
@@ -82,7 +80,6 @@ typedef struct ffn_node {
     int cap;
     /* stats */
     uint64_t ffn_us, wait_us, steps, a2f_bytes, f2a_bytes, tokens, errors;
-    net_lat_hist_t lat[FFN_MAX_ATTN];
 } ffn_node_t;
 
 static volatile sig_atomic_t g_stop;
@@ -90,13 +87,6 @@ static void on_signal(int sig)
 {
     (void)sig;
     g_stop = 1;
-}
-
-static int attn_index(ffn_node_t *f, uint32_t id)
-{
-    for (int i = 0; i < f->num_attn; i++)
-        if (f->attn_ids[i] == id) return i;
-    return -1;
 }
 
 static ffn_slot_t *slot_find(ffn_node_t *f, const net_wire_hdr_t *h, int create)
@@ -138,7 +128,7 @@ static void *ffn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
     }
     net_wire_hdr_t h;
     memcpy(&h, hdr, sizeof(h));
-    int ai = attn_index(f, h.src);
+    int ai = net_peer_set_index(&f->attn, h.src);
     if (h.kind != NET_WIRE_A2F || ai < 0 || h.epoch != f->epoch || h.payload != len) {
         afd_error("dropping a data-plane message from node %u (kind %u, epoch %u, %zu bytes)",
                   h.src, h.kind, h.epoch, len);
@@ -166,17 +156,17 @@ static void ffn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, siz
     (void)hdr_len;
     net_wire_hdr_t h;
     memcpy(&h, hdr, sizeof(h));
-    int ai = attn_index(f, h.src);
+    int ai = net_peer_set_index(&f->attn, h.src);
     ffn_slot_t *s = slot_find(f, &h, 0);
     if (status || ai < 0 || !s) {
         if (status) afd_error("A2F transfer from node %u failed: %s", h.src, afd_status_str(status));
         return;
     }
-    net_lat_record(&f->lat[ai], h.send_ns);
+    net_lat_record(&f->attn.lat[ai], h.send_ns);
     f->a2f_bytes += len;
     s->arrived[ai] = 1;
     s->hdr[ai] = h;
-    if (++s->have == f->num_attn) s->complete = 1;
+    if (++s->have == f->attn.n) s->complete = 1;
 }
 
 static void ffn_send_done(void *arg, afd_status_t status)
@@ -219,14 +209,14 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
     const mdl_config_t *c = &f->cfg;
     int H = c->hidden_size, layer = s->key.layer, n = 0;
     int k = c->is_moe[layer] ? c->top_k : 0;
-    for (int a = 0; a < f->num_attn; a++) n += (int)s->hdr[a].ntok;
+    for (int a = 0; a < f->attn.n; a++) n += (int)s->hdr[a].ntok;
     if (ensure_cap(f, n > 0 ? n : 1)) {
         afd_error("out of memory for %d tokens", n);
         s->used = 0;
         return;
     }
     int off = 0, bad = 0;
-    for (int a = 0; a < f->num_attn; a++) {
+    for (int a = 0; a < f->attn.n; a++) {
         const net_wire_hdr_t *h = &s->hdr[a];
         if (h->topk != (uint32_t)k) {
             afd_error("A2F from node %u: top-k %u for layer %d (expected %d)", h->src, h->topk,
@@ -251,7 +241,7 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
     if (n > 0) mdl_ffn(f->m, &f->ws, layer, f->g, n, f->ids, f->wts, f->out);
     f->tokens += (uint64_t)n;
     off = 0;
-    for (int a = 0; a < f->num_attn; a++) {
+    for (int a = 0; a < f->attn.n; a++) {
         const net_wire_hdr_t *h = &s->hdr[a];
         afd_dtype_t rdt = (afd_dtype_t)h->reply_dtype;
         size_t bytes = (size_t)h->ntok * H * afd_dtype_size(rdt);
@@ -271,7 +261,7 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         r->payload = bytes;
         r->send_ns = net_wire_now_ns();
         s->sends++;
-        afd_status_t st = net_ucx_send(f->attn_peers[a], r, sizeof(*r), s->tx[a].p, bytes,
+        afd_status_t st = net_ucx_send(f->attn.ep[a], r, sizeof(*r), s->tx[a].p, bytes,
                                        bytes ? s->tx[a].memh : NULL, ffn_send_done, s);
         if (st) {
             s->sends--;
@@ -298,8 +288,8 @@ static void send_heartbeat(ffn_node_t *f)
     ns.f2a_bytes = f->f2a_bytes;
     ns.tokens = f->tokens;
     Afd__LatencyHist hs[FFN_MAX_ATTN], *hp[FFN_MAX_ATTN];
-    net_lat_to_proto(f->lat, f->num_attn, hs, hp);
-    ns.n_peer_latency = (size_t)f->num_attn;
+    net_lat_to_proto(f->attn.lat, f->attn.n, hs, hp);
+    ns.n_peer_latency = (size_t)f->attn.n;
     ns.peer_latency = hp;
     Afd__Heartbeat hb = AFD__HEARTBEAT__INIT;
     hb.time_us = net_now_us();
@@ -310,30 +300,14 @@ static void send_heartbeat(ffn_node_t *f)
     net_node_send(&f->ctl, &fr);
 }
 
-/* Connects to every attention node of a peer table. */
+/* Connects to every attention node of a peer table; slots of the old epoch are dropped. */
 static afd_status_t apply_peers(ffn_node_t *f, const Afd__PeerTable *pt)
 {
-    for (int a = 0; a < f->num_attn; a++)
-        if (f->attn_peers[a]) net_ucx_disconnect(f->attn_peers[a]);
-    memset(f->attn_peers, 0, sizeof(f->attn_peers));
     for (int i = 0; i < FFN_MAX_SLOTS; i++) f->slots[i].used = 0;
-    f->num_attn = 0;
-    for (size_t i = 0; i < pt->n_peers; i++) {
-        const Afd__Peer *p = pt->peers[i];
-        if (p->role != AFD__ROLE__ROLE_ATTN) continue;
-        if (p->index >= FFN_MAX_ATTN) {
-            afd_error("peer table: attention index %u beyond %d", p->index, FFN_MAX_ATTN);
-            return AFD_ERR_RANGE;
-        }
-        afd_status_t st = net_ucx_connect(f->ucx, p->ucx_address.data, p->ucx_address.len,
-                                          p->node_id, &f->attn_peers[p->index]);
-        if (st) return st;
-        f->attn_ids[p->index] = p->node_id;
-        f->lat[p->index].peer_id = p->node_id;
-        if ((int)p->index + 1 > f->num_attn) f->num_attn = (int)p->index + 1;
-    }
+    afd_status_t st = net_peer_set_apply(&f->attn, f->ucx, pt, AFD__ROLE__ROLE_ATTN);
+    if (st) return st;
     f->epoch = pt->epoch;
-    afd_info("epoch %u: serving %d attention nodes", f->epoch, f->num_attn);
+    afd_info("epoch %u: serving %d attention nodes", f->epoch, f->attn.n);
     return AFD_OK;
 }
 
@@ -437,8 +411,7 @@ int main(int argc, char **argv)
     }
     afd_info("stopping");
     net_node_close(&f.ctl);
-    for (int a = 0; a < f.num_attn; a++)
-        if (f.attn_peers[a]) net_ucx_disconnect(f.attn_peers[a]);
+    net_peer_set_close(&f.attn);
     for (int i = 0; i < FFN_MAX_SLOTS; i++)
         for (int a = 0; a < FFN_MAX_ATTN; a++) {
             net_ucx_buf_free(f.ucx, &f.slots[i].rx[a]);

@@ -179,3 +179,39 @@ void net_lat_to_proto(net_lat_hist_t *h, int n, Afd__LatencyHist *pb, Afd__Laten
         pp[i] = &pb[i];
     }
 }
+
+void net_peer_set_close(net_peer_set_t *ps)
+{
+    for (int i = 0; i < ps->n; i++)
+        if (ps->ep[i]) net_ucx_disconnect(ps->ep[i]);
+    memset(ps->ep, 0, sizeof(ps->ep));
+    ps->n = 0;
+}
+
+afd_status_t net_peer_set_apply(net_peer_set_t *ps, net_ucx_t *ucx, const Afd__PeerTable *pt,
+                                Afd__Role role)
+{
+    net_peer_set_close(ps);
+    for (size_t i = 0; i < pt->n_peers; i++) {
+        const Afd__Peer *p = pt->peers[i];
+        if (p->role != role) continue;
+        if (p->index >= NET_MAX_PEERS) {
+            afd_error("peer table: index %u beyond %d", p->index, NET_MAX_PEERS);
+            return AFD_ERR_RANGE;
+        }
+        afd_status_t st = net_ucx_connect(ucx, p->ucx_address.data, p->ucx_address.len,
+                                          p->node_id, &ps->ep[p->index]);
+        if (st) return st;
+        ps->ids[p->index] = p->node_id;
+        ps->lat[p->index].peer_id = p->node_id;
+        if ((int)p->index + 1 > ps->n) ps->n = (int)p->index + 1;
+    }
+    return AFD_OK;
+}
+
+int net_peer_set_index(const net_peer_set_t *ps, uint32_t id)
+{
+    for (int i = 0; i < ps->n; i++)
+        if (ps->ids[i] == id) return i;
+    return -1;
+}

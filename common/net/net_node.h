@@ -50,6 +50,22 @@ typedef struct net_lat_hist {
     uint64_t count, sum_us;
 } net_lat_hist_t;
 
+/* The data-plane peers of one role, by index (attention index or FFN share). */
+#define NET_MAX_PEERS 64
+typedef struct net_peer_set {
+    int n;
+    uint32_t ids[NET_MAX_PEERS];
+    net_ucx_peer_t *ep[NET_MAX_PEERS];
+    net_lat_hist_t lat[NET_MAX_PEERS];
+} net_peer_set_t;
+
+/* Closes the old endpoints and connects to every peer of `role` in the table. */
+afd_status_t net_peer_set_apply(net_peer_set_t *ps, net_ucx_t *ucx, const Afd__PeerTable *pt,
+                                Afd__Role role);
+void net_peer_set_close(net_peer_set_t *ps);
+/* The index of a node id, or -1. */
+int net_peer_set_index(const net_peer_set_t *ps, uint32_t id);
+
 /* Records a message sent at send_ns (sender's CLOCK_REALTIME) and received now. */
 void net_lat_record(net_lat_hist_t *h, uint64_t send_ns);
 /* Fills a heartbeat's latency entries (pb and pp hold n entries) from n histograms. */
