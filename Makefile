@@ -64,7 +64,9 @@ UNIT_BINS := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
 all: $(BINS)
 
-tests: $(UNIT_BINS)
+TEST_TOOLS := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(wildcard tests/tools/*.c))
+
+tests: $(UNIT_BINS) $(TEST_TOOLS)
 
 $(BUILD)/obj/%.o: %.c
 	$(call msg,CC,$<)
@@ -120,6 +122,12 @@ $(BUILD)/bin/afd_coordinator: $(COORD_OBJ) $(LIBCOMMON)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 $(BUILD)/bin/afdctl: $(BUILD)/obj/coordinator/afdctl.o $(LIBCOMMON)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+# helpers the integration tests start (never run as suites themselves)
+$(BUILD)/tests/%: $(BUILD)/obj/tests/tools/%.o $(LIBCOMMON)
 	$(call msg,LD,$@)
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
