@@ -97,4 +97,15 @@ for dt in ("bf16", "fp8"):
                  ids == ref["token_ids"] and ev[-1] == "[DONE]" and
                  ev[-2]["choices"][0]["finish_reason"] == "length", f"{ids}")
 
+# --micro-batches auto: the coordinator picks m in [2, 4] from measured stage times; the
+# output does not depend on m
+model = os.path.join(MODELS, "tiny-bf16")
+with LocalUp(model, 1, 2, "auto", extra=F32) as c:
+    compare(model, c.url, "f32", "bf16 1A2F m=auto f32 wire")
+    compare(model, c.url, "f32", "bf16 1A2F m=auto f32 wire, second round")
+    from cluster import get  # noqa: E402
+    st = get(c.url, "/admin/status")[1]
+    ck.check("auto keeps the micro-batch count in [2, 4]",
+             2 <= st["cluster"]["micro_batches"] <= 4, str(st["cluster"]))
+
 sys.exit(ck.done())
