@@ -4,9 +4,10 @@ prompts, measured in one run; and the pipeline efficiency from the nodes' stage 
 (the slowest stage's busy time per step against the achieved step time).
 
 The default model (written once to $BUILD/models/afd-pipe) is the mini preset reshaped
-so that the attention side (attention + lm_head) and the FFN side cost about the same
-per token, as Step3's do at 4K context: 4 MoE layers of hidden 1024, 32 heads of 128,
-16 experts (top-3) of 768. The batch is large enough that each expert still sees tens
+so that the attention side and the FFN side cost about the same per token, as Step3's
+do at 4K context: 4 MoE layers of hidden 1024, 32 heads of 128, 16 experts (top-3) of
+768, and a 2048-token vocabulary, so that lm_head is about 5% of the attention side's
+work, as Step3's lm_head (hidden 7168, vocab 128815) is of its 61 attention layers. The batch is large enough that each expert still sees tens
 of tokens per micro-batch: below that, expert GEMMs are bound by reading the weights,
 and splitting the batch into micro-batches multiplies that traffic.
 
@@ -37,7 +38,7 @@ a = ap.parse_args()
 if not os.path.exists(os.path.join(a.model, "config.json")):
     subprocess.run([os.path.join(BIN, "afd_mkmodel"), "--out", a.model, "--preset", "mini",
                     "--layers", "4", "--moe-layers", "0,1,2,3", "--heads", "32", "--share-q",
-                    "1024", "--moe-inter", "768", "--share-expert", "768", "--vocab", "4096"],
+                    "1024", "--moe-inter", "768", "--share-expert", "768", "--vocab", "2048"],
                    check=True)
 cfg = json.load(open(os.path.join(a.model, "config.json")))
 vocab = cfg.get("text_config", cfg)["vocab_size"]
