@@ -97,6 +97,35 @@ try:
     st, _ = post(url, "/v1/completions", req)
     ck.check("the cluster still serves after the refusal", st == 200)
 
+    # a client that goes away mid-stream: its sequence is aborted and its KV blocks return
+    body = {"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    r = urllib.request.urlopen(urllib.request.Request(url + "/v1/completions",
+                                                      data=json.dumps(body).encode()), timeout=30)
+    got = 0
+    for raw in r:
+        if raw.startswith(b"data: {"):
+            got += 1
+            if got == 3:
+                break
+    st, mid = get(url, "/admin/status")
+    reserved_mid = mid["nodes"][[n["role"] for n in mid["nodes"]].index("attention")]
+    r.fp.raw._sock.close()  # the client vanishes without reading the rest
+    r.close()
+    freed = False
+    t0 = time.time()
+    while time.time() - t0 < 10 and not freed:
+        time.sleep(0.3)
+        st, now = get(url, "/admin/status")
+        att = [n for n in now["nodes"] if n["role"] == "attention"][0]
+        freed = (now["requests"]["running"] == 0 and att["kv_blocks_reserved"] == 0 and
+                 att.get("kv_blocks_used", 1) == 0)
+    ck.check("a client gone mid-stream aborts its request and frees its KV blocks",
+             got == 3 and reserved_mid["kv_blocks_reserved"] > 0 and freed,
+             f"reserved while running {reserved_mid['kv_blocks_reserved']}, after: "
+             f"running {now['requests']['running']}, reserved {att['kv_blocks_reserved']}, "
+             f"used {att.get('kv_blocks_used')}")
+
     # kill an FFN node in the middle of a streamed decode and of a whole-answer request
     events, whole = [], {}
 
