@@ -9,12 +9,17 @@
 
 #include "afd.pb-c.h"
 #include "afd_opts.h"
+#include "coord_metrics.h"
 #include "mdl_config.h"
 #include "net_frame.h"
 #include "net_http.h"
 
 #include <stdint.h>
 #include <uv.h>
+
+#ifndef AFD_VERSION
+#define AFD_VERSION "0.1.0"
+#endif
 
 #define COORD_MAX_NODES 256
 #define COORD_MAX_PLAN_AHEAD 4
@@ -59,6 +64,7 @@ typedef struct coord_seq {
     int32_t *top_ids;      /* (max_tokens, logprobs) */
     float *top_lp;
     int ngen, done;
+    uint64_t t_last_us; /* when its last token arrived */
     const char *finish;
     char *error;
     struct coord_seq *next_wait;
@@ -103,6 +109,7 @@ typedef struct coord {
     int ninflight;
     uint64_t *aborts[COORD_MAX_NODES];
     int naborts[COORD_MAX_NODES];
+    coord_metrics_t metrics;
     /* stats */
     uint64_t steps_done, tokens_out, req_ok, req_err, step_us_sum, sched_us_sum;
     double last_step_ms;

@@ -179,6 +179,14 @@ void coord_api_token(coord_t *c, coord_req_t *r, coord_seq_t *s)
 void coord_api_finish(coord_t *c, coord_req_t *r)
 {
     r->finished = 1;
+    coord_hist_observe(&c->metrics.e2e, (double)(coord_now_us() - r->t_arrival_us) / 1e6);
+    for (int i = 0; i < r->nseq; i++) {
+        const coord_seq_t *s = &r->seqs[i];
+        if (s->error) c->metrics.failed++;
+        else if (s->finish && !strcmp(s->finish, "stop")) c->metrics.success_stop++;
+        else if (s->finish && !strcmp(s->finish, "abort")) c->metrics.success_abort++;
+        else c->metrics.success_length++;
+    }
     if (r->failed) c->req_err++;
     else if (!r->aborted) c->req_ok++;
     if (!r->http) return;
@@ -650,6 +658,14 @@ void coord_api_handle(void *arg, net_http_req_t *req)
         return handle_completions(c, req);
     }
     if (!strcmp(p, "/v1/models")) return handle_models(c, req);
+    if (!strcmp(p, "/metrics")) {
+        size_t n;
+        char *txt = coord_metrics_render(c, &n);
+        if (!txt) return send_error(req, 500, "server_error", NULL, "out of memory");
+        net_http_respond(req, 200, "text/plain; version=0.0.4", txt, n, NULL);
+        free(txt);
+        return;
+    }
     if (!strcmp(p, "/admin/status")) return handle_status(c, req);
     send_error(req, 404, "invalid_request_error", NULL, "no route for %s %s", m, p);
 }

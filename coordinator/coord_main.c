@@ -130,6 +130,7 @@ int main(int argc, char **argv)
         c.micro_batches = (int)m;
     }
     if (mdl_config_load(c.o.model, &c.cfg)) return 1;
+    coord_metrics_init(&c.metrics);
     if (c.o.ffn > c.cfg.num_experts && c.cfg.num_experts > 0) {
         afd_error("--ffn %ld: more FFN nodes than experts (%d)", c.o.ffn, c.cfg.num_experts);
         return 2;

@@ -125,6 +125,9 @@ static void send_plan(coord_t *c)
         if (best < 0) break; /* the head does not fit anywhere now: keep FCFS order */
         coord_node_t *n = &c->nodes[best];
         wait_remove(c, s);
+        uint64_t now = coord_now_us();
+        coord_hist_observe(&c->metrics.queue, (double)(now - r->t_arrival_us) / 1e6);
+        c->metrics.prompt_tokens += (uint64_t)r->prompt_len[s->choice];
         s->node = best;
         s->nblocks = blocks_needed(n, tokens);
         n->kv_reserved += (uint64_t)s->nblocks;
@@ -224,7 +227,14 @@ void coord_sched_on_result(coord_t *c, coord_node_t *n, const Afd__StepResult *r
         }
         s->ngen++;
         c->tokens_out++;
-        if (!r->t_first_us) r->t_first_us = coord_now_us();
+        c->metrics.generation_tokens++;
+        uint64_t now = coord_now_us();
+        if (!r->t_first_us) {
+            r->t_first_us = now;
+            coord_hist_observe(&c->metrics.ttft, (double)(now - r->t_arrival_us) / 1e6);
+        }
+        if (s->t_last_us) coord_hist_observe(&c->metrics.itl, (double)(now - s->t_last_us) / 1e6);
+        s->t_last_us = now;
         const char *fin = t->finish == AFD__FINISH__FINISH_STOP     ? "stop"
                           : t->finish == AFD__FINISH__FINISH_LENGTH ? "length"
                                                                     : NULL;
