@@ -60,17 +60,17 @@ print(f"afd_run, 1 core:        {base_tps:7.1f} decode tokens/s "
       f"({1000 * bt['decode_s'] / max(1, bt['decode_steps']):.0f} ms/step)", flush=True)
 
 
-def node_busy(url):
+def node_busy(admin_url):
     out = {}
-    for n in get(url, "/admin/status")[1]["nodes"]:
+    for n in get(admin_url, "/admin/status")[1]["nodes"]:
         b = n.get("busy", {})
         out[n["role"]] = (n.get("steps", 0), b.get("attn_us", 0), b.get("ffn_us", 0),
                           b.get("step_us", 0))
     return out
 
 
-def poll(url):
-    st = get(url, "/admin/status")[1]
+def poll(admin_url):
+    st = get(admin_url, "/admin/status")[1]
     busy = {}
     for n in st["nodes"]:
         b = n.get("busy", {})
@@ -101,7 +101,7 @@ for m in a.micro_batches:
             t.start()
         samples = []
         while any(t.is_alive() for t in th):
-            samples.append(poll(c.url))
+            samples.append(poll(c.admin))
             time.sleep(0.2)
         for t in th:
             t.join()

@@ -29,7 +29,8 @@
 
 /* ---- a tiny blocking HTTP client ---- */
 
-static int http_get(const char *url, const char *path, int timeout_ms, int *status, char **body)
+static int http_req(const char *method, const char *url, const char *path, const char *token,
+                    const char *body, int timeout_ms, int *status, char **out)
 {
     const char *hp = strncmp(url, "http://", 7) == 0 ? url + 7 : url;
     char hostport[256];
@@ -38,10 +39,16 @@ static int http_get(const char *url, const char *path, int timeout_ms, int *stat
     if (slash) *slash = 0;
     int fd;
     if (net_tcp_connect(hostport, timeout_ms, &fd)) return -1;
-    char req[512];
-    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n",
-                     path, hostport);
-    if (send(fd, req, (size_t)n, MSG_NOSIGNAL) != n) {
+    char auth[600] = "";
+    if (token && *token) snprintf(auth, sizeof(auth), "Authorization: Bearer %s\r\n", token);
+    size_t blen = body ? strlen(body) : 0;
+    char head[1024];
+    int n = snprintf(head, sizeof(head),
+                     "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n%s"
+                     "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n",
+                     method, path, hostport, auth, blen);
+    if (send(fd, head, (size_t)n, MSG_NOSIGNAL) != n ||
+        (blen && send(fd, body, blen, MSG_NOSIGNAL) != (ssize_t)blen)) {
         close(fd);
         return -1;
     }
@@ -67,9 +74,14 @@ static int http_get(const char *url, const char *path, int timeout_ms, int *stat
         return -1;
     }
     *status = atoi(sp + 1);
-    *body = strdup(hdr_end + 4);
+    *out = strdup(hdr_end + 4);
     free(buf);
     return 0;
+}
+
+static int http_get(const char *url, const char *path, int timeout_ms, int *status, char **body)
+{
+    return http_req("GET", url, path, NULL, NULL, timeout_ms, status, body);
 }
 
 /* ---- local-up ---- */
@@ -78,7 +90,8 @@ typedef struct up_opts {
     char *model, *micro_batches, *cluster_token, *api_key, *a2f_dtype, *f2a_dtype, *kv_dtype,
         *backend, *log_dir;
     long attn, ffn, port, ctrl_port, threads, kv_budget_mb, ready_timeout_s, busy_poll_us,
-        max_batch_tokens;
+        max_batch_tokens, admin_port;
+    char *admin_token;
     int pin;
 } up_opts_t;
 
@@ -88,6 +101,10 @@ static const afd_opt_t up_table[] = {
     {"attn", AFD_OPT_INT, "1", O(attn), 1, 64, 0, "attention nodes"},
     {"ffn", AFD_OPT_INT, "1", O(ffn), 1, 64, 0, "FFN nodes"},
     {"port", AFD_OPT_INT, "8000", O(port), 1, 65535, 0, "HTTP API port"},
+    {"admin-port", AFD_OPT_INT, "0", O(admin_port), 0, 65535, 0,
+     "admin API port (0: --port + 1)"},
+    {"admin-token", AFD_OPT_STRING, NULL, O(admin_token), 0, 0, AFD_OPT_SECRET,
+     "admin API token (none: open on loopback)"},
     {"ctrl-port", AFD_OPT_INT, "0", O(ctrl_port), 0, 65535, 0,
      "control-plane port (0: a free one)"},
     {"micro-batches", AFD_OPT_STRING, "3", O(micro_batches), 0, 0, 0, "1..8 or auto"},
@@ -266,7 +283,7 @@ static int cmd_local_up(int argc, char **argv)
     /* nodes that share cores must not spin */
     snprintf(sbusy, sizeof(sbusy), "%ld", o.busy_poll_us >= 0 ? o.busy_poll_us : (pin ? 200 : 0));
     snprintf(bin, sizeof(bin), "%s/afd_coordinator", dir);
-    char *cargv[32];
+    char *cargv[40];
     int k = 0;
     cargv[k++] = bin;
     cargv[k++] = "--model";
@@ -289,6 +306,14 @@ static int cmd_local_up(int argc, char **argv)
     if (o.api_key) {
         cargv[k++] = "--api-key";
         cargv[k++] = o.api_key;
+    }
+    char sadmin[24];
+    snprintf(sadmin, sizeof(sadmin), "%ld", o.admin_port ? o.admin_port : o.port + 1);
+    cargv[k++] = "--admin-port";
+    cargv[k++] = sadmin;
+    if (o.admin_token) {
+        cargv[k++] = "--admin-token";
+        cargv[k++] = o.admin_token;
     }
     cargv[k] = NULL;
     if (spawn(o.log_dir, "coordinator", cargv) < 0) return 1;
@@ -369,7 +394,7 @@ static int cmd_local_up(int argc, char **argv)
         stop_all();
         return g_stop ? 0 : 1;
     }
-    printf("ready: %s\n", url);
+    printf("ready: %s\nadmin: http://127.0.0.1:%s\n", url, sadmin);
     fflush(stdout);
     int rc = 0;
     while (!g_stop) {
@@ -387,108 +412,245 @@ static int cmd_local_up(int argc, char **argv)
     return rc;
 }
 
-/* ---- status ---- */
+/* ---- the admin commands ---- */
 
-static int cmd_status(int argc, char **argv)
+typedef struct admin_args {
+    const char *url, *token;
+    int json;
+    int all, undrain;
+    long timeout_s;
+} admin_args_t;
+
+/* Exit codes scripts can rely on. */
+enum { EXIT_OK = 0, EXIT_FAIL = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3, EXIT_DENIED = 4 };
+
+static const char *cmd_help(const char *cmd)
 {
-    const char *url = getenv("AFD_URL") ? getenv("AFD_URL") : "http://127.0.0.1:8000";
-    int json = 0;
+    if (!strcmp(cmd, "status")) return "the cluster, its nodes and the request counts";
+    if (!strcmp(cmd, "nodes")) return "every node: role, index, state, KV use, busy time, latency";
+    if (!strcmp(cmd, "placement")) return "which FFN node hosts which experts, under which epoch";
+    if (!strcmp(cmd, "requests")) return "running and waiting sequences";
+    if (!strcmp(cmd, "drain"))
+        return "stop admitting requests; in-flight ones finish (--all), or admit again (--undrain)";
+    if (!strcmp(cmd, "metrics")) return "the Prometheus metrics, as text";
+    if (!strcmp(cmd, "config")) return "the coordinator's effective configuration";
+    return NULL;
+}
+
+static int admin_parse(const char *cmd, int argc, char **argv, admin_args_t *a)
+{
+    a->url = getenv("AFD_ADMIN_URL") ? getenv("AFD_ADMIN_URL") : "http://127.0.0.1:8001";
+    a->token = getenv("AFD_ADMIN_TOKEN");
+    a->json = a->all = a->undrain = 0;
+    a->timeout_s = -1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--url") && i + 1 < argc)
-            url = argv[++i];
-        else if (!strcmp(argv[i], "-o") && i + 1 < argc && !strcmp(argv[i + 1], "json")) {
-            json = 1;
-            i++;
-        } else if (!strcmp(argv[i], "--help")) {
-            printf("usage: afdctl status [--url URL] [-o json]\n"
-                   "  shows the nodes, their roles, experts, KV usage and the requests\n"
-                   "  --url URL   the coordinator's API (default $AFD_URL or http://127.0.0.1:8000)\n"
-                   "  -o json     print the raw JSON\n");
-            return 0;
+            a->url = argv[++i];
+        else if (!strcmp(argv[i], "--token") && i + 1 < argc)
+            a->token = argv[++i];
+        else if (!strcmp(argv[i], "-o") && i + 1 < argc) {
+            if (strcmp(argv[i + 1], "json") && strcmp(argv[i + 1], "table")) {
+                afd_error("-o takes json or table");
+                return EXIT_USAGE;
+            }
+            a->json = !strcmp(argv[++i], "json");
+        } else if (!strcmp(cmd, "drain") && !strcmp(argv[i], "--all"))
+            a->all = 1;
+        else if (!strcmp(cmd, "drain") && !strcmp(argv[i], "--undrain"))
+            a->undrain = 1;
+        else if (!strcmp(cmd, "drain") && !strcmp(argv[i], "--timeout") && i + 1 < argc)
+            a->timeout_s = atol(argv[++i]);
+        else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            printf("usage: afdctl %s [--url URL] [--token TOKEN] [-o json|table]%s\n  %s\n"
+                   "  --url URL      the coordinator's admin API (default $AFD_ADMIN_URL or "
+                   "http://127.0.0.1:8001)\n"
+                   "  --token TOKEN  the admin token (default $AFD_ADMIN_TOKEN)\n"
+                   "  -o json        print the JSON the coordinator returns\n%s"
+                   "exit codes: 0 ok, 1 failure, 2 usage, 3 coordinator unreachable, 4 token "
+                   "refused\n",
+                   cmd, !strcmp(cmd, "drain") ? " (--all [--timeout S] | --undrain)" : "",
+                   cmd_help(cmd),
+                   !strcmp(cmd, "drain")
+                       ? "  --all          stop admitting; in-flight requests finish\n"
+                         "  --timeout S    then end what is left after S seconds\n"
+                         "  --undrain      admit requests again\n"
+                       : "");
+            return -1;
         } else {
-            afd_error("unknown argument '%s' (see afdctl status --help)", argv[i]);
-            return 2;
+            afd_error("unknown argument '%s' (see afdctl %s --help)", argv[i], cmd);
+            return EXIT_USAGE;
         }
     }
+    if (!strcmp(cmd, "drain") && a->all == a->undrain) {
+        afd_error("drain needs --all or --undrain (see afdctl drain --help)");
+        return EXIT_USAGE;
+    }
+    return EXIT_OK;
+}
+
+/* GET or POST an admin path; on success *out holds the body. */
+static int admin_call(const admin_args_t *a, const char *method, const char *path,
+                      const char *body, char **out)
+{
     int code;
-    char *body;
-    if (http_get(url, "/admin/status", 5000, &code, &body)) {
-        afd_error("cannot reach the coordinator at %s", url);
-        return 3;
+    if (http_req(method, a->url, path, a->token, body, 10000, &code, out)) {
+        afd_error("cannot reach the coordinator's admin API at %s", a->url);
+        return EXIT_UNREACHABLE;
+    }
+    if (code == 401) {
+        afd_error("%s refused the admin token (--token or AFD_ADMIN_TOKEN)", a->url);
+        free(*out);
+        return EXIT_DENIED;
     }
     if (code != 200) {
-        afd_error("%s/admin/status answered %d: %s", url, code, body);
-        free(body);
-        return 1;
+        afd_error("%s%s answered %d: %s", a->url, path, code, *out);
+        free(*out);
+        return EXIT_FAIL;
     }
-    if (json) {
-        printf("%s\n", body);
-        free(body);
-        return 0;
-    }
-    cJSON *root = cJSON_Parse(body);
-    free(body);
-    if (!root) {
-        afd_error("the coordinator's status is not JSON");
-        return 1;
-    }
-    const cJSON *cl = cJSON_GetObjectItem(root, "cluster"), *rq = cJSON_GetObjectItem(root, "requests");
-    printf("cluster: %s, epoch %d, %d micro-batches, %d steps, mean step %.2f ms, model %s\n",
-           cJSON_IsTrue(cJSON_GetObjectItem(cl, "ready")) ? "ready" : "NOT READY",
-           cJSON_GetObjectItem(cl, "epoch")->valueint,
-           cJSON_GetObjectItem(cl, "micro_batches")->valueint,
-           cJSON_GetObjectItem(cl, "steps")->valueint,
-           cJSON_GetObjectItem(cl, "mean_step_ms")->valuedouble,
-           cJSON_GetObjectItem(cl, "model")->valuestring);
-    printf("requests: %d running, %d waiting, %d succeeded, %d failed\n",
-           cJSON_GetObjectItem(rq, "running")->valueint, cJSON_GetObjectItem(rq, "waiting")->valueint,
-           cJSON_GetObjectItem(rq, "succeeded")->valueint, cJSON_GetObjectItem(rq, "failed")->valueint);
+    return EXIT_OK;
+}
+
+static const char *jstr(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItem(o, k);
+    return cJSON_IsString(v) ? v->valuestring : "-";
+}
+
+static double jnum(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItem(o, k);
+    return cJSON_IsNumber(v) ? v->valuedouble : 0;
+}
+
+static void print_nodes(const cJSON *root)
+{
     printf("%-4s %-10s %-5s %-14s %-8s %-12s %-16s %-8s %-16s %s\n", "ID", "ROLE", "INDEX",
            "NAME", "STATE", "EXPERTS", "KV USED/TOTAL", "RUNNING", "BUSY/WAIT s",
            "PEER LATENCY (mean us)");
     const cJSON *n;
     cJSON_ArrayForEach(n, cJSON_GetObjectItem(root, "nodes"))
     {
-        char experts[32] = "-", kv[32] = "-", run[16] = "-", lat[256] = "";
+        char experts[32] = "-", kv[32] = "-", run[16] = "-", lat[256] = "", busy[48] = "-";
         const cJSON *e = cJSON_GetObjectItem(n, "experts");
         if (e)
             snprintf(experts, sizeof(experts), "%d..%d", cJSON_GetArrayItem(e, 0)->valueint,
                      cJSON_GetArrayItem(e, 1)->valueint - 1);
-        const cJSON *kt = cJSON_GetObjectItem(n, "kv_blocks_total"), *ku = cJSON_GetObjectItem(n, "kv_blocks_used");
-        if (kt) snprintf(kv, sizeof(kv), "%d/%d", ku ? ku->valueint : 0, kt->valueint);
-        const cJSON *r = cJSON_GetObjectItem(n, "running");
-        if (r) snprintf(run, sizeof(run), "%d", r->valueint);
-        char busy[48] = "-";
+        if (cJSON_GetObjectItem(n, "kv_blocks_total"))
+            snprintf(kv, sizeof(kv), "%.0f/%.0f", jnum(n, "kv_blocks_used"),
+                     jnum(n, "kv_blocks_total"));
+        if (cJSON_GetObjectItem(n, "running")) snprintf(run, sizeof(run), "%.0f", jnum(n, "running"));
         const cJSON *b = cJSON_GetObjectItem(n, "busy");
         if (b) {
-            int is_ffn = !strcmp(cJSON_GetObjectItem(n, "role")->valuestring, "ffn");
-            const cJSON *bu = cJSON_GetObjectItem(b, is_ffn ? "ffn_us" : "attn_us");
-            const cJSON *wa = cJSON_GetObjectItem(b, "wait_us");
-            snprintf(busy, sizeof(busy), "%.1f/%.1f", bu ? bu->valuedouble / 1e6 : 0,
-                     wa ? wa->valuedouble / 1e6 : 0);
+            int is_ffn = !strcmp(jstr(n, "role"), "ffn");
+            snprintf(busy, sizeof(busy), "%.1f/%.1f", jnum(b, is_ffn ? "ffn_us" : "attn_us") / 1e6,
+                     jnum(b, "wait_us") / 1e6);
         }
         size_t k = 0;
         const cJSON *l;
         cJSON_ArrayForEach(l, cJSON_GetObjectItem(n, "peer_latency"))
-        k += (size_t)snprintf(lat + k, sizeof(lat) - k, "%s%d:%.0f", k ? " " : "",
-                              cJSON_GetObjectItem(l, "peer")->valueint,
-                              cJSON_GetObjectItem(l, "mean_us")->valuedouble);
-        printf("%-4d %-10s %-5d %-14s %-8s %-12s %-16s %-8s %-16s %s\n",
-               cJSON_GetObjectItem(n, "id")->valueint, cJSON_GetObjectItem(n, "role")->valuestring,
-               cJSON_GetObjectItem(n, "index")->valueint, cJSON_GetObjectItem(n, "name")->valuestring,
-               cJSON_GetObjectItem(n, "state")->valuestring, experts, kv, run, busy, lat);
+        k += (size_t)snprintf(lat + k, sizeof(lat) - k, "%s%.0f:%.0f", k ? " " : "",
+                              jnum(l, "peer"), jnum(l, "mean_us"));
+        printf("%-4.0f %-10s %-5.0f %-14s %-8s %-12s %-16s %-8s %-16s %s\n", jnum(n, "id"),
+               jstr(n, "role"), jnum(n, "index"), jstr(n, "name"), jstr(n, "state"), experts, kv,
+               run, busy, lat);
+    }
+}
+
+static int cmd_admin(const char *cmd, int argc, char **argv)
+{
+    admin_args_t a;
+    int rc = admin_parse(cmd, argc, argv, &a);
+    if (rc < 0) return EXIT_OK; /* --help */
+    if (rc) return rc;
+    char *body = NULL;
+    if (!strcmp(cmd, "metrics")) {
+        if ((rc = admin_call(&a, "GET", "/metrics", NULL, &body))) return rc;
+        fputs(body, stdout);
+        free(body);
+        return EXIT_OK;
+    }
+    if (!strcmp(cmd, "drain")) {
+        char req[128];
+        if (a.undrain)
+            snprintf(req, sizeof(req), "{\"undrain\": true}");
+        else if (a.timeout_s >= 0)
+            snprintf(req, sizeof(req), "{\"all\": true, \"timeout_s\": %ld}", a.timeout_s);
+        else
+            snprintf(req, sizeof(req), "{\"all\": true}");
+        if ((rc = admin_call(&a, "POST", "/admin/drain", req, &body))) return rc;
+    } else {
+        const char *path = !strcmp(cmd, "requests") ? "/admin/requests"
+                           : !strcmp(cmd, "config") ? "/admin/config"
+                                                    : "/admin/status";
+        if ((rc = admin_call(&a, "GET", path, NULL, &body))) return rc;
+    }
+    if (a.json) {
+        printf("%s\n", body);
+        free(body);
+        return EXIT_OK;
+    }
+    cJSON *root = cJSON_Parse(body);
+    free(body);
+    if (!root) {
+        afd_error("the coordinator's answer is not JSON");
+        return EXIT_FAIL;
+    }
+    if (!strcmp(cmd, "status")) {
+        const cJSON *cl = cJSON_GetObjectItem(root, "cluster"), *rq = cJSON_GetObjectItem(root, "requests");
+        printf("cluster: %s%s, epoch %.0f, %.0f micro-batches, %.0f steps, model %s\n",
+               cJSON_IsTrue(cJSON_GetObjectItem(cl, "ready")) ? "ready" : "NOT READY",
+               cJSON_IsTrue(cJSON_GetObjectItem(cl, "draining")) ? " (draining)" : "",
+               jnum(cl, "epoch"), jnum(cl, "micro_batches"), jnum(cl, "steps"), jstr(cl, "model"));
+        printf("requests: %.0f running, %.0f waiting, %.0f succeeded, %.0f failed\n",
+               jnum(rq, "running"), jnum(rq, "waiting"), jnum(rq, "succeeded"), jnum(rq, "failed"));
+        print_nodes(root);
+    } else if (!strcmp(cmd, "nodes")) {
+        print_nodes(root);
+    } else if (!strcmp(cmd, "placement")) {
+        const cJSON *cl = cJSON_GetObjectItem(root, "cluster");
+        printf("epoch %.0f\n%-8s %-6s %-14s %s\n", jnum(cl, "epoch"), "FFN", "NODE", "NAME",
+               "EXPERTS");
+        const cJSON *n;
+        cJSON_ArrayForEach(n, cJSON_GetObjectItem(root, "nodes"))
+        {
+            const cJSON *e = cJSON_GetObjectItem(n, "experts");
+            if (!e) continue;
+            printf("%-8.0f %-6.0f %-14s %d..%d\n", jnum(n, "index"), jnum(n, "id"), jstr(n, "name"),
+                   cJSON_GetArrayItem(e, 0)->valueint, cJSON_GetArrayItem(e, 1)->valueint - 1);
+        }
+    } else if (!strcmp(cmd, "requests")) {
+        printf("%-16s %-8s %-8s %-6s %-8s %-10s %-8s %s\n", "REQUEST", "SEQ", "STATE", "NODE",
+               "PROMPT", "GENERATED", "STREAM", "AGE s");
+        const cJSON *r;
+        cJSON_ArrayForEach(r, cJSON_GetObjectItem(root, "requests"))
+        printf("%-16s %-8.0f %-8s %-6s %-8.0f %-4.0f/%-5.0f %-8s %.1f\n", jstr(r, "request"),
+               jnum(r, "sequence"), jstr(r, "state"),
+               cJSON_GetObjectItem(r, "node") ? cJSON_Print(cJSON_GetObjectItem(r, "node")) : "-",
+               jnum(r, "prompt_tokens"), jnum(r, "generated"), jnum(r, "max_tokens"),
+               cJSON_IsTrue(cJSON_GetObjectItem(r, "stream")) ? "yes" : "no", jnum(r, "age_s"));
+    } else if (!strcmp(cmd, "config")) {
+        const cJSON *o;
+        cJSON_ArrayForEach(o, cJSON_GetObjectItem(root, "options"))
+        printf("%s = %s\n", o->string, cJSON_IsString(o) ? o->valuestring : "");
+    } else if (!strcmp(cmd, "drain")) {
+        printf("%s: %.0f running, %.0f waiting\n",
+               cJSON_IsTrue(cJSON_GetObjectItem(root, "draining")) ? "draining" : "admitting",
+               jnum(root, "running"), jnum(root, "waiting"));
     }
     cJSON_Delete(root);
-    return 0;
+    return EXIT_OK;
 }
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: afdctl COMMAND [options]\n\n"
+    fprintf(f, "usage: afdctl COMMAND [options]   (afdctl COMMAND --help for each)\n\n"
                "commands:\n"
-               "  local-up   start a whole cluster on loopback (see afdctl local-up --help)\n"
-               "  status     show the cluster's nodes and requests (see afdctl status --help)\n"
-               "exit codes: 0 ok, 1 failure, 2 usage, 3 coordinator unreachable\n");
+               "  local-up   start a whole cluster on loopback\n");
+    static const char *cmds[] = {"status", "nodes", "placement", "requests", "drain", "metrics",
+                                 "config"};
+    for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
+        fprintf(f, "  %-10s %s\n", cmds[i], cmd_help(cmds[i]));
+    fprintf(f, "exit codes: 0 ok, 1 failure, 2 usage, 3 coordinator unreachable, 4 token refused\n");
 }
 
 int main(int argc, char **argv)
@@ -496,15 +658,15 @@ int main(int argc, char **argv)
     afd_log_init("afdctl");
     if (argc < 2) {
         usage(stderr);
-        return 2;
+        return EXIT_USAGE;
     }
     if (!strcmp(argv[1], "local-up")) return cmd_local_up(argc - 1, argv + 1);
-    if (!strcmp(argv[1], "status")) return cmd_status(argc - 1, argv + 1);
+    if (cmd_help(argv[1])) return cmd_admin(argv[1], argc - 1, argv + 1);
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
         usage(stdout);
-        return 0;
+        return EXIT_OK;
     }
     afd_error("unknown command '%s'", argv[1]);
     usage(stderr);
-    return 2;
+    return EXIT_USAGE;
 }

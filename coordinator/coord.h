@@ -25,9 +25,11 @@
 #define COORD_MAX_PLAN_AHEAD 4
 
 typedef struct coord_opts {
-    char *host, *cluster_token, *model, *model_name, *micro_batches, *api_key;
+    char *host, *cluster_token, *model, *model_name, *micro_batches, *api_key, *api_keys_file,
+        *admin_token;
     long port, ctrl_port, attn, ffn, plan_ahead, max_waiting, max_running, max_body_kb,
-        max_prompt, node_timeout_ms, default_max_tokens;
+        max_prompt, node_timeout_ms, default_max_tokens, drain_timeout_s, request_timeout_s,
+        admin_port;
 } coord_opts_t;
 
 enum coord_node_state { NODE_FREE = 0, NODE_HELLO, NODE_READY, NODE_CONNECTED };
@@ -70,8 +72,11 @@ typedef struct coord_seq {
     struct coord_seq *next_wait;
 } coord_seq_t;
 
+enum coord_api_kind { COORD_API_COMPLETIONS = 0, COORD_API_CHAT = 1, COORD_API_MESSAGES = 2 };
+
 typedef struct coord_req {
     uint64_t id;
+    int api;               /* enum coord_api_kind: how tokens and answers are rendered */
     net_http_req_t *http;  /* NULL once the client is gone or answered */
     int stream, logprobs, nseq, ndone, aborted, failed, finished;
     int32_t **prompts;
@@ -89,7 +94,10 @@ typedef struct coord {
     mdl_config_t cfg;
     uv_tcp_t ctrl;
     uv_timer_t tick;
-    net_http_server_t *http;
+    net_http_server_t *http;   /* the API: /v1/..., /health, /ready, /metrics */
+    net_http_server_t *admin;  /* the admin API afdctl uses, with its own token */
+    char **api_keys;           /* accepted API keys (none: the API is open) */
+    int napi_keys;
     coord_node_t nodes[COORD_MAX_NODES];
     uint32_t next_node_id;
     uint32_t epoch;
@@ -110,6 +118,9 @@ typedef struct coord {
     uint64_t *aborts[COORD_MAX_NODES];
     int naborts[COORD_MAX_NODES];
     coord_metrics_t metrics;
+    int draining;              /* SIGTERM or drain: no new requests; in-flight ones finish */
+    uint64_t drain_deadline_us;
+    int stop_after_drain;      /* leave the loop once drained (SIGTERM) */
     /* stats */
     uint64_t steps_done, tokens_out, req_ok, req_err, step_us_sum, sched_us_sum;
     double last_step_ms;
@@ -127,12 +138,19 @@ void coord_sched_on_result(coord_t *c, coord_node_t *n, const Afd__StepResult *r
 void coord_sched_node_lost(coord_t *c, coord_node_t *n, const char *why);
 void coord_sched_cluster_changed(coord_t *c);
 void coord_sched_abort_req(coord_t *c, coord_req_t *r);
+/* Ends every live request with an explicit error (drain timeout, shutdown). */
+void coord_sched_abort_all(coord_t *c, const char *why);
+/* Ends the requests older than the per-request timeout. */
+void coord_sched_expire(coord_t *c);
 /* Frees the requests that are answered and done. */
 void coord_sched_reap(coord_t *c);
 afd_status_t coord_sched_submit(coord_t *c, coord_req_t *r, const char **why);
 
 /* coord_api.c */
 void coord_api_handle(void *arg, net_http_req_t *req);
+void coord_admin_handle(void *arg, net_http_req_t *req);
+/* Loads the API keys from --api-key, AFD_API_KEY and --api-keys-file (one per line). */
+afd_status_t coord_api_keys_load(coord_t *c);
 void coord_api_token(coord_t *c, coord_req_t *r, coord_seq_t *s);
 void coord_api_finish(coord_t *c, coord_req_t *r);
 void coord_req_free(coord_req_t *r);

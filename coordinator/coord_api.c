@@ -5,7 +5,7 @@
  * type- and range-checked; errors use OpenAI's error object and status codes.
  */
 #define _GNU_SOURCE
-#include "coord.h"
+#include "coord_api.h"
 #include "afd_log.h"
 #include "mdl_sampler.h"
 
@@ -17,26 +17,41 @@
 #include <string.h>
 #include <time.h>
 
-#define API_MAX_PROMPTS  64
-#define API_MAX_STOP_IDS 64
 
-static void send_json(net_http_req_t *req, int status, cJSON *j, const char *extra)
+void coord_api_json(net_http_req_t *req, int status, cJSON *j, const char *extra)
 {
     char *txt = cJSON_PrintUnformatted(j);
     net_http_respond(req, status, "application/json", txt, strlen(txt), extra);
     free(txt);
 }
 
-static void send_error(net_http_req_t *req, int status, const char *type, const char *param,
-                       const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-static void send_error(net_http_req_t *req, int status, const char *type, const char *param,
-                       const char *fmt, ...)
+void coord_api_error(net_http_req_t *req, int status, const char *type, const char *param,
+                     const char *fmt, ...)
 {
     char msg[512];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    if (req->path && !strcmp(req->path, "/v1/messages")) { /* Anthropic's error shape */
+        const char *t = status == 400   ? "invalid_request_error"
+                        : status == 401 ? "authentication_error"
+                        : status == 403 ? "permission_error"
+                        : status == 404 ? "not_found_error"
+                        : status == 413 ? "request_too_large"
+                        : status == 429 ? "rate_limit_error"
+                        : status == 503 ? "overloaded_error"
+                                        : "api_error";
+        cJSON *root = cJSON_CreateObject(), *e = cJSON_AddObjectToObject(root, "error");
+        cJSON_AddStringToObject(root, "type", "error");
+        cJSON_AddStringToObject(e, "type", t);
+        cJSON_AddStringToObject(e, "message", msg);
+        coord_api_json(req, status, root, status == 429 ? "Retry-After: 1\r\n" : NULL);
+        cJSON_Delete(root);
+        (void)type;
+        (void)param;
+        return;
+    }
     cJSON *root = cJSON_CreateObject(), *e = cJSON_AddObjectToObject(root, "error");
     cJSON_AddStringToObject(e, "message", msg);
     cJSON_AddStringToObject(e, "type", type);
@@ -45,7 +60,7 @@ static void send_error(net_http_req_t *req, int status, const char *type, const 
     else
         cJSON_AddNullToObject(e, "param");
     cJSON_AddNumberToObject(e, "code", status);
-    send_json(req, status, root, status == 429 ? "Retry-After: 1\r\n" : NULL);
+    coord_api_json(req, status, root, status == 429 ? "Retry-After: 1\r\n" : NULL);
     cJSON_Delete(root);
 }
 
@@ -71,7 +86,7 @@ void coord_req_free(coord_req_t *r)
 
 /* ---- response rendering ---- */
 
-static void token_text(int32_t id, char *buf, size_t len)
+void coord_api_token_text(int32_t id, char *buf, size_t len)
 {
     snprintf(buf, len, "token_id:%d", id);
 }
@@ -86,20 +101,20 @@ static cJSON *logprobs_json(const coord_req_t *r, const coord_seq_t *s, int from
     cJSON *off = cJSON_AddArrayToObject(lp, "text_offset");
     char b[32];
     for (int g = from; g < to; g++) {
-        token_text(s->out[g], b, sizeof(b));
+        coord_api_token_text(s->out[g], b, sizeof(b));
         cJSON_AddItemToArray(toks, cJSON_CreateString(b));
         cJSON_AddItemToArray(tlp, cJSON_CreateNumber(s->lp[g]));
         cJSON *t = cJSON_CreateObject();
         for (int k = 0; k < r->logprobs; k++) {
             int32_t id = s->top_ids[g * r->logprobs + k];
             if (id < 0) continue;
-            token_text(id, b, sizeof(b));
+            coord_api_token_text(id, b, sizeof(b));
             if (!cJSON_GetObjectItemCaseSensitive(t, b))
                 cJSON_AddNumberToObject(t, b, s->top_lp[g * r->logprobs + k]);
         }
         cJSON_AddItemToArray(top, t);
         cJSON_AddItemToArray(off, cJSON_CreateNumber(*offset));
-        token_text(s->out[g], b, sizeof(b));
+        coord_api_token_text(s->out[g], b, sizeof(b));
         *offset += (int)strlen(b);
     }
     return lp;
@@ -117,7 +132,7 @@ static cJSON *completion_base(coord_t *c, const coord_req_t *r)
     return root;
 }
 
-static cJSON *usage_json(const coord_req_t *r)
+cJSON *coord_api_usage(const coord_req_t *r)
 {
     int pt = 0, ct = 0;
     for (int i = 0; i < r->nseq; i++) {
@@ -131,7 +146,7 @@ static cJSON *usage_json(const coord_req_t *r)
     return u;
 }
 
-static void sse_send(net_http_req_t *http, cJSON *j)
+void coord_api_sse(net_http_req_t *http, cJSON *j)
 {
     char *txt = cJSON_PrintUnformatted(j);
     size_t n = strlen(txt);
@@ -149,18 +164,19 @@ static void sse_send(net_http_req_t *http, cJSON *j)
 void coord_api_token(coord_t *c, coord_req_t *r, coord_seq_t *s)
 {
     if (!r->stream || !r->http) return;
+    if (r->api != COORD_API_COMPLETIONS) return coord_chat_token(c, r, s);
     cJSON *root = completion_base(c, r);
     cJSON *choices = cJSON_AddArrayToObject(root, "choices");
     cJSON *ch = cJSON_CreateObject();
     cJSON_AddNumberToObject(ch, "index", s->choice);
     char b[32];
-    token_text(s->out[s->ngen - 1], b, sizeof(b));
+    coord_api_token_text(s->out[s->ngen - 1], b, sizeof(b));
     cJSON_AddStringToObject(ch, "text", b);
     cJSON_AddItemToObject(ch, "token_ids", cJSON_CreateIntArray(&s->out[s->ngen - 1], 1));
     if (r->logprobs >= 0) {
         int off = 0;
         for (int g = 0; g < s->ngen - 1; g++) {
-            token_text(s->out[g], b, sizeof(b));
+            coord_api_token_text(s->out[g], b, sizeof(b));
             off += (int)strlen(b);
         }
         cJSON_AddItemToObject(ch, "logprobs", logprobs_json(r, s, s->ngen - 1, s->ngen, &off));
@@ -172,7 +188,7 @@ void coord_api_token(coord_t *c, coord_req_t *r, coord_seq_t *s)
     else
         cJSON_AddNullToObject(ch, "finish_reason");
     cJSON_AddItemToArray(choices, ch);
-    sse_send(r->http, root);
+    coord_api_sse(r->http, root);
     cJSON_Delete(root);
 }
 
@@ -195,20 +211,21 @@ void coord_api_finish(coord_t *c, coord_req_t *r)
     const char *err = NULL;
     for (int i = 0; i < r->nseq && !err; i++)
         if (r->seqs[i].error) err = r->seqs[i].error;
+    if (r->api != COORD_API_COMPLETIONS) return coord_chat_finish(c, r, http, err);
     if (r->stream) {
         if (err) {
             cJSON *root = cJSON_CreateObject(), *e = cJSON_AddObjectToObject(root, "error");
             cJSON_AddStringToObject(e, "message", err);
             cJSON_AddStringToObject(e, "type", "server_error");
             cJSON_AddNumberToObject(e, "code", 500);
-            sse_send(http, root);
+            coord_api_sse(http, root);
             cJSON_Delete(root);
         }
         if (!err && r->stream == 2) { /* stream_options.include_usage */
             cJSON *root = completion_base(c, r);
             cJSON_AddArrayToObject(root, "choices");
-            cJSON_AddItemToObject(root, "usage", usage_json(r));
-            sse_send(http, root);
+            cJSON_AddItemToObject(root, "usage", coord_api_usage(r));
+            coord_api_sse(http, root);
             cJSON_Delete(root);
         }
         net_http_stream_write(http, "data: [DONE]\n\n", 14);
@@ -216,7 +233,7 @@ void coord_api_finish(coord_t *c, coord_req_t *r)
         return;
     }
     if (err) {
-        send_error(http, 500, "server_error", NULL, "%s", err);
+        coord_api_error(http, 500, "server_error", NULL, "%s", err);
         return;
     }
     cJSON *root = completion_base(c, r);
@@ -244,8 +261,8 @@ void coord_api_finish(coord_t *c, coord_req_t *r)
         cJSON_AddStringToObject(ch, "finish_reason", s->finish ? s->finish : "length");
         cJSON_AddItemToArray(choices, ch);
     }
-    cJSON_AddItemToObject(root, "usage", usage_json(r));
-    send_json(http, 200, root, NULL);
+    cJSON_AddItemToObject(root, "usage", coord_api_usage(r));
+    coord_api_json(http, 200, root, NULL);
     cJSON_Delete(root);
 }
 
@@ -262,7 +279,7 @@ static void on_client_gone(void *ud, net_http_req_t *req)
     if (!r->finished) coord_sched_abort_req(g_coord, r);
 }
 
-static int get_int_field(const cJSON *o, const char *k, long min, long max, long def, long *out,
+int coord_api_int(const cJSON *o, const char *k, long min, long max, long def, long *out,
                          net_http_req_t *req)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
@@ -271,18 +288,18 @@ static int get_int_field(const cJSON *o, const char *k, long min, long max, long
         return 0;
     }
     if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble)) {
-        send_error(req, 400, "invalid_request_error", k, "'%s' must be an integer", k);
+        coord_api_error(req, 400, "invalid_request_error", k, "'%s' must be an integer", k);
         return -1;
     }
     if (v->valuedouble < (double)min || v->valuedouble > (double)max) {
-        send_error(req, 400, "invalid_request_error", k, "'%s' must be in [%ld, %ld]", k, min, max);
+        coord_api_error(req, 400, "invalid_request_error", k, "'%s' must be in [%ld, %ld]", k, min, max);
         return -1;
     }
     *out = (long)v->valuedouble;
     return 0;
 }
 
-static int get_num_field(const cJSON *o, const char *k, double min, double max, double def,
+int coord_api_num(const cJSON *o, const char *k, double min, double max, double def,
                          double *out, net_http_req_t *req)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
@@ -291,7 +308,7 @@ static int get_num_field(const cJSON *o, const char *k, double min, double max, 
         return 0;
     }
     if (!cJSON_IsNumber(v) || !(v->valuedouble >= min && v->valuedouble <= max)) {
-        send_error(req, 400, "invalid_request_error", k, "'%s' must be a number in [%g, %g]", k,
+        coord_api_error(req, 400, "invalid_request_error", k, "'%s' must be a number in [%g, %g]", k,
                    min, max);
         return -1;
     }
@@ -299,7 +316,7 @@ static int get_num_field(const cJSON *o, const char *k, double min, double max, 
     return 0;
 }
 
-static int get_bool_field(const cJSON *o, const char *k, int def, int *out, net_http_req_t *req)
+int coord_api_bool(const cJSON *o, const char *k, int def, int *out, net_http_req_t *req)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
     if (!v || cJSON_IsNull(v)) {
@@ -307,7 +324,7 @@ static int get_bool_field(const cJSON *o, const char *k, int def, int *out, net_
         return 0;
     }
     if (!cJSON_IsBool(v)) {
-        send_error(req, 400, "invalid_request_error", k, "'%s' must be true or false", k);
+        coord_api_error(req, 400, "invalid_request_error", k, "'%s' must be true or false", k);
         return -1;
     }
     *out = cJSON_IsTrue(v);
@@ -315,17 +332,17 @@ static int get_bool_field(const cJSON *o, const char *k, int def, int *out, net_
 }
 
 /* Parses one prompt (a list of token ids) into a malloc'd array. */
-static int parse_ids(coord_t *c, const cJSON *a, int32_t **out, int *n, net_http_req_t *req)
+int coord_api_ids(coord_t *c, const cJSON *a, int32_t **out, int *n, net_http_req_t *req)
 {
     int cnt = cJSON_GetArraySize(a);
     if (cnt < 1 || cnt > c->o.max_prompt) {
-        send_error(req, 400, "invalid_request_error", "prompt",
+        coord_api_error(req, 400, "invalid_request_error", "prompt",
                    "a prompt must have 1 to %ld tokens (got %d)", c->o.max_prompt, cnt);
         return -1;
     }
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)cnt);
     if (!ids) {
-        send_error(req, 500, "server_error", NULL, "out of memory");
+        coord_api_error(req, 500, "server_error", NULL, "out of memory");
         return -1;
     }
     int i = 0;
@@ -335,7 +352,7 @@ static int parse_ids(coord_t *c, const cJSON *a, int32_t **out, int *n, net_http
         if (!cJSON_IsNumber(e) || e->valuedouble != floor(e->valuedouble) || e->valuedouble < 0 ||
             e->valuedouble >= c->cfg.vocab_size) {
             free(ids);
-            send_error(req, 400, "invalid_request_error", "prompt",
+            coord_api_error(req, 400, "invalid_request_error", "prompt",
                        "prompt token ids must be integers in [0, %d)", c->cfg.vocab_size);
             return -1;
         }
@@ -348,147 +365,121 @@ static int parse_ids(coord_t *c, const cJSON *a, int32_t **out, int *n, net_http
 
 static uint64_t g_seed_counter;
 
-static void handle_completions(coord_t *c, net_http_req_t *req)
+int coord_api_check_model(coord_t *c, net_http_req_t *req, const cJSON *body)
 {
-    cJSON *body = cJSON_ParseWithLength(req->body, req->body_len);
-    if (!body || !cJSON_IsObject(body)) {
-        cJSON_Delete(body);
-        return send_error(req, 400, "invalid_request_error", NULL,
-                          "the body must be a JSON object");
-    }
-    coord_req_t *r = calloc(1, sizeof(*r));
-    if (!r) {
-        cJSON_Delete(body);
-        return send_error(req, 500, "server_error", NULL, "out of memory");
-    }
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(body, "model");
     if (model && !cJSON_IsNull(model) &&
         (!cJSON_IsString(model) || strcmp(model->valuestring, c->o.model_name) != 0)) {
-        send_error(req, 404, "invalid_request_error", "model", "the model '%s' does not exist",
-                   cJSON_IsString(model) ? model->valuestring : "?");
-        goto fail;
+        coord_api_error(req, 404, "invalid_request_error", "model",
+                        "the model '%s' does not exist",
+                        cJSON_IsString(model) ? model->valuestring : "?");
+        return -1;
     }
-    const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(body, "prompt");
-    if (!prompt) {
-        send_error(req, 400, "invalid_request_error", "prompt", "'prompt' is required");
-        goto fail;
+    return 0;
+}
+
+int coord_api_stream_options(const cJSON *body, int stream, int *out, net_http_req_t *req)
+{
+    const cJSON *so = cJSON_GetObjectItemCaseSensitive(body, "stream_options");
+    *out = stream;
+    if (!so || cJSON_IsNull(so)) return 0;
+    if (!cJSON_IsObject(so)) {
+        coord_api_error(req, 400, "invalid_request_error", "stream_options",
+                        "'stream_options' must be an object");
+        return -1;
     }
-    if (cJSON_IsString(prompt) ||
-        (cJSON_IsArray(prompt) && cJSON_IsString(cJSON_GetArrayItem(prompt, 0)))) {
-        send_error(req, 400, "invalid_request_error", "prompt",
-                   "text prompts need a tokenizer, and none is loaded: send token ids");
-        goto fail;
-    }
-    if (!cJSON_IsArray(prompt) || cJSON_GetArraySize(prompt) == 0) {
-        send_error(req, 400, "invalid_request_error", "prompt",
-                   "'prompt' must be a list of token ids or a list of such lists");
-        goto fail;
-    }
-    int batch = cJSON_IsArray(cJSON_GetArrayItem(prompt, 0));
-    r->nseq = batch ? cJSON_GetArraySize(prompt) : 1;
-    if (r->nseq > API_MAX_PROMPTS) {
-        send_error(req, 400, "invalid_request_error", "prompt", "at most %d prompts per request",
-                   API_MAX_PROMPTS);
-        goto fail;
-    }
-    r->prompts = calloc((size_t)r->nseq, sizeof(*r->prompts));
-    r->prompt_len = calloc((size_t)r->nseq, sizeof(int));
-    r->seqs = calloc((size_t)r->nseq, sizeof(*r->seqs));
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(so, "include_usage")) && stream) *out = 2;
+    return 0;
+}
+
+int coord_api_req_init(coord_t *c, net_http_req_t *req, coord_req_t *r, int nseq)
+{
+    (void)c;
+    r->nseq = nseq;
+    r->prompts = calloc((size_t)nseq, sizeof(*r->prompts));
+    r->prompt_len = calloc((size_t)nseq, sizeof(int));
+    r->seqs = calloc((size_t)nseq, sizeof(*r->seqs));
     if (!r->prompts || !r->prompt_len || !r->seqs) {
-        send_error(req, 500, "server_error", NULL, "out of memory");
-        goto fail;
+        coord_api_error(req, 500, "server_error", NULL, "out of memory");
+        return -1;
     }
-    for (int i = 0; i < r->nseq; i++) {
-        const cJSON *p = batch ? cJSON_GetArrayItem(prompt, i) : prompt;
-        if (!cJSON_IsArray(p)) {
-            send_error(req, 400, "invalid_request_error", "prompt",
-                       "'prompt' must be a list of token ids or a list of such lists");
-            goto fail;
-        }
-        if (parse_ids(c, p, &r->prompts[i], &r->prompt_len[i], req)) goto fail;
-    }
-    long max_tokens, top_k, seed, n, logprobs = -1;
+    return 0;
+}
+
+int coord_api_sampling(coord_t *c, net_http_req_t *req, const cJSON *body, coord_req_t *r,
+                       const char *max_tokens_field, int max_tokens_required)
+{
+    long max_tokens, top_k, seed;
     double temperature, top_p;
-    int stream, ignore_eos, echo;
-    if (get_int_field(body, "max_tokens", 1, c->cfg.max_position, c->o.default_max_tokens,
+    int ignore_eos;
+    const cJSON *mt = cJSON_GetObjectItemCaseSensitive(body, max_tokens_field);
+    if (max_tokens_required && (!mt || cJSON_IsNull(mt))) {
+        coord_api_error(req, 400, "invalid_request_error", max_tokens_field, "'%s' is required",
+                        max_tokens_field);
+        return -1;
+    }
+    if (coord_api_int(body, max_tokens_field, 1, c->cfg.max_position, c->o.default_max_tokens,
                       &max_tokens, req) ||
-        get_int_field(body, "top_k", -1, c->cfg.vocab_size, 0, &top_k, req) ||
-        get_int_field(body, "seed", 0, (long)9e18, -1, &seed, req) ||
-        get_int_field(body, "n", 1, 1, 1, &n, req) ||
-        get_num_field(body, "temperature", 0, 100, 1.0, &temperature, req) ||
-        get_num_field(body, "top_p", 1e-9, 1, 1.0, &top_p, req) ||
-        get_bool_field(body, "stream", 0, &stream, req) ||
-        get_bool_field(body, "ignore_eos", 0, &ignore_eos, req) ||
-        get_bool_field(body, "echo", 0, &echo, req))
-        goto fail;
-    const cJSON *lpv = cJSON_GetObjectItemCaseSensitive(body, "logprobs");
-    if (lpv && !cJSON_IsNull(lpv) &&
-        get_int_field(body, "logprobs", 0, MDL_MAX_LOGPROBS, 0, &logprobs, req))
-        goto fail;
-    if (echo) {
-        send_error(req, 400, "invalid_request_error", "echo", "'echo' is not supported");
-        goto fail;
-    }
-    const cJSON *stop = cJSON_GetObjectItemCaseSensitive(body, "stop");
-    if (stop && !cJSON_IsNull(stop) && !(cJSON_IsArray(stop) && cJSON_GetArraySize(stop) == 0)) {
-        send_error(req, 400, "invalid_request_error", "stop",
-                   "'stop' strings need a tokenizer, and none is loaded: use stop_token_ids");
-        goto fail;
-    }
+        coord_api_int(body, "top_k", -1, c->cfg.vocab_size, 0, &top_k, req) ||
+        coord_api_int(body, "seed", 0, (long)9e18, -1, &seed, req) ||
+        coord_api_num(body, "temperature", 0, 100, 1.0, &temperature, req) ||
+        coord_api_num(body, "top_p", 1e-9, 1, 1.0, &top_p, req) ||
+        coord_api_bool(body, "ignore_eos", 0, &ignore_eos, req))
+        return -1;
     const cJSON *sti = cJSON_GetObjectItemCaseSensitive(body, "stop_token_ids");
     int nstop = 0;
     if (sti && !cJSON_IsNull(sti)) {
         if (!cJSON_IsArray(sti) || cJSON_GetArraySize(sti) > API_MAX_STOP_IDS) {
-            send_error(req, 400, "invalid_request_error", "stop_token_ids",
-                       "'stop_token_ids' must be a list of at most %d token ids", API_MAX_STOP_IDS);
-            goto fail;
+            coord_api_error(req, 400, "invalid_request_error", "stop_token_ids",
+                            "'stop_token_ids' must be a list of at most %d token ids",
+                            API_MAX_STOP_IDS);
+            return -1;
         }
         r->stop_ids = malloc(sizeof(int32_t) * (size_t)(cJSON_GetArraySize(sti) + 1));
+        if (!r->stop_ids) {
+            coord_api_error(req, 500, "server_error", NULL, "out of memory");
+            return -1;
+        }
         const cJSON *e;
         cJSON_ArrayForEach(e, sti)
         {
             if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= c->cfg.vocab_size ||
                 e->valuedouble != floor(e->valuedouble)) {
-                send_error(req, 400, "invalid_request_error", "stop_token_ids",
-                           "stop token ids must be integers in [0, %d)", c->cfg.vocab_size);
-                goto fail;
+                coord_api_error(req, 400, "invalid_request_error", "stop_token_ids",
+                                "stop token ids must be integers in [0, %d)", c->cfg.vocab_size);
+                return -1;
             }
             r->stop_ids[nstop++] = (int32_t)e->valuedouble;
         }
     }
-    const cJSON *so = cJSON_GetObjectItemCaseSensitive(body, "stream_options");
-    if (so && !cJSON_IsNull(so)) {
-        if (!cJSON_IsObject(so)) {
-            send_error(req, 400, "invalid_request_error", "stream_options",
-                       "'stream_options' must be an object");
-            goto fail;
-        }
-        if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(so, "include_usage")) && stream)
-            stream = 2;
-    }
-    for (int i = 0; i < r->nseq; i++)
-        if (r->prompt_len[i] + max_tokens > c->cfg.max_position) {
-            send_error(req, 400, "invalid_request_error", "max_tokens",
-                       "prompt (%d tokens) + max_tokens (%ld) exceed the context of %d",
-                       r->prompt_len[i], max_tokens, c->cfg.max_position);
-            goto fail;
-        }
     afd__sampling__init(&r->sp);
     r->sp.temperature = (float)temperature;
     r->sp.top_p = (float)top_p;
     r->sp.top_k = (int32_t)(top_k < 0 ? 0 : top_k);
     r->sp.seed = seed >= 0 ? (uint64_t)seed : (uint64_t)time(NULL) * 1000003u + ++g_seed_counter;
-    r->sp.logprobs = logprobs > 0 ? (uint32_t)logprobs : 0;
     r->sp.max_tokens = (uint32_t)max_tokens;
     r->sp.n_stop_token_ids = (size_t)nstop;
     r->sp.stop_token_ids = r->stop_ids;
     r->sp.ignore_eos = ignore_eos;
-    r->logprobs = (int)logprobs;
-    r->stream = stream;
+    return 0;
+}
+
+void coord_api_submit(coord_t *c, net_http_req_t *req, coord_req_t *r)
+{
+    long max_tokens = r->sp.max_tokens;
+    for (int i = 0; i < r->nseq; i++)
+        if (r->prompt_len[i] + max_tokens > c->cfg.max_position) {
+            coord_api_error(req, 400, "invalid_request_error", "max_tokens",
+                            "prompt (%d tokens) + max_tokens (%ld) exceed the context of %d",
+                            r->prompt_len[i], max_tokens, c->cfg.max_position);
+            coord_req_free(r);
+            return;
+        }
+    r->sp.logprobs = r->logprobs > 0 ? (uint32_t)r->logprobs : 0;
     r->id = ++c->next_req_id;
     r->created = (uint64_t)time(NULL);
     r->t_arrival_us = coord_now_us();
-    int L = logprobs > 0 ? (int)logprobs : 0;
+    int L = r->logprobs > 0 ? r->logprobs : 0;
     for (int i = 0; i < r->nseq; i++) {
         coord_seq_t *s = &r->seqs[i];
         s->req = r;
@@ -498,26 +489,108 @@ static void handle_completions(coord_t *c, net_http_req_t *req)
         s->top_ids = malloc(sizeof(int32_t) * (size_t)(max_tokens * L + 1));
         s->top_lp = malloc(sizeof(float) * (size_t)(max_tokens * L + 1));
         if (!s->out || !s->lp || !s->top_ids || !s->top_lp) {
-            send_error(req, 500, "server_error", NULL, "out of memory");
-            goto fail;
+            coord_api_error(req, 500, "server_error", NULL, "out of memory");
+            coord_req_free(r);
+            return;
         }
     }
-    cJSON_Delete(body);
+    if (c->draining) {
+        coord_api_error(req, 503, "server_error", NULL,
+                        "the server is draining: it takes no new requests");
+        coord_req_free(r);
+        return;
+    }
     if (!c->ready) {
-        send_error(req, 503, "server_error", NULL,
-                   "the cluster is not ready (nodes missing or joining)");
+        coord_api_error(req, 503, "server_error", NULL,
+                        "the cluster is not ready (nodes missing or joining)");
         coord_req_free(r);
         return;
     }
     const char *why;
     if (coord_sched_submit(c, r, &why)) {
-        send_error(req, 429, "rate_limit_error", NULL, "%s", why);
+        coord_api_error(req, 429, "rate_limit_error", NULL, "%s", why);
         coord_req_free(r);
         return;
     }
     r->http = req;
     net_http_set_abort(req, on_client_gone, r);
     if (r->stream) net_http_stream_begin(req, 200, "text/event-stream", NULL);
+}
+
+static void handle_completions(coord_t *c, net_http_req_t *req)
+{
+    cJSON *body = cJSON_ParseWithLength(req->body, req->body_len);
+    if (!body || !cJSON_IsObject(body)) {
+        cJSON_Delete(body);
+        return coord_api_error(req, 400, "invalid_request_error", NULL,
+                               "the body must be a JSON object");
+    }
+    coord_req_t *r = calloc(1, sizeof(*r));
+    if (!r) {
+        cJSON_Delete(body);
+        return coord_api_error(req, 500, "server_error", NULL, "out of memory");
+    }
+    r->api = COORD_API_COMPLETIONS;
+    if (coord_api_check_model(c, req, body)) goto fail;
+    const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(body, "prompt");
+    if (!prompt) {
+        coord_api_error(req, 400, "invalid_request_error", "prompt", "'prompt' is required");
+        goto fail;
+    }
+    if (cJSON_IsString(prompt) ||
+        (cJSON_IsArray(prompt) && cJSON_IsString(cJSON_GetArrayItem(prompt, 0)))) {
+        coord_api_error(req, 400, "invalid_request_error", "prompt",
+                        "text prompts need a tokenizer, and none is loaded: send token ids");
+        goto fail;
+    }
+    if (!cJSON_IsArray(prompt) || cJSON_GetArraySize(prompt) == 0) {
+        coord_api_error(req, 400, "invalid_request_error", "prompt",
+                        "'prompt' must be a list of token ids or a list of such lists");
+        goto fail;
+    }
+    int batch = cJSON_IsArray(cJSON_GetArrayItem(prompt, 0));
+    int nseq = batch ? cJSON_GetArraySize(prompt) : 1;
+    if (nseq > API_MAX_PROMPTS) {
+        coord_api_error(req, 400, "invalid_request_error", "prompt",
+                        "at most %d prompts per request", API_MAX_PROMPTS);
+        goto fail;
+    }
+    if (coord_api_req_init(c, req, r, nseq)) goto fail;
+    for (int i = 0; i < r->nseq; i++) {
+        const cJSON *p = batch ? cJSON_GetArrayItem(prompt, i) : prompt;
+        if (!cJSON_IsArray(p)) {
+            coord_api_error(req, 400, "invalid_request_error", "prompt",
+                            "'prompt' must be a list of token ids or a list of such lists");
+            goto fail;
+        }
+        if (coord_api_ids(c, p, &r->prompts[i], &r->prompt_len[i], req)) goto fail;
+    }
+    long n, logprobs = -1;
+    int stream, echo;
+    if (coord_api_sampling(c, req, body, r, "max_tokens", 0) ||
+        coord_api_int(body, "n", 1, 1, 1, &n, req) ||
+        coord_api_bool(body, "stream", 0, &stream, req) ||
+        coord_api_bool(body, "echo", 0, &echo, req))
+        goto fail;
+    const cJSON *lpv = cJSON_GetObjectItemCaseSensitive(body, "logprobs");
+    if (lpv && !cJSON_IsNull(lpv) &&
+        coord_api_int(body, "logprobs", 0, MDL_MAX_LOGPROBS, 0, &logprobs, req))
+        goto fail;
+    if (echo) {
+        coord_api_error(req, 400, "invalid_request_error", "echo", "'echo' is not supported");
+        goto fail;
+    }
+    const cJSON *stop = cJSON_GetObjectItemCaseSensitive(body, "stop");
+    if (stop && !cJSON_IsNull(stop) && !(cJSON_IsArray(stop) && cJSON_GetArraySize(stop) == 0)) {
+        coord_api_error(req, 400, "invalid_request_error", "stop",
+                        "'stop' strings need a tokenizer, and none is loaded: use stop_token_ids");
+        goto fail;
+    }
+    if (coord_api_stream_options(body, stream, &stream, req)) goto fail;
+    r->logprobs = (int)logprobs;
+    r->stream = stream;
+    cJSON_Delete(body);
+    coord_api_submit(c, req, r);
     return;
 fail:
     cJSON_Delete(body);
@@ -536,7 +609,7 @@ static void handle_models(coord_t *c, net_http_req_t *req)
     cJSON_AddStringToObject(m, "owned_by", "afd");
     cJSON_AddNumberToObject(m, "max_model_len", c->cfg.max_position);
     cJSON_AddItemToArray(data, m);
-    send_json(req, 200, root, NULL);
+    coord_api_json(req, 200, root, NULL);
     cJSON_Delete(root);
 }
 
@@ -617,20 +690,68 @@ static void handle_status(coord_t *c, net_http_req_t *req)
         }
         cJSON_AddItemToArray(nodes, o);
     }
-    send_json(req, 200, root, NULL);
+    coord_api_json(req, 200, root, NULL);
     cJSON_Delete(root);
+}
+
+/* constant-time comparison of a presented token with a configured one */
+static int token_eq(const char *want, const char *got)
+{
+    size_t a = strlen(want), b = strlen(got);
+    unsigned d = (unsigned)(a ^ b);
+    for (size_t i = 0; i < a; i++) d |= (unsigned)(want[i] ^ got[b ? i % b : 0]);
+    return d == 0 && a == b;
+}
+
+static const char *bearer(net_http_req_t *req)
+{
+    const char *h = net_http_header(req, "Authorization");
+    if (h && !strncmp(h, "Bearer ", 7)) return h + 7;
+    h = net_http_header(req, "x-api-key"); /* Anthropic's clients send the key this way */
+    return h;
 }
 
 static int authorized(coord_t *c, net_http_req_t *req)
 {
-    if (!c->o.api_key || !c->o.api_key[0]) return 1;
-    const char *h = net_http_header(req, "Authorization");
-    if (!h || strncmp(h, "Bearer ", 7) != 0) return 0;
-    const char *k = h + 7, *w = c->o.api_key;
-    size_t a = strlen(w), b = strlen(k);
-    unsigned d = (unsigned)(a ^ b);
-    for (size_t i = 0; i < a; i++) d |= (unsigned)(w[i] ^ k[i < b ? i : 0]);
-    return d == 0;
+    if (c->napi_keys == 0) return 1;
+    const char *k = bearer(req);
+    int ok = 0;
+    for (int i = 0; k && i < c->napi_keys; i++) ok |= token_eq(c->api_keys[i], k);
+    return ok;
+}
+
+afd_status_t coord_api_keys_load(coord_t *c)
+{
+    if (c->o.api_key && c->o.api_key[0]) {
+        c->api_keys = realloc(c->api_keys, sizeof(char *) * (size_t)(c->napi_keys + 1));
+        if (!c->api_keys) return AFD_ERR_NOMEM;
+        c->api_keys[c->napi_keys++] = strdup(c->o.api_key);
+    }
+    if (!c->o.api_keys_file) return AFD_OK;
+    FILE *f = fopen(c->o.api_keys_file, "r");
+    if (!f) {
+        afd_error("--api-keys-file %s: %m", c->o.api_keys_file);
+        return AFD_ERR_IO;
+    }
+    char line[1024];
+    while (fgets(line, sizeof(line), f)) {
+        char *p = line, *e;
+        while (*p == ' ' || *p == '\t') p++;
+        e = p + strlen(p);
+        while (e > p && (e[-1] == '\n' || e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t')) *--e = 0;
+        if (!*p || *p == '#') continue;
+        if (c->napi_keys >= 100000) break;
+        char **nk = realloc(c->api_keys, sizeof(char *) * (size_t)(c->napi_keys + 1));
+        if (!nk) {
+            fclose(f);
+            return AFD_ERR_NOMEM;
+        }
+        c->api_keys = nk;
+        c->api_keys[c->napi_keys++] = strdup(p);
+    }
+    fclose(f);
+    afd_info("%d API keys loaded", c->napi_keys);
+    return AFD_OK;
 }
 
 void coord_api_handle(void *arg, net_http_req_t *req)
@@ -643,7 +764,7 @@ void coord_api_handle(void *arg, net_http_req_t *req)
         return net_http_respond(req, 200, "application/json", ok, sizeof(ok) - 1, NULL);
     }
     if (!strcmp(p, "/ready")) {
-        if (c->ready) {
+        if (c->ready && !c->draining) {
             const char ok[] = "{\"ready\":true}";
             return net_http_respond(req, 200, "application/json", ok, sizeof(ok) - 1, NULL);
         }
@@ -651,21 +772,148 @@ void coord_api_handle(void *arg, net_http_req_t *req)
         return net_http_respond(req, 503, "application/json", no, sizeof(no) - 1, NULL);
     }
     if (!strncmp(p, "/v1/", 4) && !authorized(c, req))
-        return send_error(req, 401, "authentication_error", NULL,
+        return coord_api_error(req, 401, "authentication_error", NULL,
                           "missing or invalid API key (Authorization: Bearer KEY)");
     if (!strcmp(p, "/v1/completions")) {
-        if (strcmp(m, "POST")) return send_error(req, 405, "invalid_request_error", NULL, "use POST");
+        if (strcmp(m, "POST")) return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
         return handle_completions(c, req);
+    }
+    if (!strcmp(p, "/v1/chat/completions") || !strcmp(p, "/v1/messages")) {
+        if (strcmp(m, "POST")) return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
+        return coord_chat_handle(c, req, !strcmp(p, "/v1/messages"));
     }
     if (!strcmp(p, "/v1/models")) return handle_models(c, req);
     if (!strcmp(p, "/metrics")) {
         size_t n;
         char *txt = coord_metrics_render(c, &n);
-        if (!txt) return send_error(req, 500, "server_error", NULL, "out of memory");
+        if (!txt) return coord_api_error(req, 500, "server_error", NULL, "out of memory");
         net_http_respond(req, 200, "text/plain; version=0.0.4", txt, n, NULL);
         free(txt);
         return;
     }
+    coord_api_error(req, 404, "invalid_request_error", NULL, "no route for %s %s", m, p);
+}
+
+/* ---- the admin API ---- */
+
+static void handle_requests(coord_t *c, net_http_req_t *req)
+{
+    cJSON *root = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(root, "requests");
+    uint64_t now = coord_now_us();
+    for (coord_req_t *r = c->reqs; r; r = r->next) {
+        if (r->finished) continue;
+        for (int i = 0; i < r->nseq; i++) {
+            const coord_seq_t *s = &r->seqs[i];
+            if (s->done) continue;
+            cJSON *o = cJSON_CreateObject();
+            char id[48];
+            snprintf(id, sizeof(id), "%s-%llu",
+                     r->api == COORD_API_MESSAGES ? "msg"
+                     : r->api == COORD_API_CHAT   ? "chatcmpl"
+                                                  : "cmpl",
+                     (unsigned long long)r->id);
+            cJSON_AddStringToObject(o, "request", id);
+            cJSON_AddNumberToObject(o, "sequence", (double)s->id);
+            cJSON_AddStringToObject(o, "state", s->node >= 0 ? "running" : "waiting");
+            if (s->node >= 0) cJSON_AddNumberToObject(o, "node", c->nodes[s->node].id);
+            cJSON_AddNumberToObject(o, "prompt_tokens", r->prompt_len[i]);
+            cJSON_AddNumberToObject(o, "generated", s->ngen);
+            cJSON_AddNumberToObject(o, "max_tokens", r->sp.max_tokens);
+            cJSON_AddBoolToObject(o, "stream", r->stream != 0);
+            cJSON_AddNumberToObject(o, "age_s", (double)(now - r->t_arrival_us) / 1e6);
+            cJSON_AddItemToArray(arr, o);
+        }
+    }
+    coord_api_json(req, 200, root, NULL);
+    cJSON_Delete(root);
+}
+
+static void handle_config(coord_t *c, net_http_req_t *req)
+{
+    /* the effective options, secrets hidden, as --print-config shows them */
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f) return coord_api_error(req, 500, "server_error", NULL, "out of memory");
+    extern const afd_opt_t coord_table[];
+    afd_opts_print(f, coord_table, &c->o);
+    fclose(f);
+    cJSON *root = cJSON_CreateObject(), *o = cJSON_AddObjectToObject(root, "options");
+    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
+        char *eq = strstr(line, " = ");
+        if (!eq) continue;
+        *eq = 0;
+        cJSON_AddStringToObject(o, line, eq + 3);
+    }
+    free(buf);
+    cJSON_AddNumberToObject(root, "micro_batches_now", c->micro_batches);
+    cJSON_AddNumberToObject(root, "api_keys", c->napi_keys);
+    coord_api_json(req, 200, root, NULL);
+    cJSON_Delete(root);
+}
+
+static void handle_drain(coord_t *c, net_http_req_t *req)
+{
+    cJSON *body = cJSON_ParseWithLength(req->body, req->body_len);
+    const cJSON *all = body ? cJSON_GetObjectItemCaseSensitive(body, "all") : NULL;
+    const cJSON *undo = body ? cJSON_GetObjectItemCaseSensitive(body, "undrain") : NULL;
+    if (!body || !cJSON_IsObject(body) || (!cJSON_IsTrue(all) && !cJSON_IsTrue(undo))) {
+        cJSON_Delete(body);
+        return coord_api_error(req, 400, "invalid_request_error", NULL,
+                               "send {\"all\": true} to drain or {\"undrain\": true} to admit again");
+    }
+    if (cJSON_IsTrue(undo)) {
+        c->draining = 0;
+        c->stop_after_drain = 0;
+        afd_info("admin: admitting requests again");
+    } else if (!c->draining) {
+        long t = 0;
+        if (coord_api_int(body, "timeout_s", 0, 86400, c->o.drain_timeout_s, &t, req)) {
+            cJSON_Delete(body);
+            return;
+        }
+        c->draining = 1;
+        c->drain_deadline_us = coord_now_us() + (uint64_t)t * 1000000u + 1;
+        afd_info("admin: draining (%d running, %d waiting; at most %ld s)", c->nrunning,
+                 c->nwaiting, t);
+    }
+    cJSON_Delete(body);
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddBoolToObject(root, "draining", c->draining);
+    cJSON_AddNumberToObject(root, "running", c->nrunning);
+    cJSON_AddNumberToObject(root, "waiting", c->nwaiting);
+    coord_api_json(req, 200, root, NULL);
+    cJSON_Delete(root);
+}
+
+void coord_admin_handle(void *arg, net_http_req_t *req)
+{
+    coord_t *c = arg;
+    const char *p = req->path, *m = req->method;
+    if (!strcmp(p, "/health")) {
+        const char ok[] = "{\"status\":\"ok\"}";
+        return net_http_respond(req, 200, "application/json", ok, sizeof(ok) - 1, NULL);
+    }
+    if (c->o.admin_token && c->o.admin_token[0]) {
+        const char *k = bearer(req);
+        if (!k || !token_eq(c->o.admin_token, k))
+            return coord_api_error(req, 401, "authentication_error", NULL,
+                                   "missing or invalid admin token (Authorization: Bearer TOKEN)");
+    }
     if (!strcmp(p, "/admin/status")) return handle_status(c, req);
-    send_error(req, 404, "invalid_request_error", NULL, "no route for %s %s", m, p);
+    if (!strcmp(p, "/admin/requests")) return handle_requests(c, req);
+    if (!strcmp(p, "/admin/config")) return handle_config(c, req);
+    if (!strcmp(p, "/admin/drain")) {
+        if (strcmp(m, "POST")) return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
+        return handle_drain(c, req);
+    }
+    if (!strcmp(p, "/metrics")) {
+        size_t n;
+        char *txt = coord_metrics_render(c, &n);
+        if (!txt) return coord_api_error(req, 500, "server_error", NULL, "out of memory");
+        net_http_respond(req, 200, "text/plain; version=0.0.4", txt, n, NULL);
+        free(txt);
+        return;
+    }
+    coord_api_error(req, 404, "invalid_request_error", NULL, "no admin route for %s %s", m, p);
 }

@@ -13,14 +13,20 @@
 #include <string.h>
 
 #define O(f) offsetof(coord_opts_t, f)
-static const afd_opt_t coord_table[] = {
+const afd_opt_t coord_table[] = {
     {"host", AFD_OPT_STRING, "127.0.0.1", O(host), 0, 0, 0, "address to listen on"},
     {"port", AFD_OPT_INT, "8000", O(port), 0, 65535, 0, "HTTP API port (0: any)"},
     {"ctrl-port", AFD_OPT_INT, "7000", O(ctrl_port), 1, 65535, 0, "control-plane port for nodes"},
     {"cluster-token", AFD_OPT_STRING, NULL, O(cluster_token), 0, 0, AFD_OPT_SECRET,
      "token nodes must present to join (required)"},
     {"api-key", AFD_OPT_STRING, NULL, O(api_key), 0, 0, AFD_OPT_SECRET,
-     "API key clients send as 'Authorization: Bearer KEY' (none: open)"},
+     "an API key clients send as 'Authorization: Bearer KEY' (no key at all: the API is open)"},
+    {"api-keys-file", AFD_OPT_STRING, NULL, O(api_keys_file), 0, 0, 0,
+     "a file of API keys, one per line ('#' comments)"},
+    {"admin-port", AFD_OPT_INT, "8001", O(admin_port), 0, 65535, 0,
+     "admin API port (afdctl; 0: any)"},
+    {"admin-token", AFD_OPT_STRING, NULL, O(admin_token), 0, 0, AFD_OPT_SECRET,
+     "token the admin API requires as 'Authorization: Bearer TOKEN' (none: open)"},
     {"model", AFD_OPT_STRING, NULL, O(model), 0, 0, 0,
      "checkpoint directory (its config.json bounds requests) (required)"},
     {"model-name", AFD_OPT_STRING, "step3", O(model_name), 0, 0, 0, "the name /v1/models shows"},
@@ -40,6 +46,11 @@ static const afd_opt_t coord_table[] = {
      "max_tokens when a request has none"},
     {"node-timeout-ms", AFD_OPT_INT, "10000", O(node_timeout_ms), 100, 3600000, 0,
      "a node silent this long is dropped"},
+    {"drain-timeout-s", AFD_OPT_INT, "30", O(drain_timeout_s), 0, 86400, 0,
+     "on SIGTERM: finish in-flight requests for up to this long, then end the rest with an "
+     "error and exit"},
+    {"request-timeout-s", AFD_OPT_INT, "0", O(request_timeout_s), 0, 86400 * 7, 0,
+     "end a request still running after this long with an error (0: never)"},
     AFD_OPTS_END};
 #undef O
 
@@ -86,20 +97,55 @@ static void auto_micro_batches(coord_t *c)
     c->auto_last_us = now;
 }
 
+/* Draining: finished when nothing is in flight; at the deadline the rest ends with an
+ * error, and the loop stops once those answers are written. */
+static void drain_tick(coord_t *c)
+{
+    if (!c->draining) return;
+    if (c->nrunning == 0 && c->nwaiting == 0 && !c->reqs) {
+        if (c->stop_after_drain) {
+            afd_info("drained: exiting");
+            uv_stop(c->loop);
+        }
+        return;
+    }
+    if (c->drain_deadline_us && coord_now_us() > c->drain_deadline_us) {
+        afd_warn("drain timeout: ending %d running and %d waiting sequences", c->nrunning,
+                 c->nwaiting);
+        coord_sched_abort_all(c, "the server is shutting down (drain timeout)");
+        c->drain_deadline_us = 0;
+    }
+}
+
 static void on_tick(uv_timer_t *t)
 {
     coord_t *c = t->data;
     auto_micro_batches(c);
+    coord_sched_expire(c);
+    drain_tick(c);
     coord_nodes_check_timeouts(c);
     coord_sched_reap(c);
     coord_sched_kick(c);
 }
 
 static uv_signal_t g_sigint, g_sigterm;
+/* The first SIGTERM/SIGINT drains (no new requests; in-flight ones finish within
+ * --drain-timeout-s), a second one stops at once. */
 static void on_signal(uv_signal_t *s, int sig)
 {
-    afd_info("signal %d: stopping", sig);
-    uv_stop(s->loop);
+    coord_t *c = s->data;
+    if (c->draining && c->stop_after_drain) {
+        afd_info("signal %d again: stopping now", sig);
+        coord_sched_abort_all(c, "the server is shutting down");
+        uv_stop(s->loop);
+        return;
+    }
+    afd_info("signal %d: draining (%d running, %d waiting; at most %ld s)", sig, c->nrunning,
+             c->nwaiting, c->o.drain_timeout_s);
+    c->draining = 1;
+    c->stop_after_drain = 1;
+    c->drain_deadline_us = coord_now_us() + (uint64_t)c->o.drain_timeout_s * 1000000u + 1;
+    drain_tick(c);
 }
 
 int main(int argc, char **argv)
@@ -146,18 +192,29 @@ int main(int argc, char **argv)
     if (net_http_server_create(c.loop, c.o.host, (int)c.o.port, &lim, coord_api_handle, &c,
                                &c.http))
         return 1;
+    if (coord_api_keys_load(&c)) return 2;
+    if (net_http_server_create(c.loop, c.o.host, (int)c.o.admin_port, &lim, coord_admin_handle,
+                               &c, &c.admin))
+        return 1;
+    if (!c.o.admin_token || !c.o.admin_token[0])
+        afd_warn("the admin API on port %d has no token (--admin-token)", net_http_port(c.admin));
     uv_timer_init(c.loop, &c.tick);
     c.tick.data = &c;
     uv_timer_start(&c.tick, on_tick, 200, 200);
     uv_signal_init(c.loop, &g_sigint);
     uv_signal_init(c.loop, &g_sigterm);
+    g_sigint.data = g_sigterm.data = &c;
     uv_signal_start(&g_sigint, on_signal, SIGINT);
     uv_signal_start(&g_sigterm, on_signal, SIGTERM);
-    afd_info("listening: API http://%s:%d, nodes on port %ld, waiting for %ld attention + %ld "
-             "FFN nodes",
-             c.o.host, net_http_port(c.http), c.o.ctrl_port, c.o.attn, c.o.ffn);
+    afd_info("listening: API http://%s:%d, admin http://%s:%d, nodes on port %ld; waiting for "
+             "%ld attention + %ld FFN nodes",
+             c.o.host, net_http_port(c.http), c.o.host, net_http_port(c.admin), c.o.ctrl_port,
+             c.o.attn, c.o.ffn);
     uv_run(c.loop, UV_RUN_DEFAULT);
+    /* let the last answers (aborts included) reach their clients */
+    for (int i = 0; i < 20; i++) uv_run(c.loop, UV_RUN_NOWAIT);
     net_http_server_close(c.http);
+    net_http_server_close(c.admin);
     uv_close((uv_handle_t *)&c.ctrl, NULL);
     uv_close((uv_handle_t *)&c.tick, NULL);
     uv_close((uv_handle_t *)&g_sigint, NULL);

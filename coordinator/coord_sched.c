@@ -11,6 +11,7 @@
 #include "coord.h"
 #include "afd_log.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -310,6 +311,50 @@ void coord_sched_node_lost(coord_t *c, coord_node_t *n, const char *why)
     c->nrunning = 0;
     coord_sched_reap(c);
     if (was_ready) afd_warn("cluster not ready: %s", msg);
+}
+
+static void seq_fail(coord_t *c, coord_seq_t *s, const char *why)
+{
+    if (s->done) return;
+    if (s->node >= 0) {
+        int nd = s->node;
+        uint64_t *na = realloc(c->aborts[nd], sizeof(uint64_t) * (size_t)(c->naborts[nd] + 1));
+        if (na) {
+            c->aborts[nd] = na;
+            c->aborts[nd][c->naborts[nd]++] = s->id;
+        }
+    } else {
+        wait_remove(c, s);
+    }
+    seq_finish(c, s, "error", why);
+}
+
+void coord_sched_abort_all(coord_t *c, const char *why)
+{
+    for (coord_req_t *r = c->reqs; r; r = r->next)
+        for (int i = 0; i < r->nseq; i++) seq_fail(c, &r->seqs[i], why);
+    coord_sched_reap(c);
+    coord_sched_kick(c);
+}
+
+void coord_sched_expire(coord_t *c)
+{
+    if (c->o.request_timeout_s <= 0) return;
+    uint64_t now = coord_now_us(), lim = (uint64_t)c->o.request_timeout_s * 1000000u;
+    char why[96];
+    snprintf(why, sizeof(why), "request timed out after %ld s", c->o.request_timeout_s);
+    int any = 0;
+    for (coord_req_t *r = c->reqs; r; r = r->next)
+        if (!r->finished && now - r->t_arrival_us > lim)
+            for (int i = 0; i < r->nseq; i++)
+                if (!r->seqs[i].done) {
+                    seq_fail(c, &r->seqs[i], why);
+                    any = 1;
+                }
+    if (any) {
+        coord_sched_reap(c);
+        coord_sched_kick(c);
+    }
 }
 
 void coord_sched_reap(coord_t *c)

@@ -21,7 +21,7 @@ for _ in $(seq 1 600); do
     sleep 0.1
 done
 grep '^ready:' "$LOGS/afdctl.out"
-"$BIN/afdctl" status --url "http://127.0.0.1:$PORT"
+"$BIN/afdctl" status --url "http://127.0.0.1:$((PORT + 1))"
 /usr/bin/python3 scripts/demo_client.py "http://127.0.0.1:$PORT"
 sleep 1.2 # one more heartbeat, so the nodes' busy times include the work above
-"$BIN/afdctl" status --url "http://127.0.0.1:$PORT"
+"$BIN/afdctl" status --url "http://127.0.0.1:$((PORT + 1))"

@@ -25,10 +25,12 @@ class LocalUp:
 
     def __init__(self, model, attn=1, ffn=1, mb=3, extra=(), timeout=60):
         self.port = free_port()
+        self.admin_port = free_port()
         self.logdir = os.path.join(TMP, f"logs-{self.port}")
         os.makedirs(self.logdir, exist_ok=True)
         cmd = [os.path.join(BIN, "afdctl"), "local-up", "--model", model, "--attn", str(attn),
-               "--ffn", str(ffn), "--port", str(self.port), "--micro-batches", str(mb),
+               "--ffn", str(ffn), "--port", str(self.port), "--admin-port", str(self.admin_port),
+               "--micro-batches", str(mb),
                "--log-dir", self.logdir] + list(extra)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
@@ -37,6 +39,8 @@ class LocalUp:
             self.stop()
             raise RuntimeError(f"cluster did not start: {line!r} {self.proc.stderr.read()}")
         self.url = line.split()[1]
+        line = self.proc.stdout.readline()
+        self.admin = line.split()[1] if line.startswith("admin: ") else None
 
     def stop(self):
         if self.proc.poll() is None:

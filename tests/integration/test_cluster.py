@@ -104,7 +104,7 @@ with LocalUp(model, 1, 2, "auto", extra=F32) as c:
     compare(model, c.url, "f32", "bf16 1A2F m=auto f32 wire")
     compare(model, c.url, "f32", "bf16 1A2F m=auto f32 wire, second round")
     from cluster import get  # noqa: E402
-    st = get(c.url, "/admin/status")[1]
+    st = get(c.admin, "/admin/status")[1]
     ck.check("auto keeps the micro-batch count in [2, 4]",
              2 <= st["cluster"]["micro_batches"] <= 4, str(st["cluster"]))
 

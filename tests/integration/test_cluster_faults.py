@@ -25,8 +25,9 @@ from cluster import BIN, TMP, Checks, free_port, get, post  # noqa: E402
 MODELS = os.environ.get("MODELS", "build/models")
 model = os.path.join(MODELS, "tiny-bf16")
 ck = Checks()
-port, ctrl = free_port(), free_port()
+port, ctrl, admin_port = free_port(), free_port(), free_port()
 url = f"http://127.0.0.1:{port}"
+admin = f"http://127.0.0.1:{admin_port}"
 TOKEN = "faults-test-token"
 procs = {}
 
@@ -60,7 +61,8 @@ def alive(name):
 
 
 start("coordinator", ["afd_coordinator", "--model", model, "--cluster-token", TOKEN,
-                      "--port", str(port), "--ctrl-port", str(ctrl), "--attn", "1", "--ffn",
+                      "--port", str(port), "--ctrl-port", str(ctrl),
+                      "--admin-port", str(admin_port), "--attn", "1", "--ffn",
                       "2", "--node-timeout-ms", "5000"])
 time.sleep(0.3)
 node("ffn-0", "ffn_node")
@@ -108,7 +110,7 @@ try:
             got += 1
             if got == 3:
                 break
-    st, mid = get(url, "/admin/status")
+    st, mid = get(admin, "/admin/status")
     reserved_mid = mid["nodes"][[n["role"] for n in mid["nodes"]].index("attention")]
     r.fp.raw._sock.close()  # the client vanishes without reading the rest
     r.close()
@@ -116,7 +118,7 @@ try:
     t0 = time.time()
     while time.time() - t0 < 10 and not freed:
         time.sleep(0.3)
-        st, now = get(url, "/admin/status")
+        st, now = get(admin, "/admin/status")
         att = [n for n in now["nodes"] if n["role"] == "attention"][0]
         freed = (now["requests"]["running"] == 0 and att["kv_blocks_reserved"] == 0 and
                  att.get("kv_blocks_used", 1) == 0)
@@ -176,7 +178,7 @@ try:
     ck.check("after the rejoin it serves the same greedy output as before",
              st == 200 and after["choices"][0]["token_ids"] == before["choices"][0]["token_ids"],
              str(after)[:200])
-    st, status = get(url, "/admin/status")
+    st, status = get(admin, "/admin/status")
     ck.check("the new placement is a new epoch", st == 200 and status["cluster"]["epoch"] >= 2)
 finally:
     for name, p in procs.items():

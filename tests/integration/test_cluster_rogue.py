@@ -55,6 +55,7 @@ def log(name):
 
 start("coordinator", [os.path.join(BIN, "afd_coordinator"), "--model", model, "--cluster-token",
                       TOKEN, "--port", str(port), "--ctrl-port", str(ctrl), "--attn", "2",
+                      "--admin-port", str(free_port()),
                       "--ffn", "1", "--micro-batches", "1"])
 time.sleep(0.3)
 node("ffn-0", "ffn_node")

@@ -1,0 +1,58 @@
+/*
+ * coord_api: the pieces the HTTP front's request kinds share (OpenAI completions in
+ * coord_api.c; OpenAI chat completions and Anthropic messages in coord_chat.c): error
+ * answers, typed field parsing with 400 answers, the common sampling fields, and the
+ * submission of a parsed request to the scheduler.
+ */
+#ifndef COORD_API_H
+#define COORD_API_H
+
+#include "coord.h"
+
+#include <cjson/cJSON.h>
+
+#define API_MAX_PROMPTS  64
+#define API_MAX_STOP_IDS 64
+
+/* Answers with a JSON body. */
+void coord_api_json(net_http_req_t *req, int status, cJSON *j, const char *extra);
+/* Answers with OpenAI's error object ({"error": {message, type, param, code}}). */
+void coord_api_error(net_http_req_t *req, int status, const char *type, const char *param,
+                     const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+/* Typed optional fields: absent or null gives def; a wrong type or range answers 400 and
+ * returns -1. */
+int coord_api_int(const cJSON *o, const char *k, long min, long max, long def, long *out,
+                  net_http_req_t *req);
+int coord_api_num(const cJSON *o, const char *k, double min, double max, double def,
+                  double *out, net_http_req_t *req);
+int coord_api_bool(const cJSON *o, const char *k, int def, int *out, net_http_req_t *req);
+/* A list of token ids below the vocabulary size, 1..max_prompt long (malloc'd). */
+int coord_api_ids(coord_t *c, const cJSON *a, int32_t **out, int *n, net_http_req_t *req);
+/* 404 when "model" names another model. */
+int coord_api_check_model(coord_t *c, net_http_req_t *req, const cJSON *body);
+/* stream_options.include_usage: *out = 2 when streaming with usage. */
+int coord_api_stream_options(const cJSON *body, int stream, int *out, net_http_req_t *req);
+
+/* Allocates the request's per-sequence arrays for nseq prompts. */
+int coord_api_req_init(coord_t *c, net_http_req_t *req, coord_req_t *r, int nseq);
+/* The sampling fields every API shares (max tokens under its own name, temperature,
+ * top_p, top_k, seed, stop_token_ids, ignore_eos) into r->sp. */
+int coord_api_sampling(coord_t *c, net_http_req_t *req, const cJSON *body, coord_req_t *r,
+                       const char *max_tokens_field, int max_tokens_required);
+/* Checks the context, queues r and, for a stream, starts it; answers and frees r on any
+ * refusal (400 context, 503 not ready, 429 queue full). Set r->api, r->stream and
+ * r->logprobs first. */
+void coord_api_submit(coord_t *c, net_http_req_t *req, coord_req_t *r);
+
+/* Streaming helpers. */
+void coord_api_sse(net_http_req_t *http, cJSON *j);
+cJSON *coord_api_usage(const coord_req_t *r);
+void coord_api_token_text(int32_t id, char *buf, size_t len);
+
+/* coord_chat.c: /v1/chat/completions and /v1/messages */
+void coord_chat_handle(coord_t *c, net_http_req_t *req, int anthropic);
+void coord_chat_token(coord_t *c, coord_req_t *r, coord_seq_t *s);
+void coord_chat_finish(coord_t *c, coord_req_t *r, net_http_req_t *http, const char *err);
+
+#endif
