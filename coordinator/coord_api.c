@@ -630,6 +630,7 @@ static void handle_status(coord_t *c, net_http_req_t *req)
     cJSON *root = cJSON_CreateObject();
     cJSON *cl = cJSON_AddObjectToObject(root, "cluster");
     cJSON_AddBoolToObject(cl, "ready", c->ready);
+    cJSON_AddBoolToObject(cl, "draining", c->draining);
     cJSON_AddNumberToObject(cl, "epoch", c->epoch);
     cJSON_AddNumberToObject(cl, "micro_batches", c->micro_batches);
     cJSON_AddNumberToObject(cl, "attn_expected", (double)c->o.attn);
