@@ -902,13 +902,7 @@ static void send_heartbeat(attn_node_t *a)
     net_lat_to_proto(a->ffn.lat, a->ffn.n, hs, hp);
     ns.n_peer_latency = (size_t)a->ffn.n;
     ns.peer_latency = hp;
-    Afd__Heartbeat hb = AFD__HEARTBEAT__INIT;
-    hb.time_us = net_now_us();
-    hb.stats = &ns;
-    Afd__Frame fr = AFD__FRAME__INIT;
-    fr.body_case = AFD__FRAME__BODY_HEARTBEAT;
-    fr.heartbeat = &hb;
-    net_node_send(&a->ctl, &fr);
+    net_node_send_heartbeat(&a->ctl, &ns);
 }
 
 static afd_status_t apply_peers(attn_node_t *a, const Afd__PeerTable *pt)

@@ -291,13 +291,7 @@ static void send_heartbeat(ffn_node_t *f)
     net_lat_to_proto(f->attn.lat, f->attn.n, hs, hp);
     ns.n_peer_latency = (size_t)f->attn.n;
     ns.peer_latency = hp;
-    Afd__Heartbeat hb = AFD__HEARTBEAT__INIT;
-    hb.time_us = net_now_us();
-    hb.stats = &ns;
-    Afd__Frame fr = AFD__FRAME__INIT;
-    fr.body_case = AFD__FRAME__BODY_HEARTBEAT;
-    fr.heartbeat = &hb;
-    net_node_send(&f->ctl, &fr);
+    net_node_send_heartbeat(&f->ctl, &ns);
 }
 
 /* Connects to every attention node of a peer table; slots of the old epoch are dropped. */

@@ -215,3 +215,14 @@ int net_peer_set_index(const net_peer_set_t *ps, uint32_t id)
         if (ps->ids[i] == id) return i;
     return -1;
 }
+
+afd_status_t net_node_send_heartbeat(net_node_t *n, Afd__NodeStats *stats)
+{
+    Afd__Heartbeat hb = AFD__HEARTBEAT__INIT;
+    hb.time_us = net_now_us();
+    hb.stats = stats;
+    Afd__Frame f = AFD__FRAME__INIT;
+    f.body_case = AFD__FRAME__BODY_HEARTBEAT;
+    f.heartbeat = &hb;
+    return net_node_send(n, &f);
+}

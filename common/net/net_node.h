@@ -39,6 +39,8 @@ uint64_t net_now_us(void);
 void net_node_pin_cpu(long cpu);
 /* Sends Ready with this node's UCX worker address. */
 afd_status_t net_node_send_ready(net_node_t *n, net_ucx_t *ucx);
+/* Sends a heartbeat carrying the node's counters. */
+afd_status_t net_node_send_heartbeat(net_node_t *n, Afd__NodeStats *stats);
 /* Sends Connected for an epoch. */
 afd_status_t net_node_send_connected(net_node_t *n, uint32_t epoch);
 
