@@ -623,11 +623,15 @@ static int cmd_admin(const char *cmd, int argc, char **argv)
                "PROMPT", "GENERATED", "STREAM", "AGE s");
         const cJSON *r;
         cJSON_ArrayForEach(r, cJSON_GetObjectItem(root, "requests"))
-        printf("%-16s %-8.0f %-8s %-6s %-8.0f %-4.0f/%-5.0f %-8s %.1f\n", jstr(r, "request"),
-               jnum(r, "sequence"), jstr(r, "state"),
-               cJSON_GetObjectItem(r, "node") ? cJSON_Print(cJSON_GetObjectItem(r, "node")) : "-",
-               jnum(r, "prompt_tokens"), jnum(r, "generated"), jnum(r, "max_tokens"),
-               cJSON_IsTrue(cJSON_GetObjectItem(r, "stream")) ? "yes" : "no", jnum(r, "age_s"));
+        {
+            char node[16] = "-";
+            if (cJSON_GetObjectItem(r, "node")) snprintf(node, sizeof(node), "%.0f", jnum(r, "node"));
+            printf("%-16s %-8.0f %-8s %-6s %-8.0f %-4.0f/%-5.0f %-8s %.1f\n", jstr(r, "request"),
+                   jnum(r, "sequence"), jstr(r, "state"), node, jnum(r, "prompt_tokens"),
+                   jnum(r, "generated"), jnum(r, "max_tokens"),
+                   cJSON_IsTrue(cJSON_GetObjectItem(r, "stream")) ? "yes" : "no",
+                   jnum(r, "age_s"));
+        }
     } else if (!strcmp(cmd, "config")) {
         const cJSON *o;
         cJSON_ArrayForEach(o, cJSON_GetObjectItem(root, "options"))

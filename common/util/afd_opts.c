@@ -126,8 +126,8 @@ static afd_status_t opts_file(const afd_opt_t *table, void *cfg, const char *pat
     return st;
 }
 
-afd_status_t afd_opts_parse(const afd_opt_t *table, void *cfg, int argc, char **argv,
-                            const char *usage, int *first_arg)
+static afd_status_t opts_parse(const afd_opt_t *table, void *cfg, int argc, char **argv,
+                               const char *usage, int *first_arg)
 {
     afd_status_t st;
     for (const afd_opt_t *o = table; o->name; o++)
@@ -211,6 +211,15 @@ afd_status_t afd_opts_parse(const afd_opt_t *table, void *cfg, int argc, char **
         return AFD_ERR_CANCELED;
     }
     return AFD_OK;
+}
+
+afd_status_t afd_opts_parse(const afd_opt_t *table, void *cfg, int argc, char **argv,
+                            const char *usage, int *first_arg)
+{
+    afd_status_t st = opts_parse(table, cfg, argc, argv, usage, first_arg);
+    /* --help, --print-config and errors end the program: nothing parsed is kept */
+    if (st != AFD_OK) afd_opts_free(table, cfg);
+    return st;
 }
 
 void afd_opts_help(FILE *out, const afd_opt_t *table, const char *usage)

@@ -45,6 +45,7 @@ typedef struct afd_opt {
  * Parses the table into cfg. Non-option arguments are left in argv[*first_arg..argc)
  * (the parser permutes nothing: parsing stops at "--" or the first non-option).
  * --help prints help and returns AFD_ERR_CANCELED;
+ * on any status but AFD_OK the strings and lists already parsed are freed;
  * --print-config prints the effective configuration likewise. Errors name the
  * option and are logged.
  */
