@@ -418,7 +418,7 @@ typedef struct admin_args {
     const char *url, *token;
     int json;
     int all, undrain;
-    long timeout_s;
+    long timeout_s, node;
 } admin_args_t;
 
 /* Exit codes scripts can rely on. */
@@ -443,6 +443,7 @@ static int admin_parse(const char *cmd, int argc, char **argv, admin_args_t *a)
     a->token = getenv("AFD_ADMIN_TOKEN");
     a->json = a->all = a->undrain = 0;
     a->timeout_s = -1;
+    a->node = -1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--url") && i + 1 < argc)
             a->url = argv[++i];
@@ -460,6 +461,8 @@ static int admin_parse(const char *cmd, int argc, char **argv, admin_args_t *a)
             a->undrain = 1;
         else if (!strcmp(cmd, "drain") && !strcmp(argv[i], "--timeout") && i + 1 < argc)
             a->timeout_s = atol(argv[++i]);
+        else if (!strcmp(cmd, "drain") && argv[i][0] >= '0' && argv[i][0] <= '9')
+            a->node = atol(argv[i]);
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: afdctl %s [--url URL] [--token TOKEN] [-o json|table]%s\n  %s\n"
                    "  --url URL      the coordinator's admin API (default $AFD_ADMIN_URL or "
@@ -468,10 +471,12 @@ static int admin_parse(const char *cmd, int argc, char **argv, admin_args_t *a)
                    "  -o json        print the JSON the coordinator returns\n%s"
                    "exit codes: 0 ok, 1 failure, 2 usage, 3 coordinator unreachable, 4 token "
                    "refused\n",
-                   cmd, !strcmp(cmd, "drain") ? " (--all [--timeout S] | --undrain)" : "",
+                   cmd, !strcmp(cmd, "drain") ? " (NODE | --all [--timeout S]) [--undrain]" : "",
                    cmd_help(cmd),
                    !strcmp(cmd, "drain")
-                       ? "  --all          stop admitting; in-flight requests finish\n"
+                       ? "  NODE           an attention node id: it takes no new sequences and "
+                         "leaves the data plane once its own are done (then it may be stopped)\n"
+                         "  --all          stop admitting; in-flight requests finish\n"
                          "  --timeout S    then end what is left after S seconds\n"
                          "  --undrain      admit requests again\n"
                        : "");
@@ -481,8 +486,8 @@ static int admin_parse(const char *cmd, int argc, char **argv, admin_args_t *a)
             return EXIT_USAGE;
         }
     }
-    if (!strcmp(cmd, "drain") && a->all == a->undrain) {
-        afd_error("drain needs --all or --undrain (see afdctl drain --help)");
+    if (!strcmp(cmd, "drain") && a->node < 0 && a->all == a->undrain) {
+        afd_error("drain needs NODE, --all or --undrain (see afdctl drain --help)");
         return EXIT_USAGE;
     }
     return EXIT_OK;
@@ -571,7 +576,10 @@ static int cmd_admin(const char *cmd, int argc, char **argv)
     }
     if (!strcmp(cmd, "drain")) {
         char req[128];
-        if (a.undrain)
+        if (a.node >= 0)
+            snprintf(req, sizeof(req), "{\"node\": %ld, \"undrain\": %s}", a.node,
+                     a.undrain ? "true" : "false");
+        else if (a.undrain)
             snprintf(req, sizeof(req), "{\"undrain\": true}");
         else if (a.timeout_s >= 0)
             snprintf(req, sizeof(req), "{\"all\": true, \"timeout_s\": %ld}", a.timeout_s);
@@ -636,6 +644,11 @@ static int cmd_admin(const char *cmd, int argc, char **argv)
         const cJSON *o;
         cJSON_ArrayForEach(o, cJSON_GetObjectItem(root, "options"))
         printf("%s = %s\n", o->string, cJSON_IsString(o) ? o->valuestring : "");
+    } else if (!strcmp(cmd, "drain") && a.node >= 0) {
+        printf("node %.0f: %s, %.0f running%s\n", jnum(root, "node"),
+               cJSON_IsTrue(cJSON_GetObjectItem(root, "draining")) ? "draining" : "admitting",
+               jnum(root, "running"),
+               cJSON_IsTrue(cJSON_GetObjectItem(root, "member")) ? "" : ", out of the data plane");
     } else if (!strcmp(cmd, "drain")) {
         printf("%s: %.0f running, %.0f waiting\n",
                cJSON_IsTrue(cJSON_GetObjectItem(root, "draining")) ? "draining" : "admitting",

@@ -52,6 +52,9 @@ typedef struct coord_node {
     uint64_t last_seen_us;
     Afd__Heartbeat *last_hb;
     uint32_t expert_begin, expert_end;
+    int member;            /* in the current epoch's peer table */
+    int drained;           /* attention node: admits no new sequences; leaves the data plane
+                            * once its sequences are done */
     struct coord *c;
 } coord_node_t;
 
@@ -102,6 +105,8 @@ typedef struct coord {
     uint32_t next_node_id;
     uint32_t epoch;
     int ready;
+    int formed;                /* the cluster has served once: membership may change since */
+    int reconfig;              /* a new epoch is due: no new plans until none is in flight */
     int micro_batches;
     int mb_auto;                /* --micro-batches auto: refined from measured stage times */
     uint64_t auto_ffn_us, auto_units, auto_last_us;
@@ -131,6 +136,10 @@ afd_status_t coord_nodes_listen(coord_t *c);
 void coord_nodes_send(coord_node_t *n, Afd__Frame *f);
 int coord_nodes_count(coord_t *c, Afd__Role role, int state_at_least);
 void coord_nodes_check_timeouts(coord_t *c);
+/* Publishes a new epoch's peer table to its members (every ready node but drained attention
+ * nodes with nothing running) when the FFN shares are complete and an attention node
+ * remains; returns 1 when it did. */
+int coord_nodes_publish(coord_t *c);
 
 /* coord_sched.c */
 void coord_sched_kick(coord_t *c);

@@ -657,7 +657,12 @@ static void handle_status(coord_t *c, net_http_req_t *req)
         cJSON_AddStringToObject(o, "name", n->name);
         cJSON_AddStringToObject(o, "role", n->role == AFD__ROLE__ROLE_ATTN ? "attention" : "ffn");
         cJSON_AddNumberToObject(o, "index", n->index);
-        cJSON_AddStringToObject(o, "state", states[n->state]);
+        cJSON_AddStringToObject(o, "state", n->drained && !n->member ? "drained"
+                                            : n->drained                ? "draining"
+                                            : n->state >= NODE_READY && !n->member && c->formed
+                                                ? "joining"
+                                                : states[n->state]);
+        cJSON_AddBoolToObject(o, "member", n->member);
         if (n->role == AFD__ROLE__ROLE_FFN) {
             cJSON *e = cJSON_AddArrayToObject(o, "experts");
             cJSON_AddItemToArray(e, cJSON_CreateNumber(n->expert_begin));
@@ -853,15 +858,56 @@ static void handle_config(coord_t *c, net_http_req_t *req)
     cJSON_Delete(root);
 }
 
+/* Drains one attention node: it takes no new sequences and, once its sequences are done,
+ * leaves the data plane under a new epoch (it may then be stopped); undrain takes it back. */
+static void drain_node(coord_t *c, net_http_req_t *req, long id, int undo)
+{
+    coord_node_t *n = NULL;
+    for (int i = 0; i < COORD_MAX_NODES; i++)
+        if (c->nodes[i].open && c->nodes[i].state != NODE_FREE && c->nodes[i].id == (uint32_t)id)
+            n = &c->nodes[i];
+    if (!n) return coord_api_error(req, 404, "invalid_request_error", "node", "no node %ld", id);
+    if (n->role != AFD__ROLE__ROLE_ATTN)
+        return coord_api_error(req, 400, "invalid_request_error", "node",
+                               "node %ld is an FFN node: its experts have no other home; replace "
+                               "it (a new node takes its share under a new epoch)", id);
+    if (undo) {
+        n->drained = 0;
+        if (!n->member && n->state >= NODE_READY) c->reconfig = 1; /* back into the data plane */
+        afd_info("admin: attention node %u admits sequences again", n->id);
+    } else if (!n->drained) {
+        n->drained = 1;
+        afd_info("admin: draining attention node %u (%d running)", n->id, n->running);
+        if (n->running == 0 && n->member) c->reconfig = 1;
+    }
+    coord_sched_kick(c);
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddNumberToObject(root, "node", n->id);
+    cJSON_AddBoolToObject(root, "draining", n->drained);
+    cJSON_AddNumberToObject(root, "running", n->running);
+    cJSON_AddBoolToObject(root, "member", n->member && !(n->drained && n->running == 0));
+    coord_api_json(req, 200, root, NULL);
+    cJSON_Delete(root);
+}
+
 static void handle_drain(coord_t *c, net_http_req_t *req)
 {
     cJSON *body = cJSON_ParseWithLength(req->body, req->body_len);
     const cJSON *all = body ? cJSON_GetObjectItemCaseSensitive(body, "all") : NULL;
     const cJSON *undo = body ? cJSON_GetObjectItemCaseSensitive(body, "undrain") : NULL;
+    const cJSON *node = body ? cJSON_GetObjectItemCaseSensitive(body, "node") : NULL;
+    if (node) {
+        long id = cJSON_IsNumber(node) ? (long)node->valuedouble : -1;
+        int u = cJSON_IsTrue(undo);
+        cJSON_Delete(body);
+        if (id < 0) return coord_api_error(req, 400, "invalid_request_error", "node", "'node' must be a node id");
+        return drain_node(c, req, id, u);
+    }
     if (!body || !cJSON_IsObject(body) || (!cJSON_IsTrue(all) && !cJSON_IsTrue(undo))) {
         cJSON_Delete(body);
         return coord_api_error(req, 400, "invalid_request_error", NULL,
-                               "send {\"all\": true} to drain or {\"undrain\": true} to admit again");
+                               "send {\"all\": true} or {\"node\": ID} to drain, with \"undrain\": "
+                               "true to admit again");
     }
     if (cJSON_IsTrue(undo)) {
         c->draining = 0;

@@ -129,7 +129,8 @@ static void on_hello(coord_node_t *n, const Afd__Hello *h)
     if (!token_ok(c->o.cluster_token, h->cluster_token)) return welcome_error(n, "bad cluster token");
     if (h->role != AFD__ROLE__ROLE_ATTN && h->role != AFD__ROLE__ROLE_FFN)
         return welcome_error(n, "unknown role");
-    int want = h->role == AFD__ROLE__ROLE_ATTN ? (int)c->o.attn : (int)c->o.ffn;
+    /* FFN shares are fixed; attention nodes may come and go once the cluster is formed */
+    int want = h->role == AFD__ROLE__ROLE_ATTN ? (c->formed ? 64 : (int)c->o.attn) : (int)c->o.ffn;
     /* the lowest index no live node of the role holds */
     int idx = -1;
     for (int i = 0; i < want && idx < 0; i++) {
@@ -154,6 +155,8 @@ static void on_hello(coord_node_t *n, const Afd__Hello *h)
     n->max_batch_tokens = h->max_batch_tokens;
     n->kv_reserved = 0;
     n->running = 0;
+    n->member = 0;
+    n->drained = 0;
     Afd__Welcome w = AFD__WELCOME__INIT;
     w.node_id = n->id;
     w.epoch = c->epoch;
@@ -174,18 +177,30 @@ static void on_hello(coord_node_t *n, const Afd__Hello *h)
              h->role == AFD__ROLE__ROLE_ATTN ? "attention" : "ffn", idx);
 }
 
-/* Publishes a peer table when every expected node is ready. */
-static void maybe_publish(coord_t *c)
+static int is_member_candidate(const coord_node_t *n)
 {
-    if (coord_nodes_count(c, AFD__ROLE__ROLE_ATTN, NODE_READY) != c->o.attn ||
-        coord_nodes_count(c, AFD__ROLE__ROLE_FFN, NODE_READY) != c->o.ffn)
-        return;
+    if (!n->open || n->state < NODE_READY) return 0;
+    return !(n->role == AFD__ROLE__ROLE_ATTN && n->drained && n->running == 0);
+}
+
+int coord_nodes_publish(coord_t *c)
+{
+    int nattn = 0, nffn = 0;
+    for (int i = 0; i < COORD_MAX_NODES; i++) {
+        const coord_node_t *n = &c->nodes[i];
+        if (!is_member_candidate(n)) continue;
+        if (n->role == AFD__ROLE__ROLE_ATTN) nattn++;
+        else nffn++;
+    }
+    /* the first time, every expected node; later every FFN share and any attention node */
+    if (nffn != c->o.ffn || nattn < 1 || (!c->formed && nattn != c->o.attn)) return 0;
     c->epoch++;
     Afd__Peer peers[COORD_MAX_NODES], *pp[COORD_MAX_NODES];
     size_t np = 0;
     for (int i = 0; i < COORD_MAX_NODES; i++) {
         coord_node_t *n = &c->nodes[i];
-        if (!n->open || n->state < NODE_READY) continue;
+        n->member = is_member_candidate(n);
+        if (!n->member) continue;
         afd__peer__init(&peers[np]);
         peers[np].node_id = n->id;
         peers[np].role = n->role;
@@ -202,14 +217,18 @@ static void maybe_publish(coord_t *c)
     pt.epoch = c->epoch;
     pt.n_peers = np;
     pt.peers = pp;
-    pt.num_attn = (uint32_t)c->o.attn;
-    pt.num_ffn = (uint32_t)c->o.ffn;
+    pt.num_attn = (uint32_t)nattn;
+    pt.num_ffn = (uint32_t)nffn;
     Afd__Frame f = AFD__FRAME__INIT;
     f.body_case = AFD__FRAME__BODY_PEERS;
     f.peers = &pt;
     for (int i = 0; i < COORD_MAX_NODES; i++)
-        if (c->nodes[i].open && c->nodes[i].state >= NODE_READY) coord_nodes_send(&c->nodes[i], &f);
-    afd_info("epoch %u: peer table sent to %zu nodes", c->epoch, np);
+        if (c->nodes[i].member) coord_nodes_send(&c->nodes[i], &f);
+    c->ready = 0;
+    c->reconfig = 0;
+    afd_info("epoch %u: peer table sent to %zu nodes (%d attention, %d FFN)", c->epoch, np,
+             nattn, nffn);
+    return 1;
 }
 
 static void on_frame(coord_node_t *n, Afd__Frame *f)
@@ -230,18 +249,31 @@ static void on_frame(coord_node_t *n, Afd__Frame *f)
         n->ucx_len = f->ready->ucx_address.len;
         n->state = NODE_READY;
         afd_info("node %u ready", n->id);
-        c->ready = 0;
-        return maybe_publish(c);
+        if (!c->formed) {
+            coord_nodes_publish(c);
+        } else { /* joins a serving cluster: a new epoch once nothing is in flight */
+            c->reconfig = 1;
+            coord_sched_kick(c);
+        }
+        return;
     case AFD__FRAME__BODY_CONNECTED:
         if (n->state < NODE_READY) return node_drop(n, "connected out of order");
         if (f->connected->epoch != c->epoch) return; /* an older table */
         n->state = NODE_CONNECTED;
         n->epoch_connected = f->connected->epoch;
-        if (coord_nodes_count(c, AFD__ROLE__ROLE_ATTN, NODE_CONNECTED) == c->o.attn &&
-            coord_nodes_count(c, AFD__ROLE__ROLE_FFN, NODE_CONNECTED) == c->o.ffn) {
+        {
+            int waiting = 0, na = 0, nf = 0;
+            for (int i = 0; i < COORD_MAX_NODES; i++) {
+                const coord_node_t *m = &c->nodes[i];
+                if (!m->open || !m->member) continue;
+                if (m->state != NODE_CONNECTED) waiting++;
+                else if (m->role == AFD__ROLE__ROLE_ATTN) na++;
+                else nf++;
+            }
+            if (waiting || c->reconfig) return;
             c->ready = 1;
-            afd_info("cluster ready: %ld attention and %ld FFN nodes, epoch %u", c->o.attn,
-                     c->o.ffn, c->epoch);
+            c->formed = 1;
+            afd_info("cluster ready: %d attention and %d FFN nodes, epoch %u", na, nf, c->epoch);
             coord_sched_cluster_changed(c);
         }
         return;

@@ -31,6 +31,10 @@ static void seq_finish(coord_t *c, coord_seq_t *s, const char *finish, const cha
         if (n->kv_reserved >= (uint64_t)s->nblocks) n->kv_reserved -= (uint64_t)s->nblocks;
         n->running--;
         c->nrunning--;
+        if (n->drained && n->running == 0 && n->member) {
+            afd_info("attention node %u is drained: it leaves the data plane", n->id);
+            c->reconfig = 1;
+        }
     }
     s->node = -1;
     coord_req_t *r = s->req;
@@ -115,7 +119,9 @@ static void send_plan(coord_t *c)
         uint64_t best_free = 0;
         for (int i = 0; i < COORD_MAX_NODES; i++) {
             coord_node_t *n = &c->nodes[i];
-            if (!n->open || n->state != NODE_CONNECTED || n->role != AFD__ROLE__ROLE_ATTN) continue;
+            if (!n->open || n->state != NODE_CONNECTED || n->role != AFD__ROLE__ROLE_ATTN ||
+                !n->member || n->drained)
+                continue;
             uint64_t fr = n->kv_blocks - n->kv_reserved;
             if ((uint64_t)blocks_needed(n, tokens) <= fr && n->running < c->o.max_running &&
                 (best < 0 || fr > best_free)) {
@@ -149,7 +155,9 @@ static void send_plan(coord_t *c)
     int sent = 0;
     for (int i = 0; i < COORD_MAX_NODES; i++) {
         coord_node_t *n = &c->nodes[i];
-        if (!n->open || n->state != NODE_CONNECTED || n->role != AFD__ROLE__ROLE_ATTN) continue;
+        if (!n->open || n->state != NODE_CONNECTED || n->role != AFD__ROLE__ROLE_ATTN ||
+            !n->member)
+            continue;
         Afd__StepPlan p = AFD__STEP_PLAN__INIT;
         p.step = step;
         p.micro_batches = (uint32_t)c->micro_batches;
@@ -178,6 +186,11 @@ static void send_plan(coord_t *c)
 
 void coord_sched_kick(coord_t *c)
 {
+    if (c->reconfig) {
+        /* a new epoch waits until no plan is in flight: running sequences only pause */
+        if (c->ninflight == 0) coord_nodes_publish(c);
+        return;
+    }
     while (c->ready && c->ninflight < c->o.plan_ahead && c->ninflight < COORD_MAX_PLAN_AHEAD &&
            work_left(c))
         send_plan(c);
@@ -290,6 +303,8 @@ void coord_sched_abort_req(coord_t *c, coord_req_t *r)
 
 void coord_sched_node_lost(coord_t *c, coord_node_t *n, const char *why)
 {
+    if (!n->member) return; /* joining, or drained out of the data plane: nothing used it */
+    n->member = 0;
     char msg[256];
     snprintf(msg, sizeof(msg), "%s node %u lost (%s)",
              n->role == AFD__ROLE__ROLE_ATTN ? "attention" : "FFN", n->id, why);
@@ -311,6 +326,12 @@ void coord_sched_node_lost(coord_t *c, coord_node_t *n, const char *why)
     c->nrunning = 0;
     coord_sched_reap(c);
     if (was_ready) afd_warn("cluster not ready: %s", msg);
+    /* the others go on under a new epoch as soon as the shares are complete again (an
+     * attention node lost: at once, with the remaining ones) */
+    if (c->formed) {
+        c->reconfig = 1;
+        coord_sched_kick(c);
+    }
 }
 
 static void seq_fail(coord_t *c, coord_seq_t *s, const char *why)
