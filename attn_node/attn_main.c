@@ -12,6 +12,7 @@
 #include "mdl_kv.h"
 #include "mdl_model.h"
 #include "mdl_sampler.h"
+#include "net_metrics.h"
 #include "net_node.h"
 #include "net_ucx.h"
 #include "net_wire.h"
@@ -30,7 +31,7 @@ typedef struct attn_opts {
     char *coordinator, *cluster_token, *model, *backend, *name, *kv_dtype, *a2f_dtype,
         *f2a_dtype;
     long threads, cpu, kv_block, kv_budget_mb, max_batch_tokens, busy_poll_us, step_deadline_ms,
-        heartbeat_ms, max_seqs;
+        heartbeat_ms, max_seqs, metrics_port;
     int ucx_peer_errors;
 } attn_opts_t;
 
@@ -61,6 +62,8 @@ static const afd_opt_t attn_table[] = {
     {"step-deadline-ms", AFD_OPT_INT, "30000", O(step_deadline_ms), 10, 3600000, 0,
      "a step not finished by then fails (a stuck or dead FFN node)"},
     {"heartbeat-ms", AFD_OPT_INT, "1000", O(heartbeat_ms), 50, 60000, 0, "heartbeat period"},
+    {"metrics-port", AFD_OPT_INT, "-1", O(metrics_port), -1, 65535, 0,
+     "serve Prometheus /metrics on this port (-1: off, 0: any free port)"},
     {"ucx-peer-errors", AFD_OPT_BOOL, "false", O(ucx_peer_errors), 0, 0, 0,
      "UCX peer failure detection (UCP_ERR_HANDLING_MODE_PEER)"},
     AFD_OPTS_END};
@@ -143,6 +146,7 @@ typedef struct attn_node {
     attn_mb_t mb[ATTN_MAX_MB];
     int step_failed;
     uint64_t last_hb_us;
+    net_metrics_server_t *metrics;
     int cur_nmb;                          /* micro-batches the sequences are spread over */
     attn_plan_t plans[ATTN_MAX_PLANS];    /* received, not yet started by every micro-batch */
     int nplans;
@@ -903,6 +907,12 @@ static void send_heartbeat(attn_node_t *a)
     ns.n_peer_latency = (size_t)a->ffn.n;
     ns.peer_latency = hp;
     net_node_send_heartbeat(&a->ctl, &ns);
+    if (a->metrics) {
+        size_t len;
+        char *txt = net_metrics_render_node(&ns, "attention", a->ctl.node_id, &len);
+        if (txt) net_metrics_publish(a->metrics, txt, len);
+        free(txt);
+    }
 }
 
 static afd_status_t apply_peers(attn_node_t *a, const Afd__PeerTable *pt)
@@ -976,6 +986,10 @@ int main(int argc, char **argv)
                          .err_cb = attn_peer_err,
                          .arg = &a};
     if (net_ucx_create(&uo, &a.ucx)) return 1;
+    if (a.o.metrics_port >= 0) {
+        if (net_metrics_start("0.0.0.0", (int)a.o.metrics_port, &a.metrics)) return 1;
+        afd_info("metrics on port %d", net_metrics_port(a.metrics));
+    }
     if (net_node_send_ready(&a.ctl, a.ucx)) return 1;
     int rc = 0;
     while (!g_stop) {
@@ -1025,6 +1039,7 @@ int main(int argc, char **argv)
         }
     }
     afd_info("stopping");
+    net_metrics_stop(a.metrics);
     net_node_close(&a.ctl);
     for (int k = 0; k < a.nplans; k++) net_frame_free(a.plans[k].f);
     if (a.pending_peers) net_frame_free(a.pending_peers);

@@ -9,6 +9,7 @@
 #include "afd_log.h"
 #include "afd_opts.h"
 #include "mdl_model.h"
+#include "net_metrics.h"
 #include "net_node.h"
 #include "net_ucx.h"
 #include "net_wire.h"
@@ -26,7 +27,7 @@
 
 typedef struct ffn_opts {
     char *coordinator, *cluster_token, *model, *backend, *name;
-    long threads, busy_poll_us, max_tokens, cpu, heartbeat_ms;
+    long threads, busy_poll_us, max_tokens, cpu, heartbeat_ms, metrics_port;
     int ucx_peer_errors;
 } ffn_opts_t;
 
@@ -47,6 +48,8 @@ static const afd_opt_t ffn_table[] = {
      "most tokens one attention node may send per micro-batch"},
     {"heartbeat-ms", AFD_OPT_INT, "1000", O(heartbeat_ms), 50, 60000, 0,
      "heartbeat period"},
+    {"metrics-port", AFD_OPT_INT, "-1", O(metrics_port), -1, 65535, 0,
+     "serve Prometheus /metrics on this port (-1: off, 0: any free port)"},
     {"ucx-peer-errors", AFD_OPT_BOOL, "false", O(ucx_peer_errors), 0, 0, 0,
      "UCX peer failure detection (UCP_ERR_HANDLING_MODE_PEER)"},
     AFD_OPTS_END};
@@ -74,6 +77,7 @@ typedef struct ffn_node {
     uint32_t epoch;
     net_peer_set_t attn; /* the attention nodes, by index */
     ffn_slot_t slots[FFN_MAX_SLOTS];
+    net_metrics_server_t *metrics;
     net_wire_limits_t lim;
     float *g, *out, *wts;
     int32_t *ids;
@@ -292,6 +296,12 @@ static void send_heartbeat(ffn_node_t *f)
     ns.n_peer_latency = (size_t)f->attn.n;
     ns.peer_latency = hp;
     net_node_send_heartbeat(&f->ctl, &ns);
+    if (f->metrics) {
+        size_t len;
+        char *txt = net_metrics_render_node(&ns, "ffn", f->ctl.node_id, &len);
+        if (txt) net_metrics_publish(f->metrics, txt, len);
+        free(txt);
+    }
 }
 
 /* Connects to every attention node of a peer table; slots of the old epoch are dropped. */
@@ -361,6 +371,10 @@ int main(int argc, char **argv)
                          .err_cb = ffn_peer_err,
                          .arg = &f};
     if (net_ucx_create(&uo, &f.ucx)) return 1;
+    if (f.o.metrics_port >= 0) {
+        if (net_metrics_start("0.0.0.0", (int)f.o.metrics_port, &f.metrics)) return 1;
+        afd_info("metrics on port %d", net_metrics_port(f.metrics));
+    }
     if (net_node_send_ready(&f.ctl, f.ucx)) {
         afd_error("coordinator gone before ready");
         return 1;
@@ -404,6 +418,7 @@ int main(int argc, char **argv)
         }
     }
     afd_info("stopping");
+    net_metrics_stop(f.metrics);
     net_node_close(&f.ctl);
     net_peer_set_close(&f.attn);
     for (int i = 0; i < FFN_MAX_SLOTS; i++)
