@@ -155,7 +155,8 @@ typedef struct attn_node {
     float *logits;
     int logits_cap;
     /* stats */
-    uint64_t attn_us, wait_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens;
+    uint64_t attn_us, wait_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens,
+        preemptions;
 } attn_node_t;
 
 static volatile sig_atomic_t g_stop;
@@ -312,19 +313,14 @@ static const char *seq_admit(attn_node_t *a, const Afd__SeqAdmit *ad)
     s->id = ad->seq_id;
     s->cap = (int)(ad->n_prompt + sp->max_tokens);
     s->tokens = malloc(sizeof(int32_t) * (size_t)s->cap);
-    s->nblocks = mdl_kv_blocks_for(a->kv, s->cap);
-    s->blocks = malloc(sizeof(int32_t) * (size_t)s->nblocks);
+    /* KV blocks are taken as the sequence grows (mb_start); the table has room for all */
+    s->blocks = malloc(sizeof(int32_t) * (size_t)mdl_kv_blocks_for(a->kv, s->cap));
+    s->nblocks = 0;
     s->nstop = (int)ad->sampling->n_stop_token_ids;
     s->stop = malloc(sizeof(int32_t) * (size_t)(s->nstop + 1));
     if (!s->tokens || !s->blocks || !s->stop) {
-        s->nblocks = 0;
         seq_free(a, s);
         return "out of memory";
-    }
-    if (mdl_kv_alloc(a->kv, s->nblocks, s->blocks)) {
-        s->nblocks = 0;
-        seq_free(a, s);
-        return "kv cache full on this node";
     }
     for (size_t i = 0; i < ad->n_prompt; i++) s->tokens[i] = ad->prompt[i];
     for (int i = 0; i < s->nstop; i++) s->stop[i] = sp->stop_token_ids[i];
@@ -632,6 +628,39 @@ static afd_status_t mb_start(attn_node_t *a, int i, attn_plan_t *p)
     for (attn_seq_t *s = a->seqs, *nx; s; s = nx) {
         nx = s->next;
         if (s->mb == i && s->abort_pending) seq_remove(a, s);
+    }
+    /* KV blocks for what this step writes; when the cache is full the latest admitted
+     * sequences of this micro-batch give theirs back (preempted: the coordinator re-admits
+     * them with their tokens so far, and they are recomputed) */
+    for (int restart = 1; restart;) {
+        restart = 0;
+        int left = p->prefill_left;
+        for (attn_seq_t *s = a->seqs; s && !restart; s = s->next) {
+            if (s->mb != i) continue;
+            int take = s->len - s->cached;
+            if (s->cached < s->len - 1 || s->cached < s->prompt_len) {
+                if (take > left) take = left;
+                if (take <= 0) continue;
+                left -= take;
+            } else {
+                take = 1;
+            }
+            int need = mdl_kv_blocks_for(a->kv, s->cached + take) - s->nblocks;
+            if (need <= 0) continue;
+            if (mdl_kv_alloc(a->kv, need, s->blocks + s->nblocks) == AFD_OK) {
+                s->nblocks += need;
+                continue;
+            }
+            attn_seq_t *victim = NULL;
+            for (attn_seq_t *v = a->seqs; v; v = v->next)
+                if (v->mb == i) victim = v; /* the latest admitted of this micro-batch */
+            attn_acc_t *acc = acc_get(a, plan->step, (int)plan->micro_batches);
+            add_token(&acc->res, &acc->arr, &acc->cap,
+                      new_token(victim->id, AFD__FINISH__FINISH_PREEMPTED, NULL));
+            a->preemptions++;
+            seq_remove(a, victim);
+            restart = 1;
+        }
     }
     int ntok = 0, nseq = 0, left = p->prefill_left;
     for (attn_seq_t *s = a->seqs; s; s = s->next) {

@@ -30,6 +30,7 @@ typedef struct coord_opts {
     long port, ctrl_port, attn, ffn, plan_ahead, max_waiting, max_running, max_body_kb,
         max_prompt, node_timeout_ms, default_max_tokens, drain_timeout_s, request_timeout_s,
         admin_port;
+    double kv_overcommit;
 } coord_opts_t;
 
 enum coord_node_state { NODE_FREE = 0, NODE_HELLO, NODE_READY, NODE_CONNECTED };
@@ -70,6 +71,9 @@ typedef struct coord_seq {
     float *top_lp;
     int ngen, done;
     uint64_t t_last_us; /* when its last token arrived */
+    int32_t *resume;    /* after a preemption: prompt + tokens so far, re-admitted as a prompt */
+    int resume_len;
+    Afd__Sampling resume_sp; /* the request's sampling with the tokens still to go */
     const char *finish;
     char *error;
     struct coord_seq *next_wait;

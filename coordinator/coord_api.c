@@ -75,6 +75,7 @@ void coord_req_free(coord_req_t *r)
             free(r->seqs[i].top_ids);
             free(r->seqs[i].top_lp);
             free(r->seqs[i].error);
+            free(r->seqs[i].resume);
         }
     }
     free(r->prompts);

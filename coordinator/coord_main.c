@@ -49,6 +49,9 @@ const afd_opt_t coord_table[] = {
     {"drain-timeout-s", AFD_OPT_INT, "30", O(drain_timeout_s), 0, 86400, 0,
      "on SIGTERM: finish in-flight requests for up to this long, then end the rest with an "
      "error and exit"},
+    {"kv-overcommit", AFD_OPT_DOUBLE, "1", O(kv_overcommit), 1, 64, 0,
+     "admit up to this many times the KV blocks prompt + max_tokens would need; when a node "
+     "runs out, its latest sequences are preempted and recomputed later (1: never preempt)"},
     {"request-timeout-s", AFD_OPT_INT, "0", O(request_timeout_s), 0, 86400 * 7, 0,
      "end a request still running after this long with an error (0: never)"},
     AFD_OPTS_END};

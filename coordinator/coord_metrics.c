@@ -129,6 +129,10 @@ char *coord_metrics_render(coord_t *c, size_t *len)
     sb_printf(&b, "# HELP afd_request_failure_total Requests that ended with an error.\n"
                   "# TYPE afd_request_failure_total counter\nafd_request_failure_total{%s} %llu\n",
               lab, (unsigned long long)m->failed);
+    sb_printf(&b, "# HELP afd_num_preemptions_total Sequences preempted for KV blocks and "
+                  "recomputed.\n# TYPE afd_num_preemptions_total counter\n"
+                  "afd_num_preemptions_total{%s} %llu\n",
+              lab, (unsigned long long)m->preemptions);
     hist_render(&b, "afd_time_to_first_token_seconds", "Time to first token.", lab, &m->ttft);
     hist_render(&b, "afd_inter_token_latency_seconds", "Time between tokens of a sequence.", lab,
                 &m->itl);

@@ -22,7 +22,7 @@ typedef struct coord_hist {
 typedef struct coord_metrics {
     coord_hist_t ttft, itl, e2e, queue, prefill_to_first;
     uint64_t prompt_tokens, generation_tokens;
-    uint64_t success_stop, success_length, success_abort, failed;
+    uint64_t success_stop, success_length, success_abort, failed, preemptions;
 } coord_metrics_t;
 
 void coord_metrics_init(coord_metrics_t *m);

@@ -55,6 +55,37 @@ static void wait_remove(coord_t *c, coord_seq_t *s)
         }
 }
 
+/* A preempted sequence goes back to the head of the queue with its prompt and the tokens
+ * it has so far as its new prompt: it is recomputed, and its stream goes on. */
+static void seq_requeue(coord_t *c, coord_seq_t *s)
+{
+    coord_req_t *r = s->req;
+    coord_node_t *n = attn_node(c, s->node);
+    if (n) {
+        if (n->kv_reserved >= (uint64_t)s->nblocks) n->kv_reserved -= (uint64_t)s->nblocks;
+        n->running--;
+        c->nrunning--;
+    }
+    s->node = -1;
+    int plen = r->prompt_len[s->choice];
+    int32_t *res = realloc(s->resume, sizeof(int32_t) * (size_t)(plen + s->ngen));
+    if (!res) {
+        seq_finish(c, s, "error", "out of memory re-admitting a preempted sequence");
+        return;
+    }
+    memcpy(res, r->prompts[s->choice], sizeof(int32_t) * (size_t)plen);
+    memcpy(res + plen, s->out, sizeof(int32_t) * (size_t)s->ngen);
+    s->resume = res;
+    s->resume_len = plen + s->ngen;
+    s->resume_sp = r->sp;
+    s->resume_sp.max_tokens = r->sp.max_tokens - (uint32_t)s->ngen;
+    c->metrics.preemptions++;
+    s->next_wait = c->wait_head;
+    c->wait_head = s;
+    if (!c->wait_tail) c->wait_tail = s;
+    c->nwaiting++;
+}
+
 afd_status_t coord_sched_submit(coord_t *c, coord_req_t *r, const char **why)
 {
     if (c->nwaiting + r->nseq > c->o.max_waiting) {
@@ -115,6 +146,7 @@ static void send_plan(coord_t *c)
         coord_seq_t *s = c->wait_head;
         coord_req_t *r = s->req;
         int tokens = r->prompt_len[s->choice] + (int)r->sp.max_tokens;
+        if (s->resume) tokens = s->resume_len + (int)s->resume_sp.max_tokens;
         int best = -1;
         uint64_t best_free = 0;
         for (int i = 0; i < COORD_MAX_NODES; i++) {
@@ -122,8 +154,13 @@ static void send_plan(coord_t *c)
             if (!n->open || n->state != NODE_CONNECTED || n->role != AFD__ROLE__ROLE_ATTN ||
                 !n->member || n->drained)
                 continue;
-            uint64_t fr = n->kv_blocks - n->kv_reserved;
-            if ((uint64_t)blocks_needed(n, tokens) <= fr && n->running < c->o.max_running &&
+            /* with overcommit, admission counts on sequences ending before max_tokens; one
+             * sequence must still fit the node alone */
+            uint64_t budget = (uint64_t)((double)n->kv_blocks * c->o.kv_overcommit);
+            uint64_t fr = budget > n->kv_reserved ? budget - n->kv_reserved : 0;
+            if ((uint64_t)blocks_needed(n, tokens) <= fr &&
+                (uint64_t)blocks_needed(n, tokens) <= n->kv_blocks &&
+                n->running < c->o.max_running &&
                 (best < 0 || fr > best_free)) {
                 best = i;
                 best_free = fr;
@@ -147,6 +184,11 @@ static void send_plan(coord_t *c)
         a->n_prompt = (size_t)r->prompt_len[s->choice];
         a->prompt = r->prompts[s->choice];
         a->sampling = &r->sp;
+        if (s->resume) {
+            a->n_prompt = (size_t)s->resume_len;
+            a->prompt = s->resume;
+            a->sampling = &s->resume_sp;
+        }
         Afd__SeqAdmit **na = realloc(adm[best], sizeof(*na) * (nadm[best] + 1));
         AFD_ASSERT(na);
         adm[best] = na;
@@ -223,6 +265,10 @@ void coord_sched_on_result(coord_t *c, coord_node_t *n, const Afd__StepResult *r
             continue;
         }
         coord_req_t *r = s->req;
+        if (t->finish == AFD__FINISH__FINISH_PREEMPTED) {
+            seq_requeue(c, s);
+            continue;
+        }
         if (t->finish == AFD__FINISH__FINISH_ERROR) {
             seq_finish(c, s, "error", t->error && t->error[0] ? t->error : "attention node error");
             continue;
