@@ -635,7 +635,7 @@ static afd_status_t mb_start(attn_node_t *a, int i, attn_plan_t *p)
     for (int restart = 1; restart;) {
         restart = 0;
         int left = p->prefill_left;
-        for (attn_seq_t *s = a->seqs; s && !restart; s = s->next) {
+        for (attn_seq_t *s = a->seqs; s; s = s->next) {
             if (s->mb != i) continue;
             int take = s->len - s->cached;
             if (s->cached < s->len - 1 || s->cached < s->prompt_len) {
@@ -658,8 +658,9 @@ static afd_status_t mb_start(attn_node_t *a, int i, attn_plan_t *p)
             add_token(&acc->res, &acc->arr, &acc->cap,
                       new_token(victim->id, AFD__FINISH__FINISH_PREEMPTED, NULL));
             a->preemptions++;
-            seq_remove(a, victim);
+            seq_remove(a, victim); /* it may be s itself: leave the loop before s->next */
             restart = 1;
+            break;
         }
     }
     int ntok = 0, nseq = 0, left = p->prefill_left;
