@@ -24,12 +24,11 @@
 #include <string.h>
 #include <unistd.h>
 
-#define ATTN_MAX_FFN  NET_MAX_PEERS
-#define ATTN_MAX_MB   NET_WIRE_MAX_MB
+#define ATTN_MAX_FFN NET_MAX_PEERS
+#define ATTN_MAX_MB  NET_WIRE_MAX_MB
 
 typedef struct attn_opts {
-    char *coordinator, *cluster_token, *model, *backend, *name, *kv_dtype, *a2f_dtype,
-        *f2a_dtype;
+    char *coordinator, *cluster_token, *model, *backend, *name, *kv_dtype, *a2f_dtype, *f2a_dtype;
     long threads, cpu, kv_block, kv_budget_mb, max_batch_tokens, busy_poll_us, step_deadline_ms,
         heartbeat_ms, max_seqs, metrics_port;
     int ucx_peer_errors;
@@ -48,8 +47,7 @@ static const afd_opt_t attn_table[] = {
     {"cpu", AFD_OPT_INT, "-1", O(cpu), -1, 4095, 0, "pin the process to this CPU (-1: no)"},
     {"kv-dtype", AFD_OPT_STRING, "bf16", O(kv_dtype), 0, 0, 0, "KV cache storage: bf16, fp8, f32"},
     {"kv-block", AFD_OPT_INT, "16", O(kv_block), 1, 4096, 0, "KV cache block size (tokens)"},
-    {"kv-budget-mb", AFD_OPT_INT, "256", O(kv_budget_mb), 1, 1 << 24, 0,
-     "KV cache memory in MiB"},
+    {"kv-budget-mb", AFD_OPT_INT, "256", O(kv_budget_mb), 1, 1 << 24, 0, "KV cache memory in MiB"},
     {"a2f-dtype", AFD_OPT_STRING, "fp8", O(a2f_dtype), 0, 0, 0,
      "hidden state sent to FFN nodes: fp8 (per-128 scales), bf16, f32"},
     {"f2a-dtype", AFD_OPT_STRING, "bf16", O(f2a_dtype), 0, 0, 0,
@@ -87,7 +85,7 @@ typedef struct attn_seq {
 
 /* one micro-batch: a stream of steps (step s+1 starts as soon as its step s is sampled) */
 typedef struct attn_mb {
-    int busy;           /* a step is in flight */
+    int busy; /* a step is in flight */
     uint64_t step;
     int nmb;
     uint64_t deadline_us;
@@ -102,11 +100,11 @@ typedef struct attn_mb {
     int32_t *ids;
     int32_t *h_ids;
     float *h_wts, *h_g;
-    net_ucx_buf_t tx;   /* packed A2F */
+    net_ucx_buf_t tx; /* packed A2F */
     int tx_pending;
     net_wire_hdr_t txh;
     net_ucx_buf_t rx[ATTN_MAX_FFN]; /* F2A answers, one per FFN node */
-    int got;            /* F2A answers received for `want_layer` */
+    int got;                        /* F2A answers received for `want_layer` */
     int want_layer;
     mdl_ws_t ws;
 } attn_mb_t;
@@ -114,8 +112,8 @@ typedef struct attn_mb {
 #define ATTN_MAX_PLANS 16
 
 typedef struct attn_plan {
-    Afd__Frame *f;   /* owns the frame; f->plan is the plan */
-    int applied;     /* admissions and aborts done */
+    Afd__Frame *f;    /* owns the frame; f->plan is the plan */
+    int applied;      /* admissions and aborts done */
     unsigned started; /* bit i: micro-batch i started this step */
     int prefill_left; /* this step's prefill token budget, spent in micro-batch order */
 } attn_plan_t;
@@ -140,23 +138,22 @@ typedef struct attn_node {
     net_node_t ctl;
     net_ucx_t *ucx;
     uint32_t epoch;
-    net_peer_set_t ffn;  /* the FFN nodes, by share index */
+    net_peer_set_t ffn; /* the FFN nodes, by share index */
     attn_seq_t *seqs;   /* running, in admission order */
     int nseqs;
     attn_mb_t mb[ATTN_MAX_MB];
     int step_failed;
     uint64_t last_hb_us;
     net_metrics_server_t *metrics;
-    int cur_nmb;                          /* micro-batches the sequences are spread over */
-    attn_plan_t plans[ATTN_MAX_PLANS];    /* received, not yet started by every micro-batch */
+    int cur_nmb;                       /* micro-batches the sequences are spread over */
+    attn_plan_t plans[ATTN_MAX_PLANS]; /* received, not yet started by every micro-batch */
     int nplans;
-    attn_acc_t acc[ATTN_MAX_PLANS];       /* results of steps in flight */
-    Afd__Frame *pending_peers;            /* a peer table waiting for the pipeline to drain */
+    attn_acc_t acc[ATTN_MAX_PLANS]; /* results of steps in flight */
+    Afd__Frame *pending_peers;      /* a peer table waiting for the pipeline to drain */
     float *logits;
     int logits_cap;
     /* stats */
-    uint64_t attn_us, wait_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens,
-        preemptions;
+    uint64_t attn_us, wait_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens, preemptions;
 } attn_node_t;
 
 static volatile sig_atomic_t g_stop;
@@ -187,8 +184,8 @@ static void *attn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
     int fi = net_peer_set_index(&a->ffn, h.src);
     if (h.kind != NET_WIRE_F2A || fi < 0 || h.epoch != a->epoch || h.payload != len ||
         h.mb >= ATTN_MAX_MB || !a->mb[h.mb].busy || a->mb[h.mb].step != h.step) {
-        afd_warn("dropping an F2A message from node %u (step %llu, epoch %u): not expected",
-                 h.src, (unsigned long long)h.step, h.epoch);
+        afd_warn("dropping an F2A message from node %u (step %llu, epoch %u): not expected", h.src,
+                 (unsigned long long)h.step, h.epoch);
         return NULL;
     }
     attn_mb_t *mb = &a->mb[h.mb];
@@ -300,12 +297,12 @@ static const char *seq_admit(attn_node_t *a, const Afd__SeqAdmit *ad)
         if (ad->prompt[i] < 0 || ad->prompt[i] >= c->vocab_size) return "token id out of range";
     if (sp->max_tokens < 1 || ad->n_prompt + sp->max_tokens > (size_t)c->max_position)
         return "prompt + max_tokens exceed the model's context";
-    mdl_sampling_t p = {.temperature = sp->temperature,
-                        .top_p = sp->top_p > 0 ? sp->top_p : 1.0,
-                        .top_k = sp->top_k < 0 ? 0 : sp->top_k,
-                        .seed = sp->seed,
-                        .logprobs = (int)(sp->logprobs > MDL_MAX_LOGPROBS ? MDL_MAX_LOGPROBS + 1
-                                                                           : sp->logprobs)};
+    mdl_sampling_t p = {
+        .temperature = sp->temperature,
+        .top_p = sp->top_p > 0 ? sp->top_p : 1.0,
+        .top_k = sp->top_k < 0 ? 0 : sp->top_k,
+        .seed = sp->seed,
+        .logprobs = (int)(sp->logprobs > MDL_MAX_LOGPROBS ? MDL_MAX_LOGPROBS + 1 : sp->logprobs)};
     const char *why;
     if (mdl_sampling_validate(&p, &why)) return why;
     attn_seq_t *s = calloc(1, sizeof(*s));
@@ -322,15 +319,18 @@ static const char *seq_admit(attn_node_t *a, const Afd__SeqAdmit *ad)
         seq_free(a, s);
         return "out of memory";
     }
-    for (size_t i = 0; i < ad->n_prompt; i++) s->tokens[i] = ad->prompt[i];
-    for (int i = 0; i < s->nstop; i++) s->stop[i] = sp->stop_token_ids[i];
+    for (size_t i = 0; i < ad->n_prompt; i++)
+        s->tokens[i] = ad->prompt[i];
+    for (int i = 0; i < s->nstop; i++)
+        s->stop[i] = sp->stop_token_ids[i];
     s->prompt_len = s->len = (int)ad->n_prompt;
     s->sp = p;
     s->max_tokens = (int)sp->max_tokens;
     s->ignore_eos = sp->ignore_eos;
     mdl_rng_seed(&s->rng, sp->seed);
     attn_seq_t **tail = &a->seqs;
-    while (*tail) tail = &(*tail)->next;
+    while (*tail)
+        tail = &(*tail)->next;
     *tail = s;
     a->nseqs++;
     return NULL;
@@ -480,7 +480,8 @@ static void add_f2a(attn_node_t *a, attn_mb_t *mb)
     /* partials arrive on the host; sum them there, then add into the residual */
     float *sum = mb->h_g;
     memset(sum, 0, 4 * n);
-    for (int f = 0; f < a->ffn.n; f++) net_wire_add_rows(mb->rx[f].p, n, a->f2a, sum);
+    for (int f = 0; f < a->ffn.n; f++)
+        net_wire_add_rows(mb->rx[f].p, n, a->f2a, sum);
     if (strcmp(be->ops->name, "cpu") == 0) {
         be->ops->add(be, mb->x, sum, n);
     } else {
@@ -494,8 +495,8 @@ static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
 {
     attn_mb_t *mb = &a->mb[i];
     if (mb->ntok) {
-        mdl_batch_t b = {.nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos,
-                         .seqs = mb->ks};
+        mdl_batch_t b = {
+            .nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos, .seqs = mb->ks};
         mdl_attn(a->m, &mb->ws, layer, &a->kv->store, &b, mb->x, mb->g, mb->ids, mb->wts);
     }
     uint64_t t1 = net_now_us();
@@ -576,7 +577,8 @@ static void plans_gc(attn_node_t *a)
 static void rebalance(attn_node_t *a, int nmb)
 {
     int i = 0;
-    for (attn_seq_t *s = a->seqs; s; s = s->next) s->mb = i++ % nmb;
+    for (attn_seq_t *s = a->seqs; s; s = s->next)
+        s->mb = i++ % nmb;
     a->cur_nmb = nmb;
 }
 
@@ -604,8 +606,10 @@ static void plan_apply(attn_node_t *a, attn_plan_t *p)
         int cnt[ATTN_MAX_MB] = {0};
         attn_seq_t *added = NULL;
         for (attn_seq_t *s = a->seqs; s; s = s->next) {
-            if (s->id == plan->admit[i]->seq_id) added = s;
-            else cnt[s->mb]++;
+            if (s->id == plan->admit[i]->seq_id)
+                added = s;
+            else
+                cnt[s->mb]++;
         }
         int best = 0;
         for (int m = 1; m < a->cur_nmb; m++)
@@ -709,8 +713,8 @@ static afd_status_t mb_start(attn_node_t *a, int i, attn_plan_t *p)
     mb->nmb = (int)plan->micro_batches;
     mb->deadline_us = net_now_us() + (uint64_t)a->o.step_deadline_ms * 1000;
     if (mb->ntok) {
-        mdl_batch_t b = {.nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos,
-                         .seqs = mb->ks};
+        mdl_batch_t b = {
+            .nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos, .seqs = mb->ks};
         mdl_embed(a->m, &mb->ws, &b, mb->x);
     }
     plans_gc(a);
@@ -724,7 +728,8 @@ static afd_status_t mb_finish(attn_node_t *a, int i)
     const mdl_config_t *c = &a->cfg;
     kn_backend_t *be = a->m->be;
     attn_acc_t *acc = acc_get(a, mb->step, mb->nmb);
-    for (int j = 0; j < mb->nseq; j++) mb->seqs[j]->cached += mb->take[j];
+    for (int j = 0; j < mb->nseq; j++)
+        mb->seqs[j]->cached += mb->take[j];
     size_t V = (size_t)c->vocab_size;
     if (mb->nrows > a->logits_cap) {
         free(a->logits);
@@ -983,8 +988,8 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     kn_backend_t *be;
     mdl_ckpt_t *ck;
-    if (mdl_config_load(a.o.model, &a.cfg) || kn_backend_create(a.o.backend, (int)a.o.threads, &be) ||
-        mdl_ckpt_open(a.o.model, &ck))
+    if (mdl_config_load(a.o.model, &a.cfg) ||
+        kn_backend_create(a.o.backend, (int)a.o.threads, &be) || mdl_ckpt_open(a.o.model, &ck))
         return 1;
     mdl_role_t role = {.attn = 1};
     if (mdl_model_load(ck, &a.cfg, be, &role, isatty(2), &a.m) ||
@@ -1063,7 +1068,8 @@ int main(int argc, char **argv)
             a.wait_us += net_now_us() - t0;
             for (int i = 0; i < ATTN_MAX_MB; i++)
                 if (a.mb[i].busy && net_now_us() > a.mb[i].deadline_us) {
-                    pipeline_fail(&a, AFD_ERR_TIMEOUT, "step deadline passed (FFN answers missing)");
+                    pipeline_fail(&a, AFD_ERR_TIMEOUT,
+                                  "step deadline passed (FFN answers missing)");
                     break;
                 }
         }
@@ -1071,13 +1077,16 @@ int main(int argc, char **argv)
     afd_info("stopping");
     net_metrics_stop(a.metrics);
     net_node_close(&a.ctl);
-    for (int k = 0; k < a.nplans; k++) net_frame_free(a.plans[k].f);
+    for (int k = 0; k < a.nplans; k++)
+        net_frame_free(a.plans[k].f);
     if (a.pending_peers) net_frame_free(a.pending_peers);
-    while (a.seqs) seq_remove(&a, a.seqs);
+    while (a.seqs)
+        seq_remove(&a, a.seqs);
     net_peer_set_close(&a.ffn);
     for (int i = 0; i < ATTN_MAX_MB; i++) {
         net_ucx_buf_free(a.ucx, &a.mb[i].tx);
-        for (int f = 0; f < ATTN_MAX_FFN; f++) net_ucx_buf_free(a.ucx, &a.mb[i].rx[f]);
+        for (int f = 0; f < ATTN_MAX_FFN; f++)
+            net_ucx_buf_free(a.ucx, &a.mb[i].rx[f]);
     }
     net_ucx_destroy(a.ucx);
     mdl_sampler_destroy(a.smp);

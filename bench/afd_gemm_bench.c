@@ -50,25 +50,19 @@ static const afd_opt_t bench_table[] = {
 typedef struct shape {
     const char *name;
     int out, in;
-    int max_n;   /* n above this is skipped (large shapes: keeps the run short) */
-    int quick;   /* part of the --quick set */
+    int max_n; /* n above this is skipped (large shapes: keeps the run short) */
+    int quick; /* part of the --quick set */
 } shape_t;
 
 /* mini preset: hidden 1024, 16 heads x 128, share_q 512, experts 1024, dense 2048,
  * vocab 8192. step3: hidden 7168, share_q 2048, moe/shared expert 5120. */
 static const shape_t shapes[] = {
-    {"mini q_proj", 512, 1024, 1 << 30, 1},
-    {"mini wq", 2048, 512, 1 << 30, 0},
-    {"mini k_proj/v_proj", 128, 1024, 1 << 30, 0},
-    {"mini o_proj", 1024, 2048, 1 << 30, 0},
-    {"mini expert gate/up", 1024, 1024, 1 << 30, 1},
-    {"mini expert down", 1024, 1024, 1 << 30, 0},
-    {"mini dense gate/up", 2048, 1024, 1 << 30, 0},
-    {"mini dense down", 1024, 2048, 1 << 30, 0},
-    {"mini lm_head", 8192, 1024, 1 << 30, 1},
-    {"step3 expert gate/up", 5120, 7168, 16, 1},
-    {"step3 expert down", 7168, 5120, 16, 0},
-    {"step3 q_proj", 2048, 7168, 64, 0},
+    {"mini q_proj", 512, 1024, 1 << 30, 1},          {"mini wq", 2048, 512, 1 << 30, 0},
+    {"mini k_proj/v_proj", 128, 1024, 1 << 30, 0},   {"mini o_proj", 1024, 2048, 1 << 30, 0},
+    {"mini expert gate/up", 1024, 1024, 1 << 30, 1}, {"mini expert down", 1024, 1024, 1 << 30, 0},
+    {"mini dense gate/up", 2048, 1024, 1 << 30, 0},  {"mini dense down", 1024, 2048, 1 << 30, 0},
+    {"mini lm_head", 8192, 1024, 1 << 30, 1},        {"step3 expert gate/up", 5120, 7168, 16, 1},
+    {"step3 expert down", 7168, 5120, 16, 0},        {"step3 q_proj", 2048, 7168, 64, 0},
 };
 #define NSHAPES ((int)(sizeof(shapes) / sizeof(shapes[0])))
 
@@ -184,7 +178,8 @@ int main(int argc, char **argv)
         uint16_t *wbf = malloc(sizeof(uint16_t) * wel);
         if (!wbf) goto out;
         float wstd = 1.0f / sqrtf((float)sh->in);
-        for (size_t i = 0; i < wel; i++) wbf[i] = afd_f32_to_bf16(rnd(&seed) * wstd);
+        for (size_t i = 0; i < wel; i++)
+            wbf[i] = afd_f32_to_bf16(rnd(&seed) * wstd);
         kn_src_t src = {.dtype = AFD_DTYPE_BF16,
                         .data = wbf,
                         .full_rows = sh->out,
@@ -223,7 +218,8 @@ int main(int argc, char **argv)
             be->ops->weight_free(be, &w);
             goto out;
         }
-        for (size_t i = 0; i < (size_t)nmax * (size_t)sh->in; i++) x[i] = rnd(&seed);
+        for (size_t i = 0; i < (size_t)nmax * (size_t)sh->in; i++)
+            x[i] = rnd(&seed);
 
         for (int ni = 0; ni < nn; ni++) {
             int n = ns[ni];

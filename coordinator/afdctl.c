@@ -101,8 +101,7 @@ static const afd_opt_t up_table[] = {
     {"attn", AFD_OPT_INT, "1", O(attn), 1, 64, 0, "attention nodes"},
     {"ffn", AFD_OPT_INT, "1", O(ffn), 1, 64, 0, "FFN nodes"},
     {"port", AFD_OPT_INT, "8000", O(port), 1, 65535, 0, "HTTP API port"},
-    {"admin-port", AFD_OPT_INT, "0", O(admin_port), 0, 65535, 0,
-     "admin API port (0: --port + 1)"},
+    {"admin-port", AFD_OPT_INT, "0", O(admin_port), 0, 65535, 0, "admin API port (0: --port + 1)"},
     {"admin-token", AFD_OPT_STRING, NULL, O(admin_token), 0, 0, AFD_OPT_SECRET,
      "admin API token (none: open on loopback)"},
     {"ctrl-port", AFD_OPT_INT, "0", O(ctrl_port), 0, 65535, 0,
@@ -260,7 +259,8 @@ static int cmd_local_up(int argc, char **argv)
         unsigned char r[16] = {0};
         if (!ur || fread(r, 1, sizeof(r), ur) != sizeof(r)) afd_warn("no /dev/urandom: weak token");
         if (ur) fclose(ur);
-        for (int i = 0; i < 16; i++) sprintf(token + 2 * i, "%02x", r[i] ^ (unsigned)(getpid() >> (i % 4)));
+        for (int i = 0; i < 16; i++)
+            sprintf(token + 2 * i, "%02x", r[i] ^ (unsigned)(getpid() >> (i % 4)));
     } else {
         snprintf(token, sizeof(token), "%s", o.cluster_token);
     }
@@ -272,8 +272,7 @@ static int cmd_local_up(int argc, char **argv)
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     signal(SIGPIPE, SIG_IGN);
-    char sport[24], sctrl[32], sthreads[24], skv[24], sbusy[24], scpu[24], coordaddr[64],
-        smbt[24];
+    char sport[24], sctrl[32], sthreads[24], skv[24], sbusy[24], scpu[24], coordaddr[64], smbt[24];
     snprintf(smbt, sizeof(smbt), "%ld", o.max_batch_tokens);
     snprintf(sport, sizeof(sport), "%ld", o.port);
     snprintf(sctrl, sizeof(sctrl), "%d", ctrl);
@@ -494,8 +493,8 @@ static int admin_parse(const char *cmd, int argc, char **argv, admin_args_t *a)
 }
 
 /* GET or POST an admin path; on success *out holds the body. */
-static int admin_call(const admin_args_t *a, const char *method, const char *path,
-                      const char *body, char **out)
+static int admin_call(const admin_args_t *a, const char *method, const char *path, const char *body,
+                      char **out)
 {
     int code;
     if (http_req(method, a->url, path, a->token, body, 10000, &code, out)) {
@@ -529,9 +528,8 @@ static double jnum(const cJSON *o, const char *k)
 
 static void print_nodes(const cJSON *root)
 {
-    printf("%-4s %-10s %-5s %-14s %-8s %-12s %-16s %-8s %-16s %s\n", "ID", "ROLE", "INDEX",
-           "NAME", "STATE", "EXPERTS", "KV USED/TOTAL", "RUNNING", "BUSY/WAIT s",
-           "PEER LATENCY (mean us)");
+    printf("%-4s %-10s %-5s %-14s %-8s %-12s %-16s %-8s %-16s %s\n", "ID", "ROLE", "INDEX", "NAME",
+           "STATE", "EXPERTS", "KV USED/TOTAL", "RUNNING", "BUSY/WAIT s", "PEER LATENCY (mean us)");
     const cJSON *n;
     cJSON_ArrayForEach(n, cJSON_GetObjectItem(root, "nodes"))
     {
@@ -543,7 +541,8 @@ static void print_nodes(const cJSON *root)
         if (cJSON_GetObjectItem(n, "kv_blocks_total"))
             snprintf(kv, sizeof(kv), "%.0f/%.0f", jnum(n, "kv_blocks_used"),
                      jnum(n, "kv_blocks_total"));
-        if (cJSON_GetObjectItem(n, "running")) snprintf(run, sizeof(run), "%.0f", jnum(n, "running"));
+        if (cJSON_GetObjectItem(n, "running"))
+            snprintf(run, sizeof(run), "%.0f", jnum(n, "running"));
         const cJSON *b = cJSON_GetObjectItem(n, "busy");
         if (b) {
             int is_ffn = !strcmp(jstr(n, "role"), "ffn");
@@ -552,9 +551,9 @@ static void print_nodes(const cJSON *root)
         }
         size_t k = 0;
         const cJSON *l;
-        cJSON_ArrayForEach(l, cJSON_GetObjectItem(n, "peer_latency"))
-        k += (size_t)snprintf(lat + k, sizeof(lat) - k, "%s%.0f:%.0f", k ? " " : "",
-                              jnum(l, "peer"), jnum(l, "mean_us"));
+        cJSON_ArrayForEach(l, cJSON_GetObjectItem(n, "peer_latency")) k +=
+            (size_t)snprintf(lat + k, sizeof(lat) - k, "%s%.0f:%.0f", k ? " " : "", jnum(l, "peer"),
+                             jnum(l, "mean_us"));
         printf("%-4.0f %-10s %-5.0f %-14s %-8s %-12s %-16s %-8s %-16s %s\n", jnum(n, "id"),
                jstr(n, "role"), jnum(n, "index"), jstr(n, "name"), jstr(n, "state"), experts, kv,
                run, busy, lat);
@@ -604,7 +603,8 @@ static int cmd_admin(const char *cmd, int argc, char **argv)
         return EXIT_FAIL;
     }
     if (!strcmp(cmd, "status")) {
-        const cJSON *cl = cJSON_GetObjectItem(root, "cluster"), *rq = cJSON_GetObjectItem(root, "requests");
+        const cJSON *cl = cJSON_GetObjectItem(root, "cluster"),
+                    *rq = cJSON_GetObjectItem(root, "requests");
         printf("cluster: %s%s, epoch %.0f, %.0f micro-batches, %.0f steps, model %s\n",
                cJSON_IsTrue(cJSON_GetObjectItem(cl, "ready")) ? "ready" : "NOT READY",
                cJSON_IsTrue(cJSON_GetObjectItem(cl, "draining")) ? " (draining)" : "",
@@ -633,17 +633,17 @@ static int cmd_admin(const char *cmd, int argc, char **argv)
         cJSON_ArrayForEach(r, cJSON_GetObjectItem(root, "requests"))
         {
             char node[16] = "-";
-            if (cJSON_GetObjectItem(r, "node")) snprintf(node, sizeof(node), "%.0f", jnum(r, "node"));
+            if (cJSON_GetObjectItem(r, "node"))
+                snprintf(node, sizeof(node), "%.0f", jnum(r, "node"));
             printf("%-16s %-8.0f %-8s %-6s %-8.0f %-4.0f/%-5.0f %-8s %.1f\n", jstr(r, "request"),
                    jnum(r, "sequence"), jstr(r, "state"), node, jnum(r, "prompt_tokens"),
                    jnum(r, "generated"), jnum(r, "max_tokens"),
-                   cJSON_IsTrue(cJSON_GetObjectItem(r, "stream")) ? "yes" : "no",
-                   jnum(r, "age_s"));
+                   cJSON_IsTrue(cJSON_GetObjectItem(r, "stream")) ? "yes" : "no", jnum(r, "age_s"));
         }
     } else if (!strcmp(cmd, "config")) {
         const cJSON *o;
         cJSON_ArrayForEach(o, cJSON_GetObjectItem(root, "options"))
-        printf("%s = %s\n", o->string, cJSON_IsString(o) ? o->valuestring : "");
+            printf("%s = %s\n", o->string, cJSON_IsString(o) ? o->valuestring : "");
     } else if (!strcmp(cmd, "drain") && a.node >= 0) {
         printf("node %.0f: %s, %.0f running%s\n", jnum(root, "node"),
                cJSON_IsTrue(cJSON_GetObjectItem(root, "draining")) ? "draining" : "admitting",
@@ -663,11 +663,12 @@ static void usage(FILE *f)
     fprintf(f, "usage: afdctl COMMAND [options]   (afdctl COMMAND --help for each)\n\n"
                "commands:\n"
                "  local-up   start a whole cluster on loopback\n");
-    static const char *cmds[] = {"status", "nodes", "placement", "requests", "drain", "metrics",
-                                 "config"};
+    static const char *cmds[] = {"status", "nodes",   "placement", "requests",
+                                 "drain",  "metrics", "config"};
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
         fprintf(f, "  %-10s %s\n", cmds[i], cmd_help(cmds[i]));
-    fprintf(f, "exit codes: 0 ok, 1 failure, 2 usage, 3 coordinator unreachable, 4 token refused\n");
+    fprintf(f,
+            "exit codes: 0 ok, 1 failure, 2 usage, 3 coordinator unreachable, 4 token refused\n");
 }
 
 int main(int argc, char **argv)

@@ -21,15 +21,14 @@
 #define AFD_VERSION "0.1.0"
 #endif
 
-#define COORD_MAX_NODES 256
+#define COORD_MAX_NODES      256
 #define COORD_MAX_PLAN_AHEAD 4
 
 typedef struct coord_opts {
     char *host, *cluster_token, *model, *model_name, *micro_batches, *api_key, *api_keys_file,
         *admin_token;
-    long port, ctrl_port, attn, ffn, plan_ahead, max_waiting, max_running, max_body_kb,
-        max_prompt, node_timeout_ms, default_max_tokens, drain_timeout_s, request_timeout_s,
-        admin_port;
+    long port, ctrl_port, attn, ffn, plan_ahead, max_waiting, max_running, max_body_kb, max_prompt,
+        node_timeout_ms, default_max_tokens, drain_timeout_s, request_timeout_s, admin_port;
     double kv_overcommit;
 } coord_opts_t;
 
@@ -39,23 +38,23 @@ typedef struct coord_node {
     int state;
     uint32_t id;
     Afd__Role role;
-    int index;             /* attention index or FFN share */
+    int index; /* attention index or FFN share */
     char name[64];
     uv_tcp_t tcp;
-    int open;              /* tcp handle initialised and not yet closed */
+    int open; /* tcp handle initialised and not yet closed */
     net_frame_reader_t rd;
     uint8_t *ucx_addr;
     size_t ucx_len;
     uint32_t epoch_connected;
     uint64_t kv_blocks, kv_reserved;
     uint32_t kv_block_size, max_batch_tokens;
-    int running;           /* sequences placed on it */
+    int running; /* sequences placed on it */
     uint64_t last_seen_us;
     Afd__Heartbeat *last_hb;
     uint32_t expert_begin, expert_end;
-    int member;            /* in the current epoch's peer table */
-    int drained;           /* attention node: admits no new sequences; leaves the data plane
-                            * once its sequences are done */
+    int member;  /* in the current epoch's peer table */
+    int drained; /* attention node: admits no new sequences; leaves the data plane
+                  * once its sequences are done */
     struct coord *c;
 } coord_node_t;
 
@@ -63,11 +62,11 @@ typedef struct coord_seq {
     uint64_t id;
     struct coord_req *req;
     int choice;
-    int node;              /* attention node slot, -1 while waiting */
+    int node; /* attention node slot, -1 while waiting */
     int nblocks;
-    int32_t *out;          /* generated ids */
+    int32_t *out; /* generated ids */
     float *lp;
-    int32_t *top_ids;      /* (max_tokens, logprobs) */
+    int32_t *top_ids; /* (max_tokens, logprobs) */
     float *top_lp;
     int ngen, done;
     uint64_t t_last_us; /* when its last token arrived */
@@ -83,8 +82,8 @@ enum coord_api_kind { COORD_API_COMPLETIONS = 0, COORD_API_CHAT = 1, COORD_API_M
 
 typedef struct coord_req {
     uint64_t id;
-    int api;               /* enum coord_api_kind: how tokens and answers are rendered */
-    net_http_req_t *http;  /* NULL once the client is gone or answered */
+    int api;              /* enum coord_api_kind: how tokens and answers are rendered */
+    net_http_req_t *http; /* NULL once the client is gone or answered */
     int stream, logprobs, nseq, ndone, aborted, failed, finished;
     int32_t **prompts;
     int *prompt_len;
@@ -101,25 +100,25 @@ typedef struct coord {
     mdl_config_t cfg;
     uv_tcp_t ctrl;
     uv_timer_t tick;
-    net_http_server_t *http;   /* the API: /v1/..., /health, /ready, /metrics */
-    net_http_server_t *admin;  /* the admin API afdctl uses, with its own token */
-    char **api_keys;           /* accepted API keys (none: the API is open) */
+    net_http_server_t *http;  /* the API: /v1/..., /health, /ready, /metrics */
+    net_http_server_t *admin; /* the admin API afdctl uses, with its own token */
+    char **api_keys;          /* accepted API keys (none: the API is open) */
     int napi_keys;
     coord_node_t nodes[COORD_MAX_NODES];
     uint32_t next_node_id;
     uint32_t epoch;
     int ready;
-    int formed;                /* the cluster has served once: membership may change since */
-    int reconfig;              /* a new epoch is due: no new plans until none is in flight */
+    int formed;   /* the cluster has served once: membership may change since */
+    int reconfig; /* a new epoch is due: no new plans until none is in flight */
     int micro_batches;
-    int mb_auto;                /* --micro-batches auto: refined from measured stage times */
+    int mb_auto; /* --micro-batches auto: refined from measured stage times */
     uint64_t auto_ffn_us, auto_units, auto_last_us;
     /* scheduler */
-    coord_req_t *reqs;         /* all live requests */
+    coord_req_t *reqs; /* all live requests */
     coord_seq_t *wait_head, *wait_tail;
     int nwaiting, nrunning;
     uint64_t next_seq_id, next_req_id;
-    uint64_t next_step;        /* next plan to send */
+    uint64_t next_step; /* next plan to send */
     uint64_t inflight[COORD_MAX_PLAN_AHEAD];
     int inflight_results[COORD_MAX_PLAN_AHEAD];
     uint64_t inflight_sent_us[COORD_MAX_PLAN_AHEAD];
@@ -127,9 +126,9 @@ typedef struct coord {
     uint64_t *aborts[COORD_MAX_NODES];
     int naborts[COORD_MAX_NODES];
     coord_metrics_t metrics;
-    int draining;              /* SIGTERM or drain: no new requests; in-flight ones finish */
+    int draining; /* SIGTERM or drain: no new requests; in-flight ones finish */
     uint64_t drain_deadline_us;
-    int stop_after_drain;      /* leave the loop once drained (SIGTERM) */
+    int stop_after_drain; /* leave the loop once drained (SIGTERM) */
     /* stats */
     uint64_t steps_done, tokens_out, req_ok, req_err, step_us_sum, sched_us_sum;
     double last_step_ms;

@@ -17,7 +17,6 @@
 #include <string.h>
 #include <time.h>
 
-
 void coord_api_json(net_http_req_t *req, int status, cJSON *j, const char *extra)
 {
     char *txt = cJSON_PrintUnformatted(j);
@@ -199,13 +198,19 @@ void coord_api_finish(coord_t *c, coord_req_t *r)
     coord_hist_observe(&c->metrics.e2e, (double)(coord_now_us() - r->t_arrival_us) / 1e6);
     for (int i = 0; i < r->nseq; i++) {
         const coord_seq_t *s = &r->seqs[i];
-        if (s->error) c->metrics.failed++;
-        else if (s->finish && !strcmp(s->finish, "stop")) c->metrics.success_stop++;
-        else if (s->finish && !strcmp(s->finish, "abort")) c->metrics.success_abort++;
-        else c->metrics.success_length++;
+        if (s->error)
+            c->metrics.failed++;
+        else if (s->finish && !strcmp(s->finish, "stop"))
+            c->metrics.success_stop++;
+        else if (s->finish && !strcmp(s->finish, "abort"))
+            c->metrics.success_abort++;
+        else
+            c->metrics.success_length++;
     }
-    if (r->failed) c->req_err++;
-    else if (!r->aborted) c->req_ok++;
+    if (r->failed)
+        c->req_err++;
+    else if (!r->aborted)
+        c->req_ok++;
     if (!r->http) return;
     net_http_req_t *http = r->http;
     r->http = NULL;
@@ -281,7 +286,7 @@ static void on_client_gone(void *ud, net_http_req_t *req)
 }
 
 int coord_api_int(const cJSON *o, const char *k, long min, long max, long def, long *out,
-                         net_http_req_t *req)
+                  net_http_req_t *req)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
     if (!v || cJSON_IsNull(v)) {
@@ -293,15 +298,16 @@ int coord_api_int(const cJSON *o, const char *k, long min, long max, long def, l
         return -1;
     }
     if (v->valuedouble < (double)min || v->valuedouble > (double)max) {
-        coord_api_error(req, 400, "invalid_request_error", k, "'%s' must be in [%ld, %ld]", k, min, max);
+        coord_api_error(req, 400, "invalid_request_error", k, "'%s' must be in [%ld, %ld]", k, min,
+                        max);
         return -1;
     }
     *out = (long)v->valuedouble;
     return 0;
 }
 
-int coord_api_num(const cJSON *o, const char *k, double min, double max, double def,
-                         double *out, net_http_req_t *req)
+int coord_api_num(const cJSON *o, const char *k, double min, double max, double def, double *out,
+                  net_http_req_t *req)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
     if (!v || cJSON_IsNull(v)) {
@@ -309,8 +315,8 @@ int coord_api_num(const cJSON *o, const char *k, double min, double max, double 
         return 0;
     }
     if (!cJSON_IsNumber(v) || !(v->valuedouble >= min && v->valuedouble <= max)) {
-        coord_api_error(req, 400, "invalid_request_error", k, "'%s' must be a number in [%g, %g]", k,
-                   min, max);
+        coord_api_error(req, 400, "invalid_request_error", k, "'%s' must be a number in [%g, %g]",
+                        k, min, max);
         return -1;
     }
     *out = v->valuedouble;
@@ -338,7 +344,7 @@ int coord_api_ids(coord_t *c, const cJSON *a, int32_t **out, int *n, net_http_re
     int cnt = cJSON_GetArraySize(a);
     if (cnt < 1 || cnt > c->o.max_prompt) {
         coord_api_error(req, 400, "invalid_request_error", "prompt",
-                   "a prompt must have 1 to %ld tokens (got %d)", c->o.max_prompt, cnt);
+                        "a prompt must have 1 to %ld tokens (got %d)", c->o.max_prompt, cnt);
         return -1;
     }
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)cnt);
@@ -354,7 +360,7 @@ int coord_api_ids(coord_t *c, const cJSON *a, int32_t **out, int *n, net_http_re
             e->valuedouble >= c->cfg.vocab_size) {
             free(ids);
             coord_api_error(req, 400, "invalid_request_error", "prompt",
-                       "prompt token ids must be integers in [0, %d)", c->cfg.vocab_size);
+                            "prompt token ids must be integers in [0, %d)", c->cfg.vocab_size);
             return -1;
         }
         ids[i++] = (int32_t)e->valuedouble;
@@ -371,8 +377,7 @@ int coord_api_check_model(coord_t *c, net_http_req_t *req, const cJSON *body)
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(body, "model");
     if (model && !cJSON_IsNull(model) &&
         (!cJSON_IsString(model) || strcmp(model->valuestring, c->o.model_name) != 0)) {
-        coord_api_error(req, 404, "invalid_request_error", "model",
-                        "the model '%s' does not exist",
+        coord_api_error(req, 404, "invalid_request_error", "model", "the model '%s' does not exist",
                         cJSON_IsString(model) ? model->valuestring : "?");
         return -1;
     }
@@ -658,11 +663,12 @@ static void handle_status(coord_t *c, net_http_req_t *req)
         cJSON_AddStringToObject(o, "name", n->name);
         cJSON_AddStringToObject(o, "role", n->role == AFD__ROLE__ROLE_ATTN ? "attention" : "ffn");
         cJSON_AddNumberToObject(o, "index", n->index);
-        cJSON_AddStringToObject(o, "state", n->drained && !n->member ? "drained"
-                                            : n->drained                ? "draining"
-                                            : n->state >= NODE_READY && !n->member && c->formed
-                                                ? "joining"
-                                                : states[n->state]);
+        cJSON_AddStringToObject(o, "state",
+                                n->drained && !n->member ? "drained"
+                                : n->drained             ? "draining"
+                                : n->state >= NODE_READY && !n->member && c->formed
+                                    ? "joining"
+                                    : states[n->state]);
         cJSON_AddBoolToObject(o, "member", n->member);
         if (n->role == AFD__ROLE__ROLE_FFN) {
             cJSON *e = cJSON_AddArrayToObject(o, "experts");
@@ -688,7 +694,8 @@ static void handle_status(coord_t *c, net_http_req_t *req)
                 cJSON *l = cJSON_CreateObject();
                 cJSON_AddNumberToObject(l, "peer", h->peer_id);
                 cJSON_AddNumberToObject(l, "count", (double)h->count);
-                cJSON_AddNumberToObject(l, "mean_us", h->count ? (double)h->sum_us / (double)h->count : 0);
+                cJSON_AddNumberToObject(l, "mean_us",
+                                        h->count ? (double)h->sum_us / (double)h->count : 0);
                 cJSON *b = cJSON_AddArrayToObject(l, "buckets_pow2_us");
                 for (size_t q = 0; q < h->n_buckets; q++)
                     cJSON_AddItemToArray(b, cJSON_CreateNumber((double)h->buckets[q]));
@@ -706,7 +713,8 @@ static int token_eq(const char *want, const char *got)
 {
     size_t a = strlen(want), b = strlen(got);
     unsigned d = (unsigned)(a ^ b);
-    for (size_t i = 0; i < a; i++) d |= (unsigned)(want[i] ^ got[b ? i % b : 0]);
+    for (size_t i = 0; i < a; i++)
+        d |= (unsigned)(want[i] ^ got[b ? i % b : 0]);
     return d == 0 && a == b;
 }
 
@@ -723,7 +731,8 @@ static int authorized(coord_t *c, net_http_req_t *req)
     if (c->napi_keys == 0) return 1;
     const char *k = bearer(req);
     int ok = 0;
-    for (int i = 0; k && i < c->napi_keys; i++) ok |= token_eq(c->api_keys[i], k);
+    for (int i = 0; k && i < c->napi_keys; i++)
+        ok |= token_eq(c->api_keys[i], k);
     return ok;
 }
 
@@ -743,9 +752,11 @@ afd_status_t coord_api_keys_load(coord_t *c)
     char line[1024];
     while (fgets(line, sizeof(line), f)) {
         char *p = line, *e;
-        while (*p == ' ' || *p == '\t') p++;
+        while (*p == ' ' || *p == '\t')
+            p++;
         e = p + strlen(p);
-        while (e > p && (e[-1] == '\n' || e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t')) *--e = 0;
+        while (e > p && (e[-1] == '\n' || e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t'))
+            *--e = 0;
         if (!*p || *p == '#') continue;
         if (c->napi_keys >= 100000) break;
         char **nk = realloc(c->api_keys, sizeof(char *) * (size_t)(c->napi_keys + 1));
@@ -780,13 +791,15 @@ void coord_api_handle(void *arg, net_http_req_t *req)
     }
     if (!strncmp(p, "/v1/", 4) && !authorized(c, req))
         return coord_api_error(req, 401, "authentication_error", NULL,
-                          "missing or invalid API key (Authorization: Bearer KEY)");
+                               "missing or invalid API key (Authorization: Bearer KEY)");
     if (!strcmp(p, "/v1/completions")) {
-        if (strcmp(m, "POST")) return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
+        if (strcmp(m, "POST"))
+            return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
         return handle_completions(c, req);
     }
     if (!strcmp(p, "/v1/chat/completions") || !strcmp(p, "/v1/messages")) {
-        if (strcmp(m, "POST")) return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
+        if (strcmp(m, "POST"))
+            return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
         return coord_chat_handle(c, req, !strcmp(p, "/v1/messages"));
     }
     if (!strcmp(p, "/v1/models")) return handle_models(c, req);
@@ -871,7 +884,8 @@ static void drain_node(coord_t *c, net_http_req_t *req, long id, int undo)
     if (n->role != AFD__ROLE__ROLE_ATTN)
         return coord_api_error(req, 400, "invalid_request_error", "node",
                                "node %ld is an FFN node: its experts have no other home; replace "
-                               "it (a new node takes its share under a new epoch)", id);
+                               "it (a new node takes its share under a new epoch)",
+                               id);
     if (undo) {
         n->drained = 0;
         if (!n->member && n->state >= NODE_READY) c->reconfig = 1; /* back into the data plane */
@@ -901,7 +915,9 @@ static void handle_drain(coord_t *c, net_http_req_t *req)
         long id = cJSON_IsNumber(node) ? (long)node->valuedouble : -1;
         int u = cJSON_IsTrue(undo);
         cJSON_Delete(body);
-        if (id < 0) return coord_api_error(req, 400, "invalid_request_error", "node", "'node' must be a node id");
+        if (id < 0)
+            return coord_api_error(req, 400, "invalid_request_error", "node",
+                                   "'node' must be a node id");
         return drain_node(c, req, id, u);
     }
     if (!body || !cJSON_IsObject(body) || (!cJSON_IsTrue(all) && !cJSON_IsTrue(undo))) {
@@ -952,7 +968,8 @@ void coord_admin_handle(void *arg, net_http_req_t *req)
     if (!strcmp(p, "/admin/requests")) return handle_requests(c, req);
     if (!strcmp(p, "/admin/config")) return handle_config(c, req);
     if (!strcmp(p, "/admin/drain")) {
-        if (strcmp(m, "POST")) return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
+        if (strcmp(m, "POST"))
+            return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
         return handle_drain(c, req);
     }
     if (!strcmp(p, "/metrics")) {

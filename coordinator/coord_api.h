@@ -24,8 +24,8 @@ void coord_api_error(net_http_req_t *req, int status, const char *type, const ch
  * returns -1. */
 int coord_api_int(const cJSON *o, const char *k, long min, long max, long def, long *out,
                   net_http_req_t *req);
-int coord_api_num(const cJSON *o, const char *k, double min, double max, double def,
-                  double *out, net_http_req_t *req);
+int coord_api_num(const cJSON *o, const char *k, double min, double max, double def, double *out,
+                  net_http_req_t *req);
 int coord_api_bool(const cJSON *o, const char *k, int def, int *out, net_http_req_t *req);
 /* A list of token ids below the vocabulary size, 1..max_prompt long (malloc'd). */
 int coord_api_ids(coord_t *c, const cJSON *a, int32_t **out, int *n, net_http_req_t *req);

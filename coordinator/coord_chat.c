@@ -26,15 +26,23 @@
 static const char *anthropic_error_type(int status)
 {
     switch (status) {
-    case 400: return "invalid_request_error";
-    case 401: return "authentication_error";
-    case 403: return "permission_error";
-    case 404: return "not_found_error";
-    case 413: return "request_too_large";
-    case 429: return "rate_limit_error";
+    case 400:
+        return "invalid_request_error";
+    case 401:
+        return "authentication_error";
+    case 403:
+        return "permission_error";
+    case 404:
+        return "not_found_error";
+    case 413:
+        return "request_too_large";
+    case 429:
+        return "rate_limit_error";
     case 503:
-    case 529: return "overloaded_error";
-    default: return "api_error";
+    case 529:
+        return "overloaded_error";
+    default:
+        return "api_error";
     }
 }
 
@@ -152,9 +160,10 @@ static int content_ids(const chat_ctx_t *x, const cJSON *content, const char *wh
         return -1;
     }
     if (cJSON_IsString(content)) {
-        chat_err(x, 400, where,
-                 "%s: text content needs a tokenizer, and none is loaded: send token ids as content",
-                 where);
+        chat_err(
+            x, 400, where,
+            "%s: text content needs a tokenizer, and none is loaded: send token ids as content",
+            where);
         return -1;
     }
     if (!cJSON_IsArray(content)) {
@@ -332,8 +341,8 @@ static int openai_fields(const chat_ctx_t *x, const cJSON *body, coord_req_t *r)
             return -1;
         }
     const cJSON *tc = field(body, "tool_choice");
-    if (tc && !(cJSON_IsString(tc) && (!strcmp(tc->valuestring, "none") ||
-                                       !strcmp(tc->valuestring, "auto")))) {
+    if (tc && !(cJSON_IsString(tc) &&
+                (!strcmp(tc->valuestring, "none") || !strcmp(tc->valuestring, "auto")))) {
         chat_err(x, 400, "tool_choice", "tool_choice is not supported: no tool calling");
         return -1;
     }
@@ -395,7 +404,8 @@ static int anthropic_fields(const chat_ctx_t *x, const cJSON *body, coord_req_t 
     const cJSON *tc = field(body, "tool_choice");
     if (tc) {
         const cJSON *t = cJSON_GetObjectItemCaseSensitive(tc, "type");
-        if (!cJSON_IsString(t) || (strcmp(t->valuestring, "none") && strcmp(t->valuestring, "auto"))) {
+        if (!cJSON_IsString(t) ||
+            (strcmp(t->valuestring, "none") && strcmp(t->valuestring, "auto"))) {
             chat_err(x, 400, "tool_choice", "tool_choice: tool use is not supported");
             return -1;
         }

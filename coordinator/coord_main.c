@@ -196,8 +196,8 @@ int main(int argc, char **argv)
                                &c.http))
         return 1;
     if (coord_api_keys_load(&c)) return 2;
-    if (net_http_server_create(c.loop, c.o.host, (int)c.o.admin_port, &lim, coord_admin_handle,
-                               &c, &c.admin))
+    if (net_http_server_create(c.loop, c.o.host, (int)c.o.admin_port, &lim, coord_admin_handle, &c,
+                               &c.admin))
         return 1;
     if (!c.o.admin_token || !c.o.admin_token[0])
         afd_warn("the admin API on port %d has no token (--admin-token)", net_http_port(c.admin));
@@ -215,7 +215,8 @@ int main(int argc, char **argv)
              c.o.attn, c.o.ffn);
     uv_run(c.loop, UV_RUN_DEFAULT);
     /* let the last answers (aborts included) reach their clients */
-    for (int i = 0; i < 20; i++) uv_run(c.loop, UV_RUN_NOWAIT);
+    for (int i = 0; i < 20; i++)
+        uv_run(c.loop, UV_RUN_NOWAIT);
     net_http_server_close(c.http);
     net_http_server_close(c.admin);
     uv_close((uv_handle_t *)&c.ctrl, NULL);

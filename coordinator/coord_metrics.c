@@ -9,13 +9,14 @@
 #include <string.h>
 
 /* the bucket bounds vLLM uses for the same metrics */
-static const double ttft_b[] = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-                                1.0,   2.5,   5.0,  7.5,  10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
-                                2560.0};
-static const double itl_b[] = {0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+static const double ttft_b[] = {0.001, 0.005, 0.01, 0.02,  0.04,  0.06,  0.08, 0.1,
+                                0.25,  0.5,   0.75, 1.0,   2.5,   5.0,   7.5,  10.0,
+                                20.0,  40.0,  80.0, 160.0, 640.0, 2560.0};
+static const double itl_b[] = {0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,  0.3,  0.4, 0.5,
                                0.75, 1.0,   2.5,  5.0,   7.5, 10.0, 20.0, 40.0, 80.0};
-static const double e2e_b[] = {0.3,  0.5,  0.8,  1.0,  1.5,   2.0,   2.5,   5.0,   10.0, 15.0, 20.0,
-                               30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0};
+static const double e2e_b[] = {0.3,  0.5,   0.8,   1.0,   1.5,   2.0,    2.5,
+                               5.0,  10.0,  15.0,  20.0,  30.0,  40.0,   50.0,
+                               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0};
 
 static void hist_init(coord_hist_t *h, const double *b, int n)
 {
@@ -36,7 +37,8 @@ void coord_metrics_init(coord_metrics_t *m)
 void coord_hist_observe(coord_hist_t *h, double s)
 {
     int i = 0;
-    while (i < h->n && s > h->bounds[i]) i++;
+    while (i < h->n && s > h->bounds[i])
+        i++;
     h->counts[i]++;
     h->count++;
     h->sum += s;
@@ -92,14 +94,17 @@ char *coord_metrics_render(coord_t *c, size_t *len)
     const coord_metrics_t *m = &c->metrics;
     char lab[160];
     snprintf(lab, sizeof(lab), "model_name=\"%s\"", c->o.model_name);
-    sb_printf(&b, "# HELP afd_build_info Build information.\n# TYPE afd_build_info gauge\n"
-                  "afd_build_info{version=\"%s\",wire_version=\"1\"} 1\n",
+    sb_printf(&b,
+              "# HELP afd_build_info Build information.\n# TYPE afd_build_info gauge\n"
+              "afd_build_info{version=\"%s\",wire_version=\"1\"} 1\n",
               AFD_VERSION);
-    sb_printf(&b, "# HELP afd_num_requests_running Sequences running on the attention nodes.\n"
-                  "# TYPE afd_num_requests_running gauge\nafd_num_requests_running{%s} %d\n",
+    sb_printf(&b,
+              "# HELP afd_num_requests_running Sequences running on the attention nodes.\n"
+              "# TYPE afd_num_requests_running gauge\nafd_num_requests_running{%s} %d\n",
               lab, c->nrunning);
-    sb_printf(&b, "# HELP afd_num_requests_waiting Sequences waiting for admission.\n"
-                  "# TYPE afd_num_requests_waiting gauge\nafd_num_requests_waiting{%s} %d\n",
+    sb_printf(&b,
+              "# HELP afd_num_requests_waiting Sequences waiting for admission.\n"
+              "# TYPE afd_num_requests_waiting gauge\nafd_num_requests_waiting{%s} %d\n",
               lab, c->nwaiting);
     uint64_t kv_total = 0, kv_res = 0;
     for (int i = 0; i < COORD_MAX_NODES; i++)
@@ -108,11 +113,13 @@ char *coord_metrics_render(coord_t *c, size_t *len)
             kv_total += c->nodes[i].kv_blocks;
             kv_res += c->nodes[i].kv_reserved;
         }
-    sb_printf(&b, "# HELP afd_kv_cache_usage_perc KV cache blocks in use, 0 to 1.\n"
-                  "# TYPE afd_kv_cache_usage_perc gauge\nafd_kv_cache_usage_perc{%s} %.6g\n",
+    sb_printf(&b,
+              "# HELP afd_kv_cache_usage_perc KV cache blocks in use, 0 to 1.\n"
+              "# TYPE afd_kv_cache_usage_perc gauge\nafd_kv_cache_usage_perc{%s} %.6g\n",
               lab, kv_total ? (double)kv_res / (double)kv_total : 0.0);
-    sb_printf(&b, "# HELP afd_prompt_tokens_total Prefill tokens processed.\n"
-                  "# TYPE afd_prompt_tokens_total counter\nafd_prompt_tokens_total{%s} %llu\n",
+    sb_printf(&b,
+              "# HELP afd_prompt_tokens_total Prefill tokens processed.\n"
+              "# TYPE afd_prompt_tokens_total counter\nafd_prompt_tokens_total{%s} %llu\n",
               lab, (unsigned long long)m->prompt_tokens);
     sb_printf(&b,
               "# HELP afd_generation_tokens_total Tokens generated.\n"
@@ -126,32 +133,37 @@ char *coord_metrics_render(coord_t *c, size_t *len)
               (unsigned long long)m->success_length);
     sb_printf(&b, "afd_request_success_total{%s,finished_reason=\"abort\"} %llu\n", lab,
               (unsigned long long)m->success_abort);
-    sb_printf(&b, "# HELP afd_request_failure_total Requests that ended with an error.\n"
-                  "# TYPE afd_request_failure_total counter\nafd_request_failure_total{%s} %llu\n",
+    sb_printf(&b,
+              "# HELP afd_request_failure_total Requests that ended with an error.\n"
+              "# TYPE afd_request_failure_total counter\nafd_request_failure_total{%s} %llu\n",
               lab, (unsigned long long)m->failed);
-    sb_printf(&b, "# HELP afd_num_preemptions_total Sequences preempted for KV blocks and "
-                  "recomputed.\n# TYPE afd_num_preemptions_total counter\n"
-                  "afd_num_preemptions_total{%s} %llu\n",
+    sb_printf(&b,
+              "# HELP afd_num_preemptions_total Sequences preempted for KV blocks and "
+              "recomputed.\n# TYPE afd_num_preemptions_total counter\n"
+              "afd_num_preemptions_total{%s} %llu\n",
               lab, (unsigned long long)m->preemptions);
     hist_render(&b, "afd_time_to_first_token_seconds", "Time to first token.", lab, &m->ttft);
     hist_render(&b, "afd_inter_token_latency_seconds", "Time between tokens of a sequence.", lab,
                 &m->itl);
-    hist_render(&b, "afd_e2e_request_latency_seconds", "End-to-end request latency.", lab,
-                &m->e2e);
-    hist_render(&b, "afd_request_queue_time_seconds", "Time a request waited for admission.",
-                lab, &m->queue);
+    hist_render(&b, "afd_e2e_request_latency_seconds", "End-to-end request latency.", lab, &m->e2e);
+    hist_render(&b, "afd_request_queue_time_seconds", "Time a request waited for admission.", lab,
+                &m->queue);
     /* AFD: the pipeline, the stages of every node, the data plane */
-    sb_printf(&b, "# HELP afd_micro_batches Micro-batches per step.\n"
-                  "# TYPE afd_micro_batches gauge\nafd_micro_batches %d\n",
+    sb_printf(&b,
+              "# HELP afd_micro_batches Micro-batches per step.\n"
+              "# TYPE afd_micro_batches gauge\nafd_micro_batches %d\n",
               c->micro_batches);
-    sb_printf(&b, "# HELP afd_cluster_ready Whether every node is connected (1) or not (0).\n"
-                  "# TYPE afd_cluster_ready gauge\nafd_cluster_ready %d\n",
+    sb_printf(&b,
+              "# HELP afd_cluster_ready Whether every node is connected (1) or not (0).\n"
+              "# TYPE afd_cluster_ready gauge\nafd_cluster_ready %d\n",
               c->ready);
-    sb_printf(&b, "# HELP afd_steps_total Steps completed by every attention node.\n"
-                  "# TYPE afd_steps_total counter\nafd_steps_total %llu\n",
+    sb_printf(&b,
+              "# HELP afd_steps_total Steps completed by every attention node.\n"
+              "# TYPE afd_steps_total counter\nafd_steps_total %llu\n",
               (unsigned long long)c->steps_done);
-    sb_printf(&b, "# HELP afd_step_seconds_mean Mean time from sending a plan to its last "
-                  "result.\n# TYPE afd_step_seconds_mean gauge\nafd_step_seconds_mean %.9g\n",
+    sb_printf(&b,
+              "# HELP afd_step_seconds_mean Mean time from sending a plan to its last "
+              "result.\n# TYPE afd_step_seconds_mean gauge\nafd_step_seconds_mean %.9g\n",
               c->steps_done ? (double)c->step_us_sum / 1e6 / (double)c->steps_done : 0.0);
     sb_printf(&b, "# HELP afd_stage_busy_seconds_total Busy time of each node's stage.\n"
                   "# TYPE afd_stage_busy_seconds_total counter\n");
@@ -162,13 +174,16 @@ char *coord_metrics_render(coord_t *c, size_t *len)
             continue;
         const Afd__StageTimes *t = n->last_hb->stats->busy;
         const char *role = n->role == AFD__ROLE__ROLE_ATTN ? "attention" : "ffn";
-        sb_printf(&b, "afd_stage_busy_seconds_total{node=\"%u\",role=\"%s\",stage=\"compute\"} %.6f\n",
-                  n->id, role, (double)(n->role == AFD__ROLE__ROLE_ATTN ? t->attn_us : t->ffn_us) / 1e6);
+        sb_printf(
+            &b, "afd_stage_busy_seconds_total{node=\"%u\",role=\"%s\",stage=\"compute\"} %.6f\n",
+            n->id, role, (double)(n->role == AFD__ROLE__ROLE_ATTN ? t->attn_us : t->ffn_us) / 1e6);
         sb_printf(&b, "afd_stage_busy_seconds_total{node=\"%u\",role=\"%s\",stage=\"wait\"} %.6f\n",
                   n->id, role, (double)t->wait_us / 1e6);
         if (n->role == AFD__ROLE__ROLE_ATTN)
-            sb_printf(&b, "afd_stage_busy_seconds_total{node=\"%u\",role=\"%s\",stage=\"transfer\"} %.6f\n",
-                      n->id, role, (double)t->xfer_us / 1e6);
+            sb_printf(
+                &b,
+                "afd_stage_busy_seconds_total{node=\"%u\",role=\"%s\",stage=\"transfer\"} %.6f\n",
+                n->id, role, (double)t->xfer_us / 1e6);
     }
     sb_printf(&b, "# HELP afd_data_plane_bytes_total Bytes each node sent or received, by "
                   "direction.\n# TYPE afd_data_plane_bytes_total counter\n");
@@ -192,11 +207,12 @@ char *coord_metrics_render(coord_t *c, size_t *len)
             /* the node's last bucket collects everything above the one before it */
             for (size_t q = 0; q + 1 < h->n_buckets; q++) {
                 cum += h->buckets[q];
-                sb_printf(&b,
-                          "afd_peer_latency_seconds_bucket{node=\"%u\",peer=\"%u\",le=\"%g\"} %llu\n",
-                          n->id, h->peer_id, (double)(1ull << q) / 1e6, (unsigned long long)cum);
+                sb_printf(
+                    &b, "afd_peer_latency_seconds_bucket{node=\"%u\",peer=\"%u\",le=\"%g\"} %llu\n",
+                    n->id, h->peer_id, (double)(1ull << q) / 1e6, (unsigned long long)cum);
             }
-            sb_printf(&b, "afd_peer_latency_seconds_bucket{node=\"%u\",peer=\"%u\",le=\"+Inf\"} %llu\n",
+            sb_printf(&b,
+                      "afd_peer_latency_seconds_bucket{node=\"%u\",peer=\"%u\",le=\"+Inf\"} %llu\n",
                       n->id, h->peer_id, (unsigned long long)h->count);
             sb_printf(&b, "afd_peer_latency_seconds_sum{node=\"%u\",peer=\"%u\"} %.9g\n", n->id,
                       h->peer_id, (double)h->sum_us / 1e6);

@@ -93,7 +93,8 @@ static int token_ok(const char *want, const char *got)
     if (!got) return 0;
     size_t a = strlen(want), b = strlen(got);
     unsigned diff = (unsigned)(a ^ b);
-    for (size_t i = 0; i < a; i++) diff |= (unsigned)(want[i] ^ got[i < b ? i : 0]);
+    for (size_t i = 0; i < a; i++)
+        diff |= (unsigned)(want[i] ^ got[i < b ? i : 0]);
     return diff == 0;
 }
 
@@ -126,7 +127,8 @@ static void on_hello(coord_node_t *n, const Afd__Hello *h)
     coord_t *c = n->c;
     snprintf(n->name, sizeof(n->name), "%s", h->name ? h->name : "");
     if (h->protocol != 1) return welcome_error(n, "unsupported protocol version");
-    if (!token_ok(c->o.cluster_token, h->cluster_token)) return welcome_error(n, "bad cluster token");
+    if (!token_ok(c->o.cluster_token, h->cluster_token))
+        return welcome_error(n, "bad cluster token");
     if (h->role != AFD__ROLE__ROLE_ATTN && h->role != AFD__ROLE__ROLE_FFN)
         return welcome_error(n, "unknown role");
     /* FFN shares are fixed; attention nodes may come and go once the cluster is formed */
@@ -189,8 +191,10 @@ int coord_nodes_publish(coord_t *c)
     for (int i = 0; i < COORD_MAX_NODES; i++) {
         const coord_node_t *n = &c->nodes[i];
         if (!is_member_candidate(n)) continue;
-        if (n->role == AFD__ROLE__ROLE_ATTN) nattn++;
-        else nffn++;
+        if (n->role == AFD__ROLE__ROLE_ATTN)
+            nattn++;
+        else
+            nffn++;
     }
     /* the first time, every expected node; later every FFN share and any attention node */
     if (nffn != c->o.ffn || nattn < 1 || (!c->formed && nattn != c->o.attn)) return 0;
@@ -226,8 +230,8 @@ int coord_nodes_publish(coord_t *c)
         if (c->nodes[i].member) coord_nodes_send(&c->nodes[i], &f);
     c->ready = 0;
     c->reconfig = 0;
-    afd_info("epoch %u: peer table sent to %zu nodes (%d attention, %d FFN)", c->epoch, np,
-             nattn, nffn);
+    afd_info("epoch %u: peer table sent to %zu nodes (%d attention, %d FFN)", c->epoch, np, nattn,
+             nffn);
     return 1;
 }
 
@@ -266,9 +270,12 @@ static void on_frame(coord_node_t *n, Afd__Frame *f)
             for (int i = 0; i < COORD_MAX_NODES; i++) {
                 const coord_node_t *m = &c->nodes[i];
                 if (!m->open || !m->member) continue;
-                if (m->state != NODE_CONNECTED) waiting++;
-                else if (m->role == AFD__ROLE__ROLE_ATTN) na++;
-                else nf++;
+                if (m->state != NODE_CONNECTED)
+                    waiting++;
+                else if (m->role == AFD__ROLE__ROLE_ATTN)
+                    na++;
+                else
+                    nf++;
             }
             if (waiting || c->reconfig) return;
             c->ready = 1;
@@ -290,7 +297,8 @@ static void on_frame(coord_node_t *n, Afd__Frame *f)
         f->heartbeat = NULL; /* kept */
         f->body_case = AFD__FRAME__BODY__NOT_SET;
         return;
-    default: return node_drop(n, "unexpected frame");
+    default:
+        return node_drop(n, "unexpected frame");
     }
 }
 
@@ -305,7 +313,8 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     coord_node_t *n = s->data;
-    if (nread < 0) return node_drop(n, nread == UV_EOF ? "connection closed" : uv_strerror((int)nread));
+    if (nread < 0)
+        return node_drop(n, nread == UV_EOF ? "connection closed" : uv_strerror((int)nread));
     if (nread == 0) return;
     if (net_frame_reader_feed(&n->rd, buf->base, (size_t)nread))
         return node_drop(n, "frame too large");
@@ -330,7 +339,8 @@ static void on_connection(uv_stream_t *server, int status)
     uv_tcp_t tmp;
     if (!n) { /* full: accept and close at once */
         uv_tcp_init(c->loop, &tmp);
-        if (uv_accept(server, (uv_stream_t *)&tmp) == 0) afd_warn("control connection refused: too many nodes");
+        if (uv_accept(server, (uv_stream_t *)&tmp) == 0)
+            afd_warn("control connection refused: too many nodes");
         uv_close((uv_handle_t *)&tmp, NULL);
         return;
     }

@@ -126,8 +126,8 @@ static int work_left(coord_t *c)
             coord_node_t *n = &c->nodes[s->node];
             int prefill_steps = 0;
             if (s->ngen == 0 && n->max_batch_tokens)
-                prefill_steps = (r->prompt_len[i] + (int)n->max_batch_tokens - 1) /
-                                (int)n->max_batch_tokens;
+                prefill_steps =
+                    (r->prompt_len[i] + (int)n->max_batch_tokens - 1) / (int)n->max_batch_tokens;
             if ((int)r->sp.max_tokens - s->ngen + prefill_steps > c->ninflight) return 1;
         }
     for (int i = 0; i < COORD_MAX_NODES; i++)
@@ -160,8 +160,7 @@ static void send_plan(coord_t *c)
             uint64_t fr = budget > n->kv_reserved ? budget - n->kv_reserved : 0;
             if ((uint64_t)blocks_needed(n, tokens) <= fr &&
                 (uint64_t)blocks_needed(n, tokens) <= n->kv_blocks &&
-                n->running < c->o.max_running &&
-                (best < 0 || fr > best_free)) {
+                n->running < c->o.max_running && (best < 0 || fr > best_free)) {
                 best = i;
                 best_free = fr;
             }
@@ -197,8 +196,7 @@ static void send_plan(coord_t *c)
     int sent = 0;
     for (int i = 0; i < COORD_MAX_NODES; i++) {
         coord_node_t *n = &c->nodes[i];
-        if (!n->open || n->state != NODE_CONNECTED || n->role != AFD__ROLE__ROLE_ATTN ||
-            !n->member)
+        if (!n->open || n->state != NODE_CONNECTED || n->role != AFD__ROLE__ROLE_ATTN || !n->member)
             continue;
         Afd__StepPlan p = AFD__STEP_PLAN__INIT;
         p.step = step;
@@ -212,7 +210,8 @@ static void send_plan(coord_t *c)
         f.body_case = AFD__FRAME__BODY_PLAN;
         f.plan = &p;
         coord_nodes_send(n, &f);
-        for (size_t k = 0; k < nadm[i]; k++) free(adm[i][k]);
+        for (size_t k = 0; k < nadm[i]; k++)
+            free(adm[i][k]);
         free(adm[i]);
         free(c->aborts[i]);
         c->aborts[i] = NULL;
@@ -241,7 +240,8 @@ void coord_sched_kick(coord_t *c)
 static coord_seq_t *seq_by_id(coord_t *c, uint64_t id)
 {
     for (coord_req_t *r = c->reqs; r; r = r->next)
-        if (id >= r->seqs[0].id && id < r->seqs[0].id + (uint64_t)r->nseq) return &r->seqs[id - r->seqs[0].id];
+        if (id >= r->seqs[0].id && id < r->seqs[0].id + (uint64_t)r->nseq)
+            return &r->seqs[id - r->seqs[0].id];
     return NULL;
 }
 
@@ -399,7 +399,8 @@ static void seq_fail(coord_t *c, coord_seq_t *s, const char *why)
 void coord_sched_abort_all(coord_t *c, const char *why)
 {
     for (coord_req_t *r = c->reqs; r; r = r->next)
-        for (int i = 0; i < r->nseq; i++) seq_fail(c, &r->seqs[i], why);
+        for (int i = 0; i < r->nseq; i++)
+            seq_fail(c, &r->seqs[i], why);
     coord_sched_reap(c);
     coord_sched_kick(c);
 }

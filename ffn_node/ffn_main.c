@@ -46,8 +46,7 @@ static const afd_opt_t ffn_table[] = {
      "spin this long for data-plane messages before sleeping on the event fd"},
     {"max-tokens", AFD_OPT_INT, "65536", O(max_tokens), 1, 1 << 22, 0,
      "most tokens one attention node may send per micro-batch"},
-    {"heartbeat-ms", AFD_OPT_INT, "1000", O(heartbeat_ms), 50, 60000, 0,
-     "heartbeat period"},
+    {"heartbeat-ms", AFD_OPT_INT, "1000", O(heartbeat_ms), 50, 60000, 0, "heartbeat period"},
     {"metrics-port", AFD_OPT_INT, "-1", O(metrics_port), -1, 65535, 0,
      "serve Prometheus /metrics on this port (-1: off, 0: any free port)"},
     {"ucx-peer-errors", AFD_OPT_BOOL, "false", O(ucx_peer_errors), 0, 0, 0,
@@ -163,7 +162,8 @@ static void ffn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, siz
     int ai = net_peer_set_index(&f->attn, h.src);
     ffn_slot_t *s = slot_find(f, &h, 0);
     if (status || ai < 0 || !s) {
-        if (status) afd_error("A2F transfer from node %u failed: %s", h.src, afd_status_str(status));
+        if (status)
+            afd_error("A2F transfer from node %u failed: %s", h.src, afd_status_str(status));
         return;
     }
     net_lat_record(&f->attn.lat[ai], h.send_ns);
@@ -213,7 +213,8 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
     const mdl_config_t *c = &f->cfg;
     int H = c->hidden_size, layer = s->key.layer, n = 0;
     int k = c->is_moe[layer] ? c->top_k : 0;
-    for (int a = 0; a < f->attn.n; a++) n += (int)s->hdr[a].ntok;
+    for (int a = 0; a < f->attn.n; a++)
+        n += (int)s->hdr[a].ntok;
     if (ensure_cap(f, n > 0 ? n : 1)) {
         afd_error("out of memory for %d tokens", n);
         s->used = 0;
@@ -307,7 +308,8 @@ static void send_heartbeat(ffn_node_t *f)
 /* Connects to every attention node of a peer table; slots of the old epoch are dropped. */
 static afd_status_t apply_peers(ffn_node_t *f, const Afd__PeerTable *pt)
 {
-    for (int i = 0; i < FFN_MAX_SLOTS; i++) f->slots[i].used = 0;
+    for (int i = 0; i < FFN_MAX_SLOTS; i++)
+        f->slots[i].used = 0;
     afd_status_t st = net_peer_set_apply(&f->attn, f->ucx, pt, AFD__ROLE__ROLE_ATTN);
     if (st) return st;
     f->epoch = pt->epoch;
@@ -361,11 +363,9 @@ int main(int argc, char **argv)
                                 .max_tok = (uint32_t)f.o.max_tokens};
     net_ucx_opts_t uo = {.err_mode_peer = f.o.ucx_peer_errors,
                          .max_hdr = sizeof(net_wire_hdr_t),
-                         .max_payload = net_wire_payload_bytes(NET_WIRE_A2F,
-                                                               (uint32_t)f.o.max_tokens,
-                                                               (uint32_t)f.cfg.hidden_size,
-                                                               AFD_DTYPE_F32,
-                                                               (uint32_t)f.cfg.top_k),
+                         .max_payload = net_wire_payload_bytes(
+                             NET_WIRE_A2F, (uint32_t)f.o.max_tokens, (uint32_t)f.cfg.hidden_size,
+                             AFD_DTYPE_F32, (uint32_t)f.cfg.top_k),
                          .alloc_cb = ffn_alloc,
                          .recv_cb = ffn_recv,
                          .err_cb = ffn_peer_err,
@@ -412,7 +412,8 @@ int main(int argc, char **argv)
         if (!did) {
             uint64_t tw = net_now_us();
             int inflight = 0;
-            for (int i = 0; i < FFN_MAX_SLOTS; i++) inflight |= f.slots[i].used;
+            for (int i = 0; i < FFN_MAX_SLOTS; i++)
+                inflight |= f.slots[i].used;
             net_node_wait(&f.ctl, f.ucx, inflight ? (int)f.o.busy_poll_us : 0, 100);
             if (inflight) f.wait_us += net_now_us() - tw;
         }

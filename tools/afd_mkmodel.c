@@ -55,8 +55,7 @@ static const afd_opt_t mk_table[] = {
     {"moe-layers", AFD_OPT_STRING, NULL, O(moe_layers), 0, 0, AFD_OPT_NOENV,
      "moe_layers_enum, e.g. \"1,2\" (default: the preset's, cut to the layer count)"},
     {"shards", AFD_OPT_INT, "0", O(shards), 0, 4096, AFD_OPT_NOENV, "number of shards"},
-    {"max-pos", AFD_OPT_INT, "0", O(max_pos), 0, 1 << 24, AFD_OPT_NOENV,
-     "max_position_embedding"},
+    {"max-pos", AFD_OPT_INT, "0", O(max_pos), 0, 1 << 24, AFD_OPT_NOENV, "max_position_embedding"},
     {"rope-theta", AFD_OPT_DOUBLE, "0", O(rope_theta), 0, 1e12, AFD_OPT_NOENV, "rope_theta"},
     {"norm-expert-weight", AFD_OPT_BOOL, "false", O(norm_expert_weight), 0, 0, AFD_OPT_NOENV,
      "renormalise the top-k routing weights"},
@@ -92,7 +91,7 @@ typedef struct mk_tensor {
     int64_t shape[3];
     init_t init;
     float std;
-    int quant;  /* stored as e4m3 with block scales */
+    int quant; /* stored as e4m3 with block scales */
     int shard;
     afd_dtype_t dtype;
     uint64_t nbytes, off;
@@ -122,7 +121,8 @@ static mk_tensor_t *plan_add(mk_plan_t *p, const char *name, int ndim, const int
     t->quant = quant;
     t->dtype = quant ? AFD_DTYPE_E4M3 : AFD_DTYPE_BF16;
     uint64_t el = 1;
-    for (int i = 0; i < ndim; i++) el *= (uint64_t)shape[i];
+    for (int i = 0; i < ndim; i++)
+        el *= (uint64_t)shape[i];
     t->nbytes = el * afd_dtype_size(t->dtype);
     if (quant) { /* the scale tensor follows */
         mk_tensor_t w = *t;
@@ -135,13 +135,15 @@ static mk_tensor_t *plan_add(mk_plan_t *p, const char *name, int ndim, const int
         memset(s, 0, sizeof(*s));
         snprintf(s->name, sizeof(s->name), "%s_scale_inv", name);
         s->ndim = ndim;
-        for (int i = 0; i < ndim; i++) s->shape[i] = w.shape[i];
+        for (int i = 0; i < ndim; i++)
+            s->shape[i] = w.shape[i];
         s->shape[ndim - 1] = (w.shape[ndim - 1] + 127) / 128;
         s->shape[ndim - 2] = (w.shape[ndim - 2] + 127) / 128;
         s->dtype = AFD_DTYPE_F32;
         s->is_scale = 1;
         uint64_t se = 1;
-        for (int i = 0; i < ndim; i++) se *= (uint64_t)s->shape[i];
+        for (int i = 0; i < ndim; i++)
+            se *= (uint64_t)s->shape[i];
         s->nbytes = se * 4;
         return &p->t[p->n - 2];
     }
@@ -208,7 +210,8 @@ static void build_plan(const mk_shape_t *s, const uint8_t *is_moe, int fp8, int 
 static uint64_t name_seed(uint64_t seed, const char *name)
 {
     uint64_t h = 1469598103934665603ull ^ seed;
-    for (; *name; name++) h = (h ^ (uint8_t)*name) * 1099511628211ull;
+    for (; *name; name++)
+        h = (h ^ (uint8_t)*name) * 1099511628211ull;
     return h;
 }
 
@@ -243,7 +246,8 @@ static void quant_matrix(const float *w, int64_t rows, int64_t cols, uint8_t *q,
             int64_t r1 = (bi + 1) * 128 < rows ? (bi + 1) * 128 : rows;
             int64_t c1 = (bj + 1) * 128 < cols ? (bj + 1) * 128 : cols;
             for (int64_t r = bi * 128; r < r1; r++)
-                for (int64_t c = bj * 128; c < c1; c++) amax = fmaxf(amax, fabsf(w[r * cols + c]));
+                for (int64_t c = bj * 128; c < c1; c++)
+                    amax = fmaxf(amax, fabsf(w[r * cols + c]));
             float s = amax > 0 ? amax / AFD_E4M3_MAX : 1.0f;
             scales[bi * bc + bj] = s;
             for (int64_t r = bi * 128; r < r1; r++)
@@ -293,7 +297,8 @@ static afd_status_t write_tensor_data(FILE *f, const mk_tensor_t *t, const mk_te
             quant_matrix(w, rows, cols, buf, sc);
             if (write_all(f, buf, n)) goto io;
             /* the scale tensor may live in another shard: write at its offset */
-            if (fseek(sf, *scale_pos, SEEK_SET) || write_all(sf, sc, sizeof(float) * (size_t)(br * bc)))
+            if (fseek(sf, *scale_pos, SEEK_SET) ||
+                write_all(sf, sc, sizeof(float) * (size_t)(br * bc)))
                 goto io;
             *scale_pos += (long)(sizeof(float) * (size_t)(br * bc));
         } else {
@@ -317,7 +322,8 @@ static afd_status_t write_config(const char *dir, const mk_shape_t *s, const cha
                                  int fp8, int norm_w, int plain)
 {
     cJSON *tc = cJSON_CreateObject();
-    cJSON_AddItemToObject(tc, "architectures", cJSON_CreateStringArray((const char *[]){"Step3TextForCausalLM"}, 1));
+    cJSON_AddItemToObject(tc, "architectures",
+                          cJSON_CreateStringArray((const char *[]){"Step3TextForCausalLM"}, 1));
     cJSON_AddStringToObject(tc, "model_type", "step3_text");
     cJSON_AddNumberToObject(tc, "hidden_size", s->hidden);
     cJSON_AddNumberToObject(tc, "intermediate_size", s->dense_inter);
@@ -347,7 +353,8 @@ static afd_status_t write_config(const char *dir, const mk_shape_t *s, const cha
         cJSON_AddStringToObject(q, "quant_method", "fp8");
         cJSON_AddStringToObject(q, "fmt", "e4m3");
         cJSON_AddStringToObject(q, "activation_scheme", "dynamic");
-        cJSON_AddItemToObject(q, "weight_block_size", cJSON_CreateIntArray((const int[]){128, 128}, 2));
+        cJSON_AddItemToObject(q, "weight_block_size",
+                              cJSON_CreateIntArray((const int[]){128, 128}, 2));
     }
     cJSON *root;
     if (plain) {
@@ -355,7 +362,9 @@ static afd_status_t write_config(const char *dir, const mk_shape_t *s, const cha
         if (q) cJSON_AddItemToObject(root, "quantization_config", q);
     } else {
         root = cJSON_CreateObject();
-        cJSON_AddItemToObject(root, "architectures", cJSON_CreateStringArray((const char *[]){"Step3VLForConditionalGeneration"}, 1));
+        cJSON_AddItemToObject(
+            root, "architectures",
+            cJSON_CreateStringArray((const char *[]){"Step3VLForConditionalGeneration"}, 1));
         cJSON_AddStringToObject(root, "model_type", "step3_vl");
         cJSON_AddItemToObject(root, "text_config", tc);
         cJSON *vc = cJSON_CreateObject();
@@ -445,7 +454,8 @@ int main(int argc, char **argv)
             return 2;
         }
         if (*o.moe_layers) {
-            for (int i = 0; i < n; i++) is_moe[v[i]] = 1;
+            for (int i = 0; i < n; i++)
+                is_moe[v[i]] = 1;
             free(v);
         }
     } else if (s.moe_layers) {
@@ -455,7 +465,8 @@ int main(int argc, char **argv)
             if (v[i] < s.layers) is_moe[v[i]] = 1;
         free(v);
     } else { /* step3: layers 4 .. L-2 are MoE */
-        for (int l = 4; l < s.layers - 1; l++) is_moe[l] = 1;
+        for (int l = 4; l < s.layers - 1; l++)
+            is_moe[l] = 1;
     }
     for (int l = 0; l < s.layers; l++)
         if (is_moe[l] && k < sizeof(moe_enum) - 8)
@@ -479,7 +490,8 @@ int main(int argc, char **argv)
     mk_plan_t plan = {0};
     build_plan(&s, is_moe, fp8, o.vision_stub && !o.plain_config, &plan);
     uint64_t total = 0;
-    for (int i = 0; i < plan.n; i++) total += plan.t[i].nbytes;
+    for (int i = 0; i < plan.n; i++)
+        total += plan.t[i].nbytes;
     /* shards: cut where the running size passes i/S of the total; a scale stays with its
      * weight */
     uint64_t run = 0;
@@ -534,9 +546,11 @@ int main(int argc, char **argv)
             return 1;
         }
         uint8_t lenb[8];
-        for (int b = 0; b < 8; b++) lenb[b] = (uint8_t)(padded >> (8 * b));
+        for (int b = 0; b < 8; b++)
+            lenb[b] = (uint8_t)(padded >> (8 * b));
         int bad = write_all(f, lenb, 8) || write_all(f, htxt, hlen);
-        for (size_t pad = hlen; pad < padded && !bad; pad++) bad = fputc(' ', f) == EOF;
+        for (size_t pad = hlen; pad < padded && !bad; pad++)
+            bad = fputc(' ', f) == EOF;
         free(htxt);
         long data0 = (long)(8 + padded);
         /* a second handle positions the scale companions while the weight streams */
@@ -547,8 +561,8 @@ int main(int argc, char **argv)
             if (t->shard != sh || t->is_scale) continue;
             if (fseek(f, data0 + (long)t->off, SEEK_SET)) bad = 1;
             long spos = t->quant ? data0 + (long)plan.t[i + 1].off : 0;
-            if (!bad && write_tensor_data(f, t, t->quant ? &plan.t[i + 1] : NULL,
-                                          (uint64_t)o.seed, &spos, sf, &pg))
+            if (!bad && write_tensor_data(f, t, t->quant ? &plan.t[i + 1] : NULL, (uint64_t)o.seed,
+                                          &spos, sf, &pg))
                 bad = 1;
         }
         if (sf && fclose(sf)) bad = 1;
@@ -578,8 +592,8 @@ int main(int argc, char **argv)
     mdl_config_t cfg;
     if (mdl_config_load(o.out, &cfg)) return 1;
     printf("wrote %s: preset %s, %s, %d layers (MoE: %s), %d tensors, %.1f MB in %d shards\n",
-           o.out, o.preset, fp8 ? "fp8" : "bf16", s.layers, moe_enum[0] ? moe_enum : "none",
-           plan.n, total / 1e6, s.shards);
+           o.out, o.preset, fp8 ? "fp8" : "bf16", s.layers, moe_enum[0] ? moe_enum : "none", plan.n,
+           total / 1e6, s.shards);
     free(plan.t);
     afd_opts_free(mk_table, &o);
     return 0;

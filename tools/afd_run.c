@@ -23,8 +23,7 @@
 typedef struct run_opts {
     char *model, *backend, *kv_dtype, *a2f_dtype, *f2a_dtype, *stop_ids;
     afd_strlist_t prompts;
-    long max_tokens, top_k, seed, logprobs, threads, kv_block, kv_budget_mb, prefill_chunk,
-        repeat;
+    long max_tokens, top_k, seed, logprobs, threads, kv_block, kv_budget_mb, prefill_chunk, repeat;
     double temperature, top_p;
     int json, ignore_eos, progress;
 } run_opts_t;
@@ -66,14 +65,14 @@ static const afd_opt_t run_table[] = {
 typedef struct run_seq {
     int32_t *tokens; /* prompt then generated */
     int prompt_len, len, cap;
-    int cached;      /* positions in the KV cache */
+    int cached; /* positions in the KV cache */
     int32_t *blocks;
     int nblocks;
     int done;
     const char *finish;
     mdl_rng_t rng;
-    float *lp;                   /* (max_tokens) */
-    int32_t *top_ids;            /* (max_tokens, logprobs) */
+    float *lp;        /* (max_tokens) */
+    int32_t *top_ids; /* (max_tokens, logprobs) */
     float *top_lp;
     int ngen;
 } run_seq_t;
@@ -188,7 +187,8 @@ int main(int argc, char **argv)
             free(ids);
             goto out;
         }
-        for (int k = 0; k < n; k++) s->tokens[k] = ids[k];
+        for (int k = 0; k < n; k++)
+            s->tokens[k] = ids[k];
         free(ids);
         s->prompt_len = s->len = n;
         mdl_rng_seed(&s->rng, (uint64_t)o.seed + (uint64_t)(i % o.repeat));
@@ -200,7 +200,8 @@ int main(int argc, char **argv)
     double t_load = now_s() - t0;
 
     int bs = (int)o.kv_block, need = 0;
-    for (int i = 0; i < nseq; i++) need += (seqs[i].cap + bs - 1) / bs;
+    for (int i = 0; i < nseq; i++)
+        need += (seqs[i].cap + bs - 1) / bs;
     size_t budget = o.kv_budget_mb ? (size_t)o.kv_budget_mb << 20
                                    : (size_t)need * mdl_kv_block_bytes(&cfg, kvdt, bs);
     if (mdl_kv_create(be, &cfg, kvdt, bs, budget, &kv)) goto out;
@@ -209,8 +210,7 @@ int main(int argc, char **argv)
         s->nblocks = mdl_kv_blocks_for(kv, s->cap);
         s->blocks = malloc(sizeof(int32_t) * (size_t)s->nblocks);
         if (!s->blocks || mdl_kv_alloc(kv, s->nblocks, s->blocks)) {
-            afd_error("kv cache: not enough blocks for %d sequences (raise --kv-budget-mb)",
-                      nseq);
+            afd_error("kv cache: not enough blocks for %d sequences (raise --kv-budget-mb)", nseq);
             s->nblocks = 0;
             goto out;
         }
@@ -270,7 +270,8 @@ int main(int argc, char **argv)
         steps++;
         /* advance the cache positions */
         for (int k = 0, i = 0; k < nks; k++) {
-            while (seqs[i].done || ks[k].block_table != seqs[i].blocks) i++;
+            while (seqs[i].done || ks[k].block_table != seqs[i].blocks)
+                i++;
             seqs[i].cached += ks[k].ntok;
         }
         for (int r = 0; r < nrows; r++) {
@@ -322,8 +323,10 @@ int main(int argc, char **argv)
                     cJSON *tl = cJSON_CreateArray();
                     for (int j = 0; j < o.logprobs && j < cfg.vocab_size; j++) {
                         cJSON *pair = cJSON_CreateArray();
-                        cJSON_AddItemToArray(pair, cJSON_CreateNumber(s->top_ids[g * o.logprobs + j]));
-                        cJSON_AddItemToArray(pair, cJSON_CreateNumber(s->top_lp[g * o.logprobs + j]));
+                        cJSON_AddItemToArray(pair,
+                                             cJSON_CreateNumber(s->top_ids[g * o.logprobs + j]));
+                        cJSON_AddItemToArray(pair,
+                                             cJSON_CreateNumber(s->top_lp[g * o.logprobs + j]));
                         cJSON_AddItemToArray(tl, pair);
                     }
                     cJSON_AddItemToArray(tops, tl);
@@ -356,7 +359,8 @@ int main(int argc, char **argv)
         for (int i = 0; i < nseq; i++) {
             run_seq_t *s = &seqs[i];
             printf("[%d] prompt %d tokens ->", i, s->prompt_len);
-            for (int g = 0; g < s->ngen; g++) printf(" %d", s->tokens[s->prompt_len + g]);
+            for (int g = 0; g < s->ngen; g++)
+                printf(" %d", s->tokens[s->prompt_len + g]);
             printf("  (%s)\n", s->finish ? s->finish : "length");
         }
         printf("load %.2f s, prefill %ld tokens in %.3f s, decode %ld tokens in %.3f s "

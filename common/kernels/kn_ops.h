@@ -30,8 +30,8 @@ typedef struct kn_src {
 /* A weight owned by a backend: logically [rows, cols] = [out, in]. */
 typedef struct kn_weight {
     int64_t rows, cols;
-    void *data;  /* cpu: float (rows, cols) */
-    void *aux;   /* backend-private (scales, descriptors) */
+    void *data; /* cpu: float (rows, cols) */
+    void *aux;  /* backend-private (scales, descriptors) */
 } kn_weight_t;
 
 /*
@@ -99,8 +99,8 @@ typedef struct kn_ops {
      * softmax over nexp logits in float32, then the top k by probability (ties to the
      * lower id); weights are the probabilities, divided by their sum when renorm.
      */
-    void (*router_topk)(kn_backend_t *be, const float *logits, int n, int nexp, int k,
-                        int renorm, int32_t *ids, float *weights);
+    void (*router_topk)(kn_backend_t *be, const float *logits, int n, int nexp, int k, int renorm,
+                        int32_t *ids, float *weights);
     /* writes k, v (ntok, head_dim) of a sequence at positions pos0.. into the cache */
     void (*kv_write)(kn_backend_t *be, const kn_kv_t *kv, int layer, const kn_seq_t *seq,
                      const float *k, const float *v);

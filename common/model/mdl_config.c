@@ -63,7 +63,8 @@ static afd_status_t parse_moe_layers(const cJSON *v, const char *what, mdl_confi
     memset(cfg->is_moe, 0, sizeof(cfg->is_moe));
     if (!v || cJSON_IsNull(v)) {
         /* no enumeration: every layer is MoE when the model has experts */
-        for (int l = 0; l < cfg->num_layers; l++) cfg->is_moe[l] = cfg->num_experts > 0;
+        for (int l = 0; l < cfg->num_layers; l++)
+            cfg->is_moe[l] = cfg->num_experts > 0;
         return AFD_OK;
     }
     if (cJSON_IsString(v)) {
@@ -73,8 +74,7 @@ static afd_status_t parse_moe_layers(const cJSON *v, const char *what, mdl_confi
             errno = 0;
             long l = strtol(p, &end, 10);
             if (end == p || errno) {
-                afd_error("%s: field 'moe_layers_enum' is not a comma list of layer indices",
-                          what);
+                afd_error("%s: field 'moe_layers_enum' is not a comma list of layer indices", what);
                 return AFD_ERR_FORMAT;
             }
             if (l < 0 || l >= cfg->num_layers) {
@@ -89,11 +89,12 @@ static afd_status_t parse_moe_layers(const cJSON *v, const char *what, mdl_confi
             }
             cfg->is_moe[l] = 1;
             p = end;
-            while (*p == ' ') p++;
-            if (*p == ',') p++;
+            while (*p == ' ')
+                p++;
+            if (*p == ',')
+                p++;
             else if (*p) {
-                afd_error("%s: field 'moe_layers_enum' is not a comma list of layer indices",
-                          what);
+                afd_error("%s: field 'moe_layers_enum' is not a comma list of layer indices", what);
                 return AFD_ERR_FORMAT;
             }
         }
@@ -154,8 +155,7 @@ static afd_status_t parse_quant(const cJSON *q, const char *what, mdl_config_t *
             !cJSON_IsNumber(cJSON_GetArrayItem(bs, 1)) ||
             cJSON_GetArrayItem(bs, 0)->valuedouble != 128 ||
             cJSON_GetArrayItem(bs, 1)->valuedouble != 128) {
-            afd_error("%s: field 'quantization_config.weight_block_size' must be [128, 128]",
-                      what);
+            afd_error("%s: field 'quantization_config.weight_block_size' must be [128, 128]", what);
             return AFD_ERR_UNSUPPORTED;
         }
     }
@@ -224,8 +224,8 @@ afd_status_t mdl_config_parse(const char *json, const char *what, mdl_config_t *
         (st = get_int(o, "head_dim", NULL, 0, 0, 2, 4096, what, &cfg.head_dim)) ||
         (st = get_int(o, "share_q_dim", NULL, 1, 0, 1, MDL_MAX_DIM, what, &cfg.share_q_dim)) ||
         (st = get_int(o, "vocab_size", NULL, 1, 0, 1, MDL_MAX_VOCAB, what, &cfg.vocab_size)) ||
-        (st = get_int(o, "max_position_embedding", "max_position_embeddings", 0, 65536, 1,
-                      1 << 24, what, &cfg.max_position)) ||
+        (st = get_int(o, "max_position_embedding", "max_position_embeddings", 0, 65536, 1, 1 << 24,
+                      what, &cfg.max_position)) ||
         (st = get_int(o, "moe_num_experts", NULL, 1, 0, 0, MDL_MAX_EXPERTS, what,
                       &cfg.num_experts)) ||
         (st = get_int(o, "moe_top_k", NULL, cfg.num_experts > 0, 0, 0, MDL_MAX_EXPERTS, what,
@@ -234,10 +234,9 @@ afd_status_t mdl_config_parse(const char *json, const char *what, mdl_config_t *
                       what, &cfg.moe_inter)) ||
         (st = get_int(o, "share_expert_dim", NULL, 0, 0, 0, MDL_MAX_DIM, what,
                       &cfg.share_expert_dim)) ||
-        (st = get_int(o, "intermediate_size", NULL, 1, 0, 1, MDL_MAX_DIM, what,
-                      &cfg.dense_inter)) ||
-        (st = get_int(o, "bos_token_id", NULL, 0, -1, -1, MDL_MAX_VOCAB, what,
-                      &cfg.bos_token_id)))
+        (st =
+             get_int(o, "intermediate_size", NULL, 1, 0, 1, MDL_MAX_DIM, what, &cfg.dense_inter)) ||
+        (st = get_int(o, "bos_token_id", NULL, 0, -1, -1, MDL_MAX_VOCAB, what, &cfg.bos_token_id)))
         goto out;
     if (cfg.head_dim == 0) {
         if (cfg.hidden_size % cfg.num_heads) {
@@ -309,8 +308,8 @@ afd_status_t mdl_config_validate(const mdl_config_t *c, const char *what)
         return AFD_ERR_FORMAT;
     }
     if (nmoe > 0 && (c->top_k < 1 || c->top_k > c->num_experts)) {
-        afd_error("%s: field 'moe_top_k' = %d must be in [1, moe_num_experts = %d]", what,
-                  c->top_k, c->num_experts);
+        afd_error("%s: field 'moe_top_k' = %d must be in [1, moe_num_experts = %d]", what, c->top_k,
+                  c->num_experts);
         return AFD_ERR_RANGE;
     }
     if (nmoe > 0 && c->moe_inter < 1) {
@@ -327,7 +326,8 @@ afd_status_t mdl_config_validate(const mdl_config_t *c, const char *what)
 int mdl_config_num_moe(const mdl_config_t *c)
 {
     int n = 0;
-    for (int l = 0; l < c->num_layers; l++) n += c->is_moe[l];
+    for (int l = 0; l < c->num_layers; l++)
+        n += c->is_moe[l];
     return n;
 }
 

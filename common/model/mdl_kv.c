@@ -21,8 +21,8 @@ afd_status_t mdl_kv_create(kn_backend_t *be, const mdl_config_t *cfg, afd_dtype_
     size_t bb = mdl_kv_block_bytes(cfg, dt, block_size);
     size_t nb = budget_bytes / bb;
     if (nb < 1 || nb > (1u << 30)) {
-        afd_error("kv cache: a budget of %zu bytes gives %zu blocks of %zu bytes", budget_bytes,
-                  nb, bb);
+        afd_error("kv cache: a budget of %zu bytes gives %zu blocks of %zu bytes", budget_bytes, nb,
+                  bb);
         return AFD_ERR_RANGE;
     }
     mdl_kv_t *kv = calloc(1, sizeof(*kv));
@@ -50,7 +50,8 @@ afd_status_t mdl_kv_create(kn_backend_t *be, const mdl_config_t *cfg, afd_dtype_
         return AFD_ERR_NOMEM;
     }
     /* pop order 0, 1, 2, ... so block use is easy to follow in traces */
-    for (size_t i = 0; i < nb; i++) kv->free_list[i] = (int32_t)(nb - 1 - i);
+    for (size_t i = 0; i < nb; i++)
+        kv->free_list[i] = (int32_t)(nb - 1 - i);
     kv->nfree = (int)nb;
     *out = kv;
     return AFD_OK;
@@ -71,7 +72,8 @@ void mdl_kv_destroy(mdl_kv_t *kv)
 afd_status_t mdl_kv_alloc(mdl_kv_t *kv, int n, int32_t *blocks)
 {
     if (n < 0 || n > kv->nfree) return AFD_ERR_BUSY;
-    for (int i = 0; i < n; i++) blocks[i] = kv->free_list[--kv->nfree];
+    for (int i = 0; i < n; i++)
+        blocks[i] = kv->free_list[--kv->nfree];
     return AFD_OK;
 }
 

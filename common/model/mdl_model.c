@@ -61,7 +61,8 @@ static afd_status_t find_tensor(loader_t *ld, const char *name, int ndim, const 
         return AFD_ERR_NOT_FOUND;
     }
     int ok = t->ndim == ndim;
-    for (int i = 0; ok && i < ndim; i++) ok = t->shape[i] == shape[i];
+    for (int i = 0; ok && i < ndim; i++)
+        ok = t->shape[i] == shape[i];
     if (!ok) {
         char got[128], want[128];
         mdl_st_tensor_t w = {.ndim = ndim};
@@ -249,10 +250,15 @@ static uint64_t role_bytes(const mdl_ckpt_t *ck, const mdl_config_t *c, const md
     if (r->attn) {
         b += bytes_of(ck, "model.embed_tokens.weight", 1) + bytes_of(ck, "lm_head.weight", 1);
         for (int l = 0; l < c->num_layers; l++) {
-            static const char *names[] = {"input_layernorm", "post_attention_layernorm",
-                                          "self_attn.inter_norm", "self_attn.q_proj",
-                                          "self_attn.wq", "self_attn.k_proj",
-                                          "self_attn.v_proj", "self_attn.o_proj", "moe.gate"};
+            static const char *names[] = {"input_layernorm",
+                                          "post_attention_layernorm",
+                                          "self_attn.inter_norm",
+                                          "self_attn.q_proj",
+                                          "self_attn.wq",
+                                          "self_attn.k_proj",
+                                          "self_attn.v_proj",
+                                          "self_attn.o_proj",
+                                          "moe.gate"};
             for (int k = 0; k < 9; k++) {
                 snprintf(n, sizeof(n), "model.layers.%d.%s.weight", l, names[k]);
                 b += bytes_of(ck, n, 1);
@@ -261,10 +267,10 @@ static uint64_t role_bytes(const mdl_ckpt_t *ck, const mdl_config_t *c, const md
     }
     if (r->ffn) {
         for (int l = 0; l < c->num_layers; l++) {
-            static const char *names[] = {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                                          "share_expert.gate_proj", "share_expert.up_proj",
-                                          "share_expert.down_proj", "moe.gate_proj",
-                                          "moe.up_proj", "moe.down_proj"};
+            static const char *names[] = {
+                "mlp.gate_proj",          "mlp.up_proj",          "mlp.down_proj",
+                "share_expert.gate_proj", "share_expert.up_proj", "share_expert.down_proj",
+                "moe.gate_proj",          "moe.up_proj",          "moe.down_proj"};
             for (int k = 0; k < 9; k++) {
                 snprintf(n, sizeof(n), "model.layers.%d.%s.weight", l, names[k]);
                 b += bytes_of(ck, n, share);
@@ -278,9 +284,9 @@ afd_status_t mdl_model_load(const mdl_ckpt_t *ck, const mdl_config_t *cfg, kn_ba
                             const mdl_role_t *role, int progress, mdl_model_t **out)
 {
     afd_status_t st;
-    if (role->ffn && (role->ffn_count < 1 || role->ffn_index < 0 ||
-                      role->ffn_index >= role->ffn_count || role->ffn_count > cfg->num_experts ||
-                      (cfg->num_experts == 0 && role->ffn_count > 1))) {
+    if (role->ffn &&
+        (role->ffn_count < 1 || role->ffn_index < 0 || role->ffn_index >= role->ffn_count ||
+         role->ffn_count > cfg->num_experts || (cfg->num_experts == 0 && role->ffn_count > 1))) {
         afd_error("ffn share %d of %d: needs 0 <= i < n <= moe_num_experts (%d)", role->ffn_index,
                   role->ffn_count, cfg->num_experts);
         return AFD_ERR_RANGE;
@@ -375,10 +381,10 @@ static int ws_inter_max(const mdl_config_t *c)
 void mdl_ws_free(const mdl_model_t *m, mdl_ws_t *ws)
 {
     kn_backend_t *be = m->be;
-    void **dev[] = {(void **)&ws->h,  (void **)&ws->ql, (void **)&ws->q,  (void **)&ws->k,
-                    (void **)&ws->v,  (void **)&ws->o,  (void **)&ws->logits_r,
-                    (void **)&ws->xe, (void **)&ws->ge, (void **)&ws->ue, (void **)&ws->ye,
-                    (void **)&ws->rows, (void **)&ws->pos, (void **)&ws->rw};
+    void **dev[] = {(void **)&ws->h,   (void **)&ws->ql, (void **)&ws->q,        (void **)&ws->k,
+                    (void **)&ws->v,   (void **)&ws->o,  (void **)&ws->logits_r, (void **)&ws->xe,
+                    (void **)&ws->ge,  (void **)&ws->ue, (void **)&ws->ye,       (void **)&ws->rows,
+                    (void **)&ws->pos, (void **)&ws->rw};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) {
         if (*dev[i]) be->ops->free(be, *dev[i]);
         *dev[i] = NULL;
@@ -459,8 +465,7 @@ void mdl_attn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const kn_kv_t *kv,
     for (int s = 0; s < b->nseq; s++) {
         const kn_seq_t *sq = &b->seqs[s];
         op->kv_write(be, kv, layer, sq, ws->k + off * HD, ws->v + off * HD);
-        op->attention(be, kv, layer, sq, ws->q + off * NH * HD, NH, scale,
-                      ws->o + off * NH * HD);
+        op->attention(be, kv, layer, sq, ws->q + off * NH * HD, NH, scale, ws->o + off * NH * HD);
         off += (size_t)sq->ntok;
     }
     AFD_ASSERT((int)off == n);
@@ -468,15 +473,14 @@ void mdl_attn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const kn_kv_t *kv,
     op->rmsnorm(be, x, n, H, a->post_norm, c->rms_eps, g);
     if (c->is_moe[layer]) {
         op->matmul(be, g, n, &a->router, ws->logits_r, 0);
-        op->router_topk(be, ws->logits_r, n, c->num_experts, c->top_k, c->norm_expert_weight,
-                        ids, weights);
+        op->router_topk(be, ws->logits_r, n, c->num_experts, c->top_k, c->norm_expert_weight, ids,
+                        weights);
     }
 }
 
 /* out (+)= down(silu(gate x) * up x) over n rows */
-static void mlp(const mdl_model_t *m, mdl_ws_t *ws, const kn_weight_t *gate,
-                const kn_weight_t *up, const kn_weight_t *down, const float *x, int n, float *out,
-                int accumulate)
+static void mlp(const mdl_model_t *m, mdl_ws_t *ws, const kn_weight_t *gate, const kn_weight_t *up,
+                const kn_weight_t *down, const float *x, int n, float *out, int accumulate)
 {
     kn_backend_t *be = m->be;
     size_t ni = (size_t)gate->rows;
@@ -521,8 +525,8 @@ void mdl_ffn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const float *g, int 
     }
 }
 
-void mdl_final(const mdl_model_t *m, mdl_ws_t *ws, const float *x, const int32_t *rows,
-               int nrows, float *logits)
+void mdl_final(const mdl_model_t *m, mdl_ws_t *ws, const float *x, const int32_t *rows, int nrows,
+               float *logits)
 {
     const mdl_config_t *c = &m->cfg;
     kn_backend_t *be = m->be;

@@ -22,9 +22,9 @@ typedef struct mdl_role {
 } mdl_role_t;
 
 typedef struct mdl_attn_layer {
-    float *in_norm;    /* (H) */
-    float *inter_norm; /* (share_q) */
-    float *post_norm;  /* (H) */
+    float *in_norm;     /* (H) */
+    float *inter_norm;  /* (share_q) */
+    float *post_norm;   /* (H) */
     kn_weight_t q_proj; /* [share_q, H] */
     kn_weight_t wq;     /* [heads * head_dim, share_q] */
     kn_weight_t k_proj; /* [head_dim, H] */
@@ -50,9 +50,9 @@ typedef struct mdl_model {
     mdl_config_t cfg;
     kn_backend_t *be;
     mdl_role_t role;
-    kn_weight_t embed;    /* [vocab, H] */
-    float *final_norm;    /* (H) */
-    kn_weight_t lm_head;  /* [vocab, H] */
+    kn_weight_t embed;      /* [vocab, H] */
+    float *final_norm;      /* (H) */
+    kn_weight_t lm_head;    /* [vocab, H] */
     mdl_attn_layer_t *attn; /* (layers) when role.attn */
     mdl_ffn_layer_t *ffn;   /* (layers) when role.ffn */
     uint64_t bytes_loaded;  /* checkpoint bytes this role read */
@@ -74,7 +74,7 @@ void mdl_model_free(mdl_model_t *m);
 
 /* Scratch space for the forward pieces, grown to the largest batch seen. */
 typedef struct mdl_ws {
-    int cap;             /* tokens */
+    int cap;                                  /* tokens */
     float *h, *ql, *q, *k, *v, *o, *logits_r; /* attention side */
     float *xe, *ge, *ue, *ye;                 /* FFN side: gathered rows, expert work */
     int32_t *rows, *pos;                      /* backend copies of indices */
@@ -113,7 +113,7 @@ void mdl_attn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const kn_kv_t *kv,
 void mdl_ffn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const float *g, int n,
              const int32_t *ids, const float *weights, float *out);
 /* logits (nrows, vocab) <- lm_head(RMSNorm_final(x[rows[i]])), rows host indices */
-void mdl_final(const mdl_model_t *m, mdl_ws_t *ws, const float *x, const int32_t *rows,
-               int nrows, float *logits);
+void mdl_final(const mdl_model_t *m, mdl_ws_t *ws, const float *x, const int32_t *rows, int nrows,
+               float *logits);
 
 #endif

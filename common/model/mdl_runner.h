@@ -17,7 +17,7 @@ typedef struct mdl_runner {
     float *x, *g, *part;  /* (cap, H) backend */
     int32_t *ids;         /* (cap, top_k) backend */
     float *wts;
-    int32_t *h_ids;       /* host copies for the FFN half */
+    int32_t *h_ids; /* host copies for the FFN half */
     float *h_wts;
     int cap;
     double attn_s, ffn_s; /* time spent in the attention and FFN halves (benchmarks) */

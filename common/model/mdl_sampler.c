@@ -22,7 +22,8 @@ static uint64_t splitmix64(uint64_t *x)
 
 void mdl_rng_seed(mdl_rng_t *r, uint64_t seed)
 {
-    for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&seed);
+    for (int i = 0; i < 4; i++)
+        r->s[i] = splitmix64(&seed);
 }
 
 static uint64_t rotl(uint64_t x, int k)
@@ -106,8 +107,10 @@ static void select_top(const float *l, int32_t *idx, int n, int m)
         int32_t pivot = idx[lo + (hi - lo) / 2];
         int i = lo, j = hi;
         while (i <= j) {
-            while (before(l, idx[i], pivot)) i++;
-            while (before(l, pivot, idx[j])) j--;
+            while (before(l, idx[i], pivot))
+                i++;
+            while (before(l, pivot, idx[j]))
+                j--;
             if (i <= j) {
                 int32_t t = idx[i];
                 idx[i++] = idx[j];
@@ -147,14 +150,16 @@ void mdl_sampler_pick(mdl_sampler_t *s, const float *l, const mdl_sampling_t *p,
             amax = i;
         }
     double sum = 0;
-    for (int i = 0; i < V; i++) sum += exp((double)l[i] - mx);
+    for (int i = 0; i < V; i++)
+        sum += exp((double)l[i] - mx);
     double lse = mx + log(sum);
 
     int32_t tok = amax;
     int greedy = p->temperature < 1e-6 || p->top_k == 1;
     if (!greedy) {
         int n = V;
-        for (int i = 0; i < V; i++) s->idx[i] = i;
+        for (int i = 0; i < V; i++)
+            s->idx[i] = i;
         if (p->top_k > 0 && p->top_k < V) {
             select_top(l, s->idx, V, p->top_k);
             n = p->top_k;
@@ -166,7 +171,8 @@ void mdl_sampler_pick(mdl_sampler_t *s, const float *l, const mdl_sampling_t *p,
                 if (m < n) select_top(l, s->idx, n, m);
                 sort_desc(l, s->idx, m);
                 double tot = 0, cum = 0;
-                for (int i = 0; i < n; i++) tot += exp(((double)l[s->idx[i]] - mx) / p->temperature);
+                for (int i = 0; i < n; i++)
+                    tot += exp(((double)l[s->idx[i]] - mx) / p->temperature);
                 int keep = m;
                 for (int i = 0; i < m; i++) {
                     cum += exp(((double)l[s->idx[i]] - mx) / p->temperature);
@@ -183,7 +189,8 @@ void mdl_sampler_pick(mdl_sampler_t *s, const float *l, const mdl_sampling_t *p,
             }
         }
         double tot = 0;
-        for (int i = 0; i < n; i++) tot += (s->p[i] = exp(((double)l[s->idx[i]] - mx) / p->temperature));
+        for (int i = 0; i < n; i++)
+            tot += (s->p[i] = exp(((double)l[s->idx[i]] - mx) / p->temperature));
         double u = mdl_rng_uniform(rng) * tot, cum = 0;
         tok = s->idx[n - 1];
         for (int i = 0; i < n; i++) {
@@ -196,7 +203,9 @@ void mdl_sampler_pick(mdl_sampler_t *s, const float *l, const mdl_sampling_t *p,
     }
     out->token = tok;
     out->logprob = (float)((double)l[tok] - lse);
-    out->ntop = p->logprobs < 0 ? 0 : p->logprobs > MDL_MAX_LOGPROBS ? MDL_MAX_LOGPROBS : p->logprobs;
+    out->ntop = p->logprobs < 0                  ? 0
+                : p->logprobs > MDL_MAX_LOGPROBS ? MDL_MAX_LOGPROBS
+                                                 : p->logprobs;
     if (out->ntop > V) out->ntop = V;
     if (out->ntop > 0) {
         /* a small insertion list: N <= 20 */

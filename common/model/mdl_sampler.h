@@ -17,7 +17,7 @@ typedef struct mdl_sampling {
     double top_p;       /* (0, 1]; 1: off */
     int top_k;          /* 0: off */
     uint64_t seed;
-    int logprobs;       /* top-N log-probabilities to report, 0..MDL_MAX_LOGPROBS */
+    int logprobs; /* top-N log-probabilities to report, 0..MDL_MAX_LOGPROBS */
 } mdl_sampling_t;
 
 typedef struct mdl_rng {

@@ -32,7 +32,9 @@ typedef struct span {
 static int span_cmp(const void *a, const void *b)
 {
     const span_t *x = a, *y = b;
-    return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : (x->end > y->end) - (x->end < y->end);
+    return x->begin < y->begin   ? -1
+           : x->begin > y->begin ? 1
+                                 : (x->end > y->end) - (x->end < y->end);
 }
 
 static int parse_u64(const cJSON *v, uint64_t *out)
@@ -45,8 +47,7 @@ static int parse_u64(const cJSON *v, uint64_t *out)
     return 0;
 }
 
-afd_status_t mdl_st_header_parse(mdl_st_file_t *f, const char *json, size_t len,
-                                 uint64_t data_size)
+afd_status_t mdl_st_header_parse(mdl_st_file_t *f, const char *json, size_t len, uint64_t data_size)
 {
     const char *fn = f->base;
     afd_status_t st = AFD_ERR_FORMAT;
@@ -100,8 +101,8 @@ afd_status_t mdl_st_header_parse(mdl_st_file_t *f, const char *json, size_t len,
         const cJSON *dt = cJSON_GetObjectItemCaseSensitive(e, "dtype");
         const cJSON *sh = cJSON_GetObjectItemCaseSensitive(e, "shape");
         const cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
-        if (!cJSON_IsString(dt) || (t->dtype = afd_dtype_from_safetensors(dt->valuestring)) ==
-                                       AFD_DTYPE_COUNT) {
+        if (!cJSON_IsString(dt) ||
+            (t->dtype = afd_dtype_from_safetensors(dt->valuestring)) == AFD_DTYPE_COUNT) {
             afd_error("%s: tensor '%s': unsupported dtype %s", fn, name,
                       cJSON_IsString(dt) ? dt->valuestring : "(missing)");
             st = cJSON_IsString(dt) ? AFD_ERR_UNSUPPORTED : AFD_ERR_FORMAT;
@@ -210,10 +211,11 @@ afd_status_t mdl_st_file_open(const char *path, mdl_st_file_t **out)
     close(fd);
     fd = -1;
     uint64_t hlen = 0;
-    for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | f->map[i];
+    for (int i = 7; i >= 0; i--)
+        hlen = (hlen << 8) | f->map[i];
     if (hlen == 0 || hlen > MDL_ST_MAX_HEADER || hlen > f->size - 8) {
-        afd_error("%s: header length %llu is not within the file (%zu bytes) and %u",
-                  f->base, (unsigned long long)hlen, f->size, MDL_ST_MAX_HEADER);
+        afd_error("%s: header length %llu is not within the file (%zu bytes) and %u", f->base,
+                  (unsigned long long)hlen, f->size, MDL_ST_MAX_HEADER);
         st = AFD_ERR_FORMAT;
         goto err_unmap;
     }
@@ -234,7 +236,8 @@ err_free:
 void mdl_st_file_close(mdl_st_file_t *f)
 {
     if (!f) return;
-    for (int i = 0; i < f->ntensors; i++) free(f->tensors[i].name);
+    for (int i = 0; i < f->ntensors; i++)
+        free(f->tensors[i].name);
     free(f->tensors);
     if (f->map) munmap(f->map, f->size);
     free(f->path);
@@ -244,14 +247,16 @@ void mdl_st_file_close(mdl_st_file_t *f)
 static uint64_t hash_str(const char *s)
 {
     uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    for (; *s; s++) h = (h ^ (uint8_t)*s) * 1099511628211ull;
+    for (; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211ull;
     return h;
 }
 
 static mdl_st_tensor_t **ckpt_slot(const mdl_ckpt_t *ck, const char *name)
 {
     size_t i = hash_str(name) & (ck->nslots - 1);
-    while (ck->slots[i] && strcmp(ck->slots[i]->name, name) != 0) i = (i + 1) & (ck->nslots - 1);
+    while (ck->slots[i] && strcmp(ck->slots[i]->name, name) != 0)
+        i = (i + 1) & (ck->nslots - 1);
     return &ck->slots[i];
 }
 
@@ -290,9 +295,11 @@ static afd_status_t ckpt_add_file(mdl_ckpt_t *ck, const char *name)
 static afd_status_t ckpt_build_table(mdl_ckpt_t *ck)
 {
     size_t n = 0;
-    for (int i = 0; i < ck->nfiles; i++) n += (size_t)ck->files[i]->ntensors;
+    for (int i = 0; i < ck->nfiles; i++)
+        n += (size_t)ck->files[i]->ntensors;
     ck->nslots = 16;
-    while (ck->nslots < 2 * n) ck->nslots <<= 1;
+    while (ck->nslots < 2 * n)
+        ck->nslots <<= 1;
     if (!(ck->slots = calloc(ck->nslots, sizeof(*ck->slots)))) return AFD_ERR_NOMEM;
     for (int i = 0; i < ck->nfiles; i++) {
         mdl_st_file_t *f = ck->files[i];
@@ -382,8 +389,8 @@ afd_status_t mdl_ckpt_open(const char *dir, mdl_ckpt_t **out)
         {
             const mdl_st_tensor_t *t = mdl_ckpt_find(ck, e->string);
             if (!t || strcmp(t->file->base, e->valuestring) != 0) {
-                afd_error("%s: tensor '%s' is listed in the index under %s but is not there",
-                          dir, e->string, e->valuestring);
+                afd_error("%s: tensor '%s' is listed in the index under %s but is not there", dir,
+                          e->string, e->valuestring);
                 st = AFD_ERR_FORMAT;
                 goto err;
             }
@@ -403,7 +410,8 @@ err:
 void mdl_ckpt_close(mdl_ckpt_t *ck)
 {
     if (!ck) return;
-    for (int i = 0; i < ck->nfiles; i++) mdl_st_file_close(ck->files[i]);
+    for (int i = 0; i < ck->nfiles; i++)
+        mdl_st_file_close(ck->files[i]);
     free(ck->files);
     free(ck->slots);
     free(ck->dir);

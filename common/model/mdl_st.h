@@ -12,11 +12,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define MDL_ST_MAX_NDIM        8
-#define MDL_ST_MAX_HEADER      (100u << 20) /* bytes of JSON header */
-#define MDL_ST_MAX_TENSORS     (1 << 20)
-#define MDL_ST_MAX_SHARDS      4096
-#define MDL_ST_MAX_NAME        512
+#define MDL_ST_MAX_NDIM    8
+#define MDL_ST_MAX_HEADER  (100u << 20) /* bytes of JSON header */
+#define MDL_ST_MAX_TENSORS (1 << 20)
+#define MDL_ST_MAX_SHARDS  4096
+#define MDL_ST_MAX_NAME    512
 
 typedef struct mdl_st_tensor {
     char *name;
@@ -30,10 +30,10 @@ typedef struct mdl_st_tensor {
 
 typedef struct mdl_st_file {
     char *path;
-    const char *base;    /* file name without the directory, for messages */
+    const char *base; /* file name without the directory, for messages */
     uint8_t *map;
     size_t size;
-    size_t data_start;   /* 8 + header length */
+    size_t data_start; /* 8 + header length */
     int ntensors;
     mdl_st_tensor_t *tensors;
 } mdl_st_file_t;

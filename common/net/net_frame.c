@@ -35,7 +35,8 @@ afd_status_t net_frame_reader_feed(net_frame_reader_t *r, const void *data, size
     }
     if (r->len + n > r->cap) {
         size_t cap = r->cap ? r->cap : 4096;
-        while (cap < r->len + n) cap *= 2;
+        while (cap < r->len + n)
+            cap *= 2;
         uint8_t *nb = realloc(r->buf, cap);
         if (!nb) return AFD_ERR_NOMEM;
         r->buf = nb;

@@ -31,18 +31,18 @@ typedef void (*net_http_handler_cb)(void *arg, net_http_req_t *req);
 typedef void (*net_http_abort_cb)(void *ud, net_http_req_t *req);
 
 struct net_http_req {
-    const char *method;  /* "GET", "POST", ... */
-    const char *path;    /* without the query string, e.g. "/v1/completions" */
-    const char *query;   /* after '?', or "" */
-    const char *body;    /* NUL-terminated copy of the body */
+    const char *method; /* "GET", "POST", ... */
+    const char *path;   /* without the query string, e.g. "/v1/completions" */
+    const char *query;  /* after '?', or "" */
+    const char *body;   /* NUL-terminated copy of the body */
     size_t body_len;
-    void *user;          /* for the handler */
+    void *user; /* for the handler */
 };
 
 /* Listens on host:port (port 0 picks one: see net_http_port). */
 afd_status_t net_http_server_create(uv_loop_t *loop, const char *host, int port,
-                                    const net_http_limits_t *lim, net_http_handler_cb cb,
-                                    void *arg, net_http_server_t **out);
+                                    const net_http_limits_t *lim, net_http_handler_cb cb, void *arg,
+                                    net_http_server_t **out);
 int net_http_port(const net_http_server_t *s);
 /* Stops listening and closes every connection (pending requests get their abort
  * callback); the memory is released from the loop's close callbacks. */
@@ -55,8 +55,8 @@ void net_http_set_abort(net_http_req_t *r, net_http_abort_cb cb, void *ud);
 
 /* Answers with a whole body. extra_headers: "Name: value\r\n..." or NULL. Frees the
  * request (the pointer is invalid after the call). */
-void net_http_respond(net_http_req_t *r, int status, const char *content_type,
-                      const char *body, size_t len, const char *extra_headers);
+void net_http_respond(net_http_req_t *r, int status, const char *content_type, const char *body,
+                      size_t len, const char *extra_headers);
 /* Starts a chunked answer (e.g. text/event-stream). */
 void net_http_stream_begin(net_http_req_t *r, int status, const char *content_type,
                            const char *extra_headers);

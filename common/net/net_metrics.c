@@ -64,8 +64,11 @@ afd_status_t net_metrics_start(const char *host, int port, net_metrics_server_t 
     uv_loop_init(&s->loop);
     uv_async_init(&s->loop, &s->stop, on_stop);
     s->stop.data = s;
-    net_http_limits_t lim = {.max_header_bytes = 8192, .max_headers = 32, .max_body = 4096,
-                             .max_conns = 64, .idle_timeout_ms = 30000};
+    net_http_limits_t lim = {.max_header_bytes = 8192,
+                             .max_headers = 32,
+                             .max_body = 4096,
+                             .max_conns = 64,
+                             .idle_timeout_ms = 30000};
     afd_status_t st = net_http_server_create(&s->loop, host, port, &lim, on_request, s, &s->http);
     if (st) {
         afd_error("metrics port %s:%d: cannot listen", host, port);
@@ -143,16 +146,17 @@ static void sb(sbuf_t *b, const char *fmt, ...)
     }
 }
 
-char *net_metrics_render_node(const Afd__NodeStats *st, const char *role, uint32_t id,
-                              size_t *len)
+char *net_metrics_render_node(const Afd__NodeStats *st, const char *role, uint32_t id, size_t *len)
 {
     sbuf_t b = {.p = malloc(4096), .cap = 4096};
     if (!b.p) return NULL;
     b.p[0] = 0;
     char lab[96];
     snprintf(lab, sizeof(lab), "node=\"%u\",role=\"%s\"", id, role);
-    sb(&b, "# HELP afd_node_info The node's identity.\n# TYPE afd_node_info gauge\n"
-           "afd_node_info{%s} 1\n", lab);
+    sb(&b,
+       "# HELP afd_node_info The node's identity.\n# TYPE afd_node_info gauge\n"
+       "afd_node_info{%s} 1\n",
+       lab);
     const Afd__StageTimes *t = st->busy;
     sb(&b, "# HELP afd_node_busy_seconds_total Time this node spent per stage.\n"
            "# TYPE afd_node_busy_seconds_total counter\n");
@@ -162,26 +166,31 @@ char *net_metrics_render_node(const Afd__NodeStats *st, const char *role, uint32
        t ? (double)t->wait_us / 1e6 : 0.0);
     sb(&b, "afd_node_busy_seconds_total{%s,stage=\"transfer\"} %.6f\n", lab,
        t ? (double)t->xfer_us / 1e6 : 0.0);
-    sb(&b, "# HELP afd_node_steps_total Steps this node completed.\n"
-           "# TYPE afd_node_steps_total counter\nafd_node_steps_total{%s} %llu\n",
+    sb(&b,
+       "# HELP afd_node_steps_total Steps this node completed.\n"
+       "# TYPE afd_node_steps_total counter\nafd_node_steps_total{%s} %llu\n",
        lab, (unsigned long long)st->steps);
-    sb(&b, "# HELP afd_node_tokens_total Tokens this node computed.\n"
-           "# TYPE afd_node_tokens_total counter\nafd_node_tokens_total{%s} %llu\n",
+    sb(&b,
+       "# HELP afd_node_tokens_total Tokens this node computed.\n"
+       "# TYPE afd_node_tokens_total counter\nafd_node_tokens_total{%s} %llu\n",
        lab, (unsigned long long)st->tokens);
-    sb(&b, "# HELP afd_node_data_plane_bytes_total Data-plane bytes by direction.\n"
-           "# TYPE afd_node_data_plane_bytes_total counter\n"
-           "afd_node_data_plane_bytes_total{%s,direction=\"a2f\"} %llu\n"
-           "afd_node_data_plane_bytes_total{%s,direction=\"f2a\"} %llu\n",
+    sb(&b,
+       "# HELP afd_node_data_plane_bytes_total Data-plane bytes by direction.\n"
+       "# TYPE afd_node_data_plane_bytes_total counter\n"
+       "afd_node_data_plane_bytes_total{%s,direction=\"a2f\"} %llu\n"
+       "afd_node_data_plane_bytes_total{%s,direction=\"f2a\"} %llu\n",
        lab, (unsigned long long)st->a2f_bytes, lab, (unsigned long long)st->f2a_bytes);
     if (!strcmp(role, "attention")) {
-        sb(&b, "# HELP afd_node_kv_blocks KV cache blocks of this node, by state.\n"
-               "# TYPE afd_node_kv_blocks gauge\n"
-               "afd_node_kv_blocks{%s,state=\"used\"} %llu\n"
-               "afd_node_kv_blocks{%s,state=\"total\"} %llu\n",
+        sb(&b,
+           "# HELP afd_node_kv_blocks KV cache blocks of this node, by state.\n"
+           "# TYPE afd_node_kv_blocks gauge\n"
+           "afd_node_kv_blocks{%s,state=\"used\"} %llu\n"
+           "afd_node_kv_blocks{%s,state=\"total\"} %llu\n",
            lab, (unsigned long long)st->kv_blocks_used, lab,
            (unsigned long long)st->kv_blocks_total);
-        sb(&b, "# HELP afd_node_running Sequences running on this node.\n"
-               "# TYPE afd_node_running gauge\nafd_node_running{%s} %u\n",
+        sb(&b,
+           "# HELP afd_node_running Sequences running on this node.\n"
+           "# TYPE afd_node_running gauge\nafd_node_running{%s} %u\n",
            lab, st->running);
     }
     sb(&b, "# HELP afd_node_peer_latency_seconds One-way data-plane latency from each peer.\n"

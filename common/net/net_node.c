@@ -161,7 +161,8 @@ void net_lat_record(net_lat_hist_t *h, uint64_t send_ns)
     if (now <= send_ns) return; /* clocks of two hosts disagree: not a sample */
     uint64_t us = (now - send_ns) / 1000;
     int b = 0;
-    while (b < NET_LAT_BUCKETS - 1 && (1ull << b) < us) b++;
+    while (b < NET_LAT_BUCKETS - 1 && (1ull << b) < us)
+        b++;
     h->buckets[b]++;
     h->count++;
     h->sum_us += us;
@@ -199,8 +200,8 @@ afd_status_t net_peer_set_apply(net_peer_set_t *ps, net_ucx_t *ucx, const Afd__P
             afd_error("peer table: index %u beyond %d", p->index, NET_MAX_PEERS);
             return AFD_ERR_RANGE;
         }
-        afd_status_t st = net_ucx_connect(ucx, p->ucx_address.data, p->ucx_address.len,
-                                          p->node_id, &ps->ep[p->index]);
+        afd_status_t st = net_ucx_connect(ucx, p->ucx_address.data, p->ucx_address.len, p->node_id,
+                                          &ps->ep[p->index]);
         if (st) return st;
         ps->ids[p->index] = p->node_id;
         ps->lat[p->index].peer_id = p->node_id;

@@ -953,7 +953,8 @@ afd_status_t net_ucx_buf_reserve(net_ucx_t *u, net_ucx_buf_t *b, size_t need)
 {
     if (need <= b->cap) return AFD_OK;
     size_t cap = b->cap ? b->cap : 4096;
-    while (cap < need) cap += cap / 2 + 4096; /* grow by half: few re-registrations */
+    while (cap < need)
+        cap += cap / 2 + 4096; /* grow by half: few re-registrations */
     uint8_t *p = aligned_alloc(64, (cap + 63) & ~(size_t)63);
     if (!p) return AFD_ERR_NOMEM;
     net_ucx_buf_free(u, b);

@@ -29,17 +29,17 @@ typedef void *(*net_ucx_alloc_cb)(void *arg, const void *hdr, size_t hdr_len, si
 /* Called from inside progress once the payload is in `data` (the alloc result); status is
  * AFD_OK or the transfer error (then data holds garbage). hdr is a copy valid during the
  * call. */
-typedef void (*net_ucx_recv_cb)(void *arg, const void *hdr, size_t hdr_len, void *data,
-                                size_t len, afd_status_t status);
+typedef void (*net_ucx_recv_cb)(void *arg, const void *hdr, size_t hdr_len, void *data, size_t len,
+                                afd_status_t status);
 /* Called from inside progress when an endpoint fails (peer died, connection reset). */
 typedef void (*net_ucx_peer_err_cb)(void *arg, uint32_t peer_id, afd_status_t status);
 /* Called when a send completes; the payload buffer may be reused from then on. */
 typedef void (*net_ucx_send_cb)(void *arg, afd_status_t status);
 
 typedef struct net_ucx_opts {
-    int err_mode_peer;          /* 1: UCP_ERR_HANDLING_MODE_PEER (peer failure detection) */
-    size_t max_hdr;             /* largest header accepted (bytes), e.g. 256 */
-    size_t max_payload;         /* largest payload accepted; larger messages are dropped */
+    int err_mode_peer;  /* 1: UCP_ERR_HANDLING_MODE_PEER (peer failure detection) */
+    size_t max_hdr;     /* largest header accepted (bytes), e.g. 256 */
+    size_t max_payload; /* largest payload accepted; larger messages are dropped */
     net_ucx_alloc_cb alloc_cb;
     net_ucx_recv_cb recv_cb;
     net_ucx_peer_err_cb err_cb;

@@ -97,10 +97,12 @@ void net_wire_add_rows(const void *src, size_t n, afd_dtype_t dt, float *out)
 {
     if (dt == AFD_DTYPE_F32) {
         const float *s = src;
-        for (size_t i = 0; i < n; i++) out[i] += s[i];
+        for (size_t i = 0; i < n; i++)
+            out[i] += s[i];
     } else {
         const uint16_t *s = src;
-        for (size_t i = 0; i < n; i++) out[i] += afd_bf16_to_f32(s[i]);
+        for (size_t i = 0; i < n; i++)
+            out[i] += afd_bf16_to_f32(s[i]);
     }
 }
 
@@ -121,9 +123,8 @@ void net_wire_pack_a2f(const float *g, uint32_t ntok, uint32_t hidden, afd_dtype
     memcpy(p + (size_t)ntok * topk * 4, wts, (size_t)ntok * topk * 4);
 }
 
-afd_status_t net_wire_unpack_a2f(const void *src, uint32_t ntok, uint32_t hidden,
-                                 afd_dtype_t dt, uint32_t topk, uint32_t nexp, float *g,
-                                 int32_t *ids, float *wts)
+afd_status_t net_wire_unpack_a2f(const void *src, uint32_t ntok, uint32_t hidden, afd_dtype_t dt,
+                                 uint32_t topk, uint32_t nexp, float *g, int32_t *ids, float *wts)
 {
     const uint8_t *p = src;
     size_t n = (size_t)ntok * hidden;

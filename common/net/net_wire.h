@@ -25,20 +25,20 @@ typedef struct net_wire_hdr {
     uint32_t magic;
     uint16_t version;
     uint16_t kind;
-    uint32_t epoch;     /* placement epoch the sender works in */
-    uint32_t src;       /* sender's node id */
+    uint32_t epoch; /* placement epoch the sender works in */
+    uint32_t src;   /* sender's node id */
     uint64_t step;
     uint16_t layer;
-    uint8_t mb;         /* micro-batch index */
-    uint8_t nmb;        /* micro-batches in the step */
+    uint8_t mb;  /* micro-batch index */
+    uint8_t nmb; /* micro-batches in the step */
     uint32_t ntok;
     uint32_t hidden;
-    uint8_t dtype;      /* afd_dtype_t of the rows */
-    uint8_t topk;       /* A2F: experts per token (0 for dense layers) */
+    uint8_t dtype;       /* afd_dtype_t of the rows */
+    uint8_t topk;        /* A2F: experts per token (0 for dense layers) */
     uint8_t reply_dtype; /* A2F: the dtype the F2A answer must use */
     uint8_t pad;
-    uint64_t payload;   /* bytes that follow */
-    uint64_t send_ns;   /* sender's CLOCK_REALTIME at send */
+    uint64_t payload; /* bytes that follow */
+    uint64_t send_ns; /* sender's CLOCK_REALTIME at send */
 } net_wire_hdr_t;
 
 _Static_assert(sizeof(net_wire_hdr_t) == 56, "wire header layout");
@@ -63,9 +63,8 @@ void net_wire_pack_a2f(const float *g, uint32_t ntok, uint32_t hidden, afd_dtype
                        const int32_t *ids, const float *wts, uint32_t topk, void *dst);
 /* A2F: unpacks rows into g (float) and ids/weights (bounds-checked against nexp: ids
  * outside [0, nexp) are an error). */
-afd_status_t net_wire_unpack_a2f(const void *src, uint32_t ntok, uint32_t hidden,
-                                 afd_dtype_t dt, uint32_t topk, uint32_t nexp, float *g,
-                                 int32_t *ids, float *wts);
+afd_status_t net_wire_unpack_a2f(const void *src, uint32_t ntok, uint32_t hidden, afd_dtype_t dt,
+                                 uint32_t topk, uint32_t nexp, float *g, int32_t *ids, float *wts);
 /* F2A: packs / unpacks rows; unpack adds into out (the attention side sums partials). */
 void net_wire_pack_rows(const float *x, size_t n, afd_dtype_t dt, void *dst);
 void net_wire_add_rows(const void *src, size_t n, afd_dtype_t dt, float *out);

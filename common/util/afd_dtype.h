@@ -20,9 +20,9 @@ typedef enum afd_dtype {
     AFD_DTYPE_COUNT
 } afd_dtype_t;
 
-#define AFD_E4M3_MAX   448.0f
-#define AFD_FP8_GROUP  128 /* activation quantisation group (elements per scale) */
-#define AFD_FP8_BLOCK  128 /* weight quantisation block edge (128 x 128) */
+#define AFD_E4M3_MAX  448.0f
+#define AFD_FP8_GROUP 128 /* activation quantisation group (elements per scale) */
+#define AFD_FP8_BLOCK 128 /* weight quantisation block edge (128 x 128) */
 
 /* Bytes per element; 0 for an invalid dtype. */
 size_t afd_dtype_size(afd_dtype_t dt);

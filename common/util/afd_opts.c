@@ -45,8 +45,7 @@ static afd_status_t opt_set(const afd_opt_t *o, void *cfg, const char *val, cons
             return AFD_ERR_INVALID;
         }
         if ((o->min != 0 || o->max != 0) && (v < o->min || v > o->max)) {
-            afd_error("option %s (%s): %g is outside [%g, %g]", o->name, from, v, o->min,
-                      o->max);
+            afd_error("option %s (%s): %g is outside [%g, %g]", o->name, from, v, o->min, o->max);
             return AFD_ERR_RANGE;
         }
         *(double *)field = v;
@@ -97,7 +96,8 @@ static afd_status_t opts_file(const afd_opt_t *table, void *cfg, const char *pat
     while (st == AFD_OK && fgets(line, sizeof(line), f)) {
         lineno++;
         char *p = line;
-        while (isspace((unsigned char)*p)) p++;
+        while (isspace((unsigned char)*p))
+            p++;
         if (*p == '#' || *p == 0) continue;
         char *eq = strchr(p, '=');
         if (!eq) {
@@ -106,11 +106,14 @@ static afd_status_t opts_file(const afd_opt_t *table, void *cfg, const char *pat
             break;
         }
         char *ne = eq;
-        while (ne > p && isspace((unsigned char)ne[-1])) ne--;
+        while (ne > p && isspace((unsigned char)ne[-1]))
+            ne--;
         char *v = eq + 1;
-        while (isspace((unsigned char)*v)) v++;
+        while (isspace((unsigned char)*v))
+            v++;
         char *ve = v + strlen(v);
-        while (ve > v && isspace((unsigned char)ve[-1])) ve--;
+        while (ve > v && isspace((unsigned char)ve[-1]))
+            ve--;
         *ve = 0;
         const afd_opt_t *o = opt_find(table, p, (size_t)(ne - p));
         if (!o) {
@@ -224,7 +227,11 @@ afd_status_t afd_opts_parse(const afd_opt_t *table, void *cfg, int argc, char **
 
 void afd_opts_help(FILE *out, const afd_opt_t *table, const char *usage)
 {
-    if (usage) fprintf(out, "%s\n\noptions (also AFD_<NAME> in the environment, or name = value in --config FILE):\n", usage);
+    if (usage)
+        fprintf(out,
+                "%s\n\noptions (also AFD_<NAME> in the environment, or name = value in --config "
+                "FILE):\n",
+                usage);
     for (const afd_opt_t *o = table; o->name; o++) {
         const char *arg = o->type == AFD_OPT_BOOL     ? ""
                           : o->type == AFD_OPT_INT    ? " N"
@@ -237,9 +244,9 @@ void afd_opts_help(FILE *out, const afd_opt_t *table, const char *usage)
         if (o->type == AFD_OPT_LIST) fprintf(out, " (repeatable)");
         fputc('\n', out);
     }
-    fprintf(out, "  %-26s %s\n  %-26s %s\n  %-26s %s\n", "--config FILE",
-            "read options from FILE", "--print-config", "print the effective options and exit",
-            "--help", "print this help and exit");
+    fprintf(out, "  %-26s %s\n  %-26s %s\n  %-26s %s\n", "--config FILE", "read options from FILE",
+            "--print-config", "print the effective options and exit", "--help",
+            "print this help and exit");
 }
 
 void afd_opts_print(FILE *out, const afd_opt_t *table, const void *cfg)
@@ -252,9 +259,15 @@ void afd_opts_print(FILE *out, const afd_opt_t *table, const void *cfg)
             continue;
         }
         switch (o->type) {
-        case AFD_OPT_INT: fprintf(out, "%ld\n", *(const long *)field); break;
-        case AFD_OPT_DOUBLE: fprintf(out, "%g\n", *(const double *)field); break;
-        case AFD_OPT_BOOL: fprintf(out, "%s\n", *(const int *)field ? "true" : "false"); break;
+        case AFD_OPT_INT:
+            fprintf(out, "%ld\n", *(const long *)field);
+            break;
+        case AFD_OPT_DOUBLE:
+            fprintf(out, "%g\n", *(const double *)field);
+            break;
+        case AFD_OPT_BOOL:
+            fprintf(out, "%s\n", *(const int *)field ? "true" : "false");
+            break;
         case AFD_OPT_STRING: {
             const char *s = *(char *const *)field;
             fprintf(out, "%s\n", s ? s : "");
@@ -262,7 +275,8 @@ void afd_opts_print(FILE *out, const afd_opt_t *table, const void *cfg)
         }
         case AFD_OPT_LIST: {
             const afd_strlist_t *l = (const afd_strlist_t *)field;
-            for (int k = 0; k < l->n; k++) fprintf(out, "%s%s", k ? " " : "", l->v[k]);
+            for (int k = 0; k < l->n; k++)
+                fprintf(out, "%s%s", k ? " " : "", l->v[k]);
             fputc('\n', out);
             break;
         }
@@ -279,7 +293,8 @@ void afd_opts_free(const afd_opt_t *table, void *cfg)
             *(char **)field = NULL;
         } else if (o->type == AFD_OPT_LIST) {
             afd_strlist_t *l = (afd_strlist_t *)field;
-            for (int k = 0; k < l->n; k++) free(l->v[k]);
+            for (int k = 0; k < l->n; k++)
+                free(l->v[k]);
             free(l->v);
             l->v = NULL;
             l->n = 0;
@@ -294,7 +309,8 @@ afd_status_t afd_parse_int_list(const char *s, long min, long max, int **out, in
     if (!v) return AFD_ERR_NOMEM;
     const char *p = s;
     while (*p) {
-        while (isspace((unsigned char)*p)) p++;
+        while (isspace((unsigned char)*p))
+            p++;
         char *end;
         errno = 0;
         long x = strtol(p, &end, 10);
@@ -312,7 +328,8 @@ afd_status_t afd_parse_int_list(const char *s, long min, long max, int **out, in
         }
         v[cnt++] = (int)x;
         p = end;
-        while (isspace((unsigned char)*p)) p++;
+        while (isspace((unsigned char)*p))
+            p++;
         if (*p == ',') {
             p++;
             if (!*p) {

@@ -30,16 +30,19 @@ typedef struct afd_strlist {
 } afd_strlist_t;
 
 typedef struct afd_opt {
-    const char *name;    /* long flag without the dashes, e.g. "max-tokens" */
+    const char *name; /* long flag without the dashes, e.g. "max-tokens" */
     afd_opt_type_t type;
-    const char *def;     /* default as text; NULL for none */
-    size_t offset;       /* offsetof the field in the caller's struct */
-    double min, max;     /* bounds for numbers */
+    const char *def; /* default as text; NULL for none */
+    size_t offset;   /* offsetof the field in the caller's struct */
+    double min, max; /* bounds for numbers */
     int flags;
-    const char *doc;     /* one line for --help */
+    const char *doc; /* one line for --help */
 } afd_opt_t;
 
-#define AFD_OPTS_END {NULL, 0, NULL, 0, 0, 0, 0, NULL}
+#define AFD_OPTS_END                                                                               \
+    {                                                                                              \
+        NULL, 0, NULL, 0, 0, 0, 0, NULL                                                            \
+    }
 
 /*
  * Parses the table into cfg. Non-option arguments are left in argv[*first_arg..argc)

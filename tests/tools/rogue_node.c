@@ -60,12 +60,18 @@ int main(int argc, char **argv)
     const char *coord = NULL, *token = NULL;
     int layers = 0, hidden = 0, topk = 0, moe_layer = 1;
     for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--coordinator")) coord = argv[i + 1];
-        else if (!strcmp(argv[i], "--cluster-token")) token = argv[i + 1];
-        else if (!strcmp(argv[i], "--layers")) layers = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--hidden")) hidden = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--topk")) topk = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--moe-layer")) moe_layer = atoi(argv[i + 1]);
+        if (!strcmp(argv[i], "--coordinator"))
+            coord = argv[i + 1];
+        else if (!strcmp(argv[i], "--cluster-token"))
+            token = argv[i + 1];
+        else if (!strcmp(argv[i], "--layers"))
+            layers = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--hidden"))
+            hidden = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--topk"))
+            topk = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--moe-layer"))
+            moe_layer = atoi(argv[i + 1]);
     }
     if (!coord || !token || layers < 1 || hidden < 1 || topk < 1) {
         fprintf(stderr, "usage: rogue_node --coordinator H:P --cluster-token T --layers L "
@@ -88,8 +94,8 @@ int main(int argc, char **argv)
     if (net_node_join(&ctl, coord, &hello, 10000, &w)) return 1;
     afd__welcome__free_unpacked(w, NULL);
     net_ucx_t *ucx;
-    net_ucx_opts_t uo = {.max_hdr = 256, .max_payload = 1 << 20, .alloc_cb = no_alloc,
-                         .recv_cb = no_recv};
+    net_ucx_opts_t uo = {
+        .max_hdr = 256, .max_payload = 1 << 20, .alloc_cb = no_alloc, .recv_cb = no_recv};
     if (net_ucx_create(&uo, &ucx) || net_node_send_ready(&ctl, ucx)) return 1;
     net_peer_set_t ffn = {0};
     uint32_t epoch = 0;
@@ -106,17 +112,25 @@ int main(int argc, char **argv)
                 }
             } else if (in->body_case == AFD__FRAME__BODY_PLAN && !attacked) {
                 const Afd__StepPlan *p = in->plan;
-                net_wire_hdr_t h = {.magic = NET_WIRE_MAGIC, .version = NET_WIRE_VERSION,
-                                    .kind = NET_WIRE_A2F, .epoch = epoch, .src = ctl.node_id,
-                                    .step = p->step, .layer = 0, .mb = 0,
-                                    .nmb = (uint8_t)p->micro_batches, .ntok = 1,
-                                    .hidden = (uint32_t)hidden, .dtype = AFD_DTYPE_F32,
-                                    .topk = 0, .reply_dtype = AFD_DTYPE_BF16};
+                net_wire_hdr_t h = {.magic = NET_WIRE_MAGIC,
+                                    .version = NET_WIRE_VERSION,
+                                    .kind = NET_WIRE_A2F,
+                                    .epoch = epoch,
+                                    .src = ctl.node_id,
+                                    .step = p->step,
+                                    .layer = 0,
+                                    .mb = 0,
+                                    .nmb = (uint8_t)p->micro_batches,
+                                    .ntok = 1,
+                                    .hidden = (uint32_t)hidden,
+                                    .dtype = AFD_DTYPE_F32,
+                                    .topk = 0,
+                                    .reply_dtype = AFD_DTYPE_BF16};
                 for (int f = 0; f < ffn.n; f++) {
                     net_wire_hdr_t bad = h;
                     bad.magic = 0xdeadbeef;
-                    bad.payload = net_wire_payload_bytes(NET_WIRE_A2F, 1, (uint32_t)hidden,
-                                                         AFD_DTYPE_F32, 0);
+                    bad.payload =
+                        net_wire_payload_bytes(NET_WIRE_A2F, 1, (uint32_t)hidden, AFD_DTYPE_F32, 0);
                     pending++;
                     net_ucx_send(ffn.ep[f], &bad, sizeof(bad), payload, bad.payload, NULL, sent,
                                  &pending);
@@ -130,8 +144,7 @@ int main(int argc, char **argv)
                         ok.ntok = 0;
                         ok.payload = 0;
                         pending++;
-                        net_ucx_send(ffn.ep[f], &ok, sizeof(ok), payload, 0, NULL, sent,
-                                     &pending);
+                        net_ucx_send(ffn.ep[f], &ok, sizeof(ok), payload, 0, NULL, sent, &pending);
                     }
                     net_wire_hdr_t ids = h; /* expert ids out of range in a MoE layer */
                     ids.layer = (uint16_t)moe_layer;

@@ -334,8 +334,8 @@ static void test_role_loading(void **state)
             assert_int_equal(m->bytes_loaded, ffn_bytes_expected(&c, m));
             double frac = (double)m->bytes_loaded / (double)ffn_total;
             if (fabs(frac - 1.0 / F) > 1.0 / E)
-                fail_msg("%s share %d/%d read %.3f of the FFN bytes, want about %.3f",
-                         dt_names[dt], i, F, frac, 1.0 / F);
+                fail_msg("%s share %d/%d read %.3f of the FFN bytes, want about %.3f", dt_names[dt],
+                         i, F, frac, 1.0 / F);
             sum += m->bytes_loaded;
             mdl_model_free(m);
         }
@@ -363,7 +363,8 @@ static void copy_dir(const char *src, const char *dst)
         int in = open(a, O_RDONLY), out = open(b, O_WRONLY | O_CREAT | O_TRUNC, 0644);
         assert_true(in >= 0 && out >= 0);
         ssize_t n;
-        while ((n = read(in, buf, sizeof(buf))) > 0) assert_int_equal(write(out, buf, (size_t)n), n);
+        while ((n = read(in, buf, sizeof(buf))) > 0)
+            assert_int_equal(write(out, buf, (size_t)n), n);
         assert_int_equal(n, 0);
         close(in);
         close(out);
@@ -390,8 +391,7 @@ static void poison(const char *dir, const mdl_st_tensor_t *t, uint64_t off, uint
 }
 
 /* poisons every expert outside [e0, e1) of a fused tensor (and its scales) */
-static void poison_experts(const char *dir, const mdl_ckpt_t *ck, const char *name, int e0,
-                           int e1)
+static void poison_experts(const char *dir, const mdl_ckpt_t *ck, const char *name, int e0, int e1)
 {
     char sn[MDL_ST_MAX_NAME + 16];
     snprintf(sn, sizeof(sn), "%s_scale_inv", name);
@@ -483,7 +483,8 @@ static void test_only_needed_bytes(void **state)
         /* the poison is real: that expert of the full FFN read from the copy differs */
         mdl_model_t *all = load_ffn(&pc, 0, 1);
         int l = 0;
-        while (!cfg->is_moe[l]) l++;
+        while (!cfg->is_moe[l])
+            l++;
         int other = e0 > 0 ? 0 : e1; /* an expert outside the share */
         const kn_weight_t *pw = &all->ffn[l].egate[other], *iw = &intact->ffn[l].egate[other];
         assert_true(memcmp(pw->data, iw->data, sizeof(float) * (size_t)(pw->rows * pw->cols)));
@@ -505,7 +506,8 @@ static void test_only_needed_bytes(void **state)
 static double max_abs(const float *x, size_t n)
 {
     double m = 0;
-    for (size_t i = 0; i < n; i++) m = fmax(m, fabs((double)x[i]));
+    for (size_t i = 0; i < n; i++)
+        m = fmax(m, fabs((double)x[i]));
     return m;
 }
 
@@ -520,9 +522,11 @@ static void ffn_sum(mdl_model_t **shares, int F, int layer, const float *g, cons
     for (int i = 0; i < F; i++) {
         mdl_ws_t ws = {0};
         assert_int_equal(mdl_ws_reserve(shares[i], &ws, NTOK), AFD_OK);
-        for (size_t k = 0; k < NTOK * (size_t)H; k++) part[k] = NAN; /* must be overwritten */
+        for (size_t k = 0; k < NTOK * (size_t)H; k++)
+            part[k] = NAN; /* must be overwritten */
         mdl_ffn(shares[i], &ws, layer, g, NTOK, ids, wts, part);
-        for (size_t k = 0; k < NTOK * (size_t)H; k++) out[k] += part[k];
+        for (size_t k = 0; k < NTOK * (size_t)H; k++)
+            out[k] += part[k];
         mdl_ws_free(shares[i], &ws);
     }
     free(part);
@@ -538,7 +542,8 @@ static void test_partial_sums(void **state)
     mdl_model_t *attn = load_role(&c, 1, 0, 0, 0);
     mdl_model_t *sh[4][3] = {{NULL}};
     for (int F = 1; F <= 3; F++)
-        for (int i = 0; i < F; i++) sh[F][i] = load_ffn(&c, i, F);
+        for (int i = 0; i < F; i++)
+            sh[F][i] = load_ffn(&c, i, F);
 
     float *g = malloc(sizeof(float) * NTOK * (size_t)H);
     float *logits = malloc(sizeof(float) * NTOK * (size_t)E);
@@ -558,13 +563,13 @@ static void test_partial_sums(void **state)
                     ss += (double)g[t * H + k] * g[t * H + k];
                 }
                 float s = (float)(1.0 / sqrt(ss / H));
-                for (int k = 0; k < H; k++) g[t * H + k] *= s;
+                for (int k = 0; k < H; k++)
+                    g[t * H + k] *= s;
             }
             if (cfg->is_moe[l] && rep == 0) {
                 /* routing from the attention model's router on g */
                 g_be->ops->matmul(g_be, g, NTOK, &attn->attn[l].router, logits, 0);
-                g_be->ops->router_topk(g_be, logits, NTOK, E, K, cfg->norm_expert_weight, ids,
-                                       wts);
+                g_be->ops->router_topk(g_be, logits, NTOK, E, K, cfg->norm_expert_weight, ids, wts);
             } else if (cfg->is_moe[l]) {
                 /* random valid routing: k distinct experts per token */
                 for (int t = 0; t < NTOK; t++)
@@ -573,7 +578,8 @@ static void test_partial_sums(void **state)
                         do {
                             e = (int)(urand() * E);
                             dup = 0;
-                            for (int q = 0; q < j; q++) dup |= ids[t * K + q] == e;
+                            for (int q = 0; q < j; q++)
+                                dup |= ids[t * K + q] == e;
                         } while (dup);
                         ids[t * K + j] = e;
                         wts[t * K + j] = (float)urand();
@@ -603,7 +609,8 @@ static void test_partial_sums(void **state)
     free(ref);
     free(sum);
     for (int F = 1; F <= 3; F++)
-        for (int i = 0; i < F; i++) mdl_model_free(sh[F][i]);
+        for (int i = 0; i < F; i++)
+            mdl_model_free(sh[F][i]);
     mdl_model_free(attn);
     ck_close(&c);
 }
@@ -656,13 +663,15 @@ static void test_kv(void **state)
         assert_int_equal(mdl_kv_blocks_for(kv, bs), 1);
         assert_int_equal(mdl_kv_blocks_for(kv, bs + 1), 2);
         int32_t a[5], b[5], x[5];
-        for (int k = 0; k < 5; k++) a[k] = b[k] = x[k] = -7;
+        for (int k = 0; k < 5; k++)
+            a[k] = b[k] = x[k] = -7;
         assert_int_equal(mdl_kv_alloc(kv, 3, a), AFD_OK);
         assert_int_equal(kv->nfree, 2);
         /* all or nothing: 3 more do not fit, nothing is taken or written */
         assert_int_equal(mdl_kv_alloc(kv, 3, x), AFD_ERR_BUSY);
         assert_int_equal(kv->nfree, 2);
-        for (int k = 0; k < 5; k++) assert_int_equal(x[k], -7);
+        for (int k = 0; k < 5; k++)
+            assert_int_equal(x[k], -7);
         assert_int_equal(mdl_kv_alloc(kv, 2, b), AFD_OK);
         assert_int_equal(kv->nfree, 0);
         assert_int_equal(mdl_kv_alloc(kv, 1, x), AFD_ERR_BUSY);
@@ -682,7 +691,8 @@ static void test_kv(void **state)
         assert_int_equal(mdl_kv_alloc(kv, 3, x), AFD_OK);
         int got = 0;
         for (int k = 0; k < 3; k++)
-            for (int j = 0; j < 3; j++) got += x[k] == a[j];
+            for (int j = 0; j < 3; j++)
+                got += x[k] == a[j];
         assert_int_equal(got, 3); /* exactly the released blocks came back */
         mdl_kv_release(kv, x, 3);
         mdl_kv_release(kv, b, 2);
@@ -788,8 +798,8 @@ static void compare_logits(float *a[2][NDEC + 1], float *b[2][NDEC + 1], int V, 
                 err = fmax(err, fabs((double)a[s][d][k] - b[s][d][k]));
             }
             if (!(err <= 1e-4 * scale))
-                fail_msg("%s: sequence %d step %d: logits differ by %.3g (scale %.3g)", what, s,
-                         d, err, scale);
+                fail_msg("%s: sequence %d step %d: logits differ by %.3g (scale %.3g)", what, s, d,
+                         err, scale);
         }
 }
 
@@ -847,8 +857,9 @@ static void test_bad_roles(void **state)
     ck_t c;
     ck_open(g_dir[DT_BF16], &c);
     int E = c.cfg.num_experts;
-    static const int bad[][2] = {{0, 0}, {1, 0}, {-1, 0}, {0, -1}, {1, 1},   {2, 2},
-                                 {3, 2}, {-1, 2}, {0, 9999}, {0, 0x7fffffff}, {0x7fffffff, 1}};
+    static const int bad[][2] = {{0, 0},    {1, 0},          {-1, 0},        {0, -1},
+                                 {1, 1},    {2, 2},          {3, 2},         {-1, 2},
+                                 {0, 9999}, {0, 0x7fffffff}, {0x7fffffff, 1}};
     for (size_t k = 0; k < sizeof(bad) / sizeof(bad[0]); k++) {
         for (int attn = 0; attn <= 1; attn++) {
             mdl_role_t r = {.attn = attn, .ffn = 1, .ffn_index = bad[k][0], .ffn_count = bad[k][1]};
@@ -903,12 +914,8 @@ static void test_bad_roles(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        BOTH(test_role_loading),
-        BOTH(test_only_needed_bytes),
-        BOTH(test_partial_sums),
-        cmocka_unit_test(test_kv),
-        BOTH(test_runner_batching),
-        cmocka_unit_test(test_bad_roles),
+        BOTH(test_role_loading),   BOTH(test_only_needed_bytes), BOTH(test_partial_sums),
+        cmocka_unit_test(test_kv), BOTH(test_runner_batching),   cmocka_unit_test(test_bad_roles),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

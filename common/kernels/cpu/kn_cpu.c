@@ -33,8 +33,7 @@ float kn_src_get(const kn_src_t *s, int64_t r, int64_t c)
     int64_t R = s->row0 + r, C = s->col0 + c;
     size_t idx = (size_t)(R * s->full_cols + C);
     float v;
-    afd_convert_to_f32(s->dtype, (const uint8_t *)s->data + idx * afd_dtype_size(s->dtype), &v,
-                       1);
+    afd_convert_to_f32(s->dtype, (const uint8_t *)s->data + idx * afd_dtype_size(s->dtype), &v, 1);
     if (s->scale) {
         int64_t bc = (s->full_cols + AFD_FP8_BLOCK - 1) / AFD_FP8_BLOCK;
         v *= kn_src_scale(s, (R / AFD_FP8_BLOCK) * bc + C / AFD_FP8_BLOCK);
@@ -58,7 +57,8 @@ void kn_src_dequant(const kn_src_t *s, float *dst)
             int64_t c1 = (blk + 1) * AFD_FP8_BLOCK - s->col0;
             if (c1 > s->cols) c1 = s->cols;
             float sc = kn_src_scale(s, srow + blk);
-            for (int64_t c = c0; c < c1; c++) d[c] *= sc;
+            for (int64_t c = c0; c < c1; c++)
+                d[c] *= sc;
             c0 = c1;
         }
     }
@@ -144,9 +144,11 @@ static void cpu_rmsnorm(kn_backend_t *be, const float *x, int n, int dim, const 
         const float *xi = x + (size_t)i * dim;
         float *oi = out + (size_t)i * dim;
         double ss = 0;
-        for (int j = 0; j < dim; j++) ss += (double)xi[j] * xi[j];
+        for (int j = 0; j < dim; j++)
+            ss += (double)xi[j] * xi[j];
         float r = (float)(1.0 / sqrt(ss / dim + eps));
-        for (int j = 0; j < dim; j++) oi[j] = xi[j] * r * weight[j];
+        for (int j = 0; j < dim; j++)
+            oi[j] = xi[j] * r * weight[j];
     }
 }
 
@@ -212,14 +214,16 @@ static void cpu_scatter_add(kn_backend_t *be, float *dst, int dim, const int32_t
         float *d = dst + (size_t)rows[i] * dim;
         const float *s = src + (size_t)i * dim;
         float w = scale[i];
-        for (int j = 0; j < dim; j++) d[j] += w * s[j];
+        for (int j = 0; j < dim; j++)
+            d[j] += w * s[j];
     }
 }
 
 static void cpu_add(kn_backend_t *be, float *y, const float *x, size_t n)
 {
     (void)be;
-    for (size_t i = 0; i < n; i++) y[i] += x[i];
+    for (size_t i = 0; i < n; i++)
+        y[i] += x[i];
 }
 
 static void cpu_router_topk(kn_backend_t *be, const float *logits, int n, int nexp, int k,
@@ -231,10 +235,13 @@ static void cpu_router_topk(kn_backend_t *be, const float *logits, int n, int ne
     for (int i = 0; i < n; i++) {
         const float *l = logits + (size_t)i * nexp;
         float mx = l[0];
-        for (int e = 1; e < nexp; e++) mx = fmaxf(mx, l[e]);
+        for (int e = 1; e < nexp; e++)
+            mx = fmaxf(mx, l[e]);
         float sum = 0;
-        for (int e = 0; e < nexp; e++) sum += (p[e] = expf(l[e] - mx));
-        for (int e = 0; e < nexp; e++) p[e] /= sum;
+        for (int e = 0; e < nexp; e++)
+            sum += (p[e] = expf(l[e] - mx));
+        for (int e = 0; e < nexp; e++)
+            p[e] /= sum;
         float wsum = 0;
         for (int j = 0; j < k; j++) {
             int best = -1;
@@ -246,7 +253,8 @@ static void cpu_router_topk(kn_backend_t *be, const float *logits, int n, int ne
             p[best] = -1.0f; /* taken */
         }
         if (renorm)
-            for (int j = 0; j < k; j++) weights[(size_t)i * k + j] /= wsum;
+            for (int j = 0; j < k; j++)
+                weights[(size_t)i * k + j] /= wsum;
     }
 }
 
@@ -260,10 +268,12 @@ static void kv_store(const kn_kv_t *kv, void *base, float *scales, size_t tok, c
     size_t hd = (size_t)kv->head_dim;
     if (kv->dtype == AFD_DTYPE_E4M3) {
         float amax = 0;
-        for (size_t j = 0; j < hd; j++) amax = fmaxf(amax, fabsf(x[j]));
+        for (size_t j = 0; j < hd; j++)
+            amax = fmaxf(amax, fabsf(x[j]));
         float s = amax > 0 ? amax / AFD_E4M3_MAX : 1.0f;
         uint8_t *d = (uint8_t *)base + tok * hd;
-        for (size_t j = 0; j < hd; j++) d[j] = afd_f32_to_e4m3(x[j] / s);
+        for (size_t j = 0; j < hd; j++)
+            d[j] = afd_f32_to_e4m3(x[j] / s);
         scales[tok] = s;
     } else {
         afd_convert_from_f32(kv->dtype, x, (uint8_t *)base + tok * hd * afd_dtype_size(kv->dtype),
@@ -271,14 +281,14 @@ static void kv_store(const kn_kv_t *kv, void *base, float *scales, size_t tok, c
     }
 }
 
-static void kv_load(const kn_kv_t *kv, const void *base, const float *scales, size_t tok,
-                    float *x)
+static void kv_load(const kn_kv_t *kv, const void *base, const float *scales, size_t tok, float *x)
 {
     size_t hd = (size_t)kv->head_dim;
     afd_convert_to_f32(kv->dtype, (const uint8_t *)base + tok * hd * afd_dtype_size(kv->dtype), x,
                        hd);
     if (kv->dtype == AFD_DTYPE_E4M3)
-        for (size_t j = 0; j < hd; j++) x[j] *= scales[tok];
+        for (size_t j = 0; j < hd; j++)
+            x[j] *= scales[tok];
 }
 
 static void cpu_kv_write(kn_backend_t *be, const kn_kv_t *kv, int layer, const kn_seq_t *seq,
@@ -338,16 +348,20 @@ static void cpu_attention(kn_backend_t *be, const kn_kv_t *kv, int layer, const 
             for (int h = 0; h < nheads; h++) {
                 float *s = S + ((size_t)t * nheads + h) * kmax;
                 float mx = -INFINITY;
-                for (int j = 0; j < visible; j++) mx = fmaxf(mx, s[j]);
+                for (int j = 0; j < visible; j++)
+                    mx = fmaxf(mx, s[j]);
                 float sum = 0;
-                for (int j = 0; j < visible; j++) sum += (s[j] = expf(s[j] - mx));
+                for (int j = 0; j < visible; j++)
+                    sum += (s[j] = expf(s[j] - mx));
                 float inv = 1.0f / sum;
-                for (int j = 0; j < visible; j++) s[j] *= inv;
-                for (int j = visible; j < kmax; j++) s[j] = 0.0f;
+                for (int j = 0; j < visible; j++)
+                    s[j] *= inv;
+                for (int j = visible; j < kmax; j++)
+                    s[j] = 0.0f;
             }
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, kmax, 1.0f, S, kmax, V,
-                    hd, 0.0f, out + (size_t)t0 * nheads * hd, hd);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, kmax, 1.0f, S, kmax, V, hd,
+                    0.0f, out + (size_t)t0 * nheads * hd, hd);
     }
 }
 
@@ -356,15 +370,21 @@ static void cpu_round(kn_backend_t *be, float *x, int rows, int dim, afd_dtype_t
     (void)be;
     size_t n = (size_t)rows * dim;
     switch (dt) {
-    case AFD_DTYPE_F32: break;
+    case AFD_DTYPE_F32:
+        break;
     case AFD_DTYPE_BF16:
-        for (size_t i = 0; i < n; i++) x[i] = afd_round_bf16(x[i]);
+        for (size_t i = 0; i < n; i++)
+            x[i] = afd_round_bf16(x[i]);
         break;
     case AFD_DTYPE_F16:
-        for (size_t i = 0; i < n; i++) x[i] = afd_f16_to_f32(afd_f32_to_f16(x[i]));
+        for (size_t i = 0; i < n; i++)
+            x[i] = afd_f16_to_f32(afd_f32_to_f16(x[i]));
         break;
-    case AFD_DTYPE_E4M3: afd_fp8_round_rows(x, (size_t)rows, (size_t)dim); break;
-    default: AFD_ASSERT(0 && "invalid dtype");
+    case AFD_DTYPE_E4M3:
+        afd_fp8_round_rows(x, (size_t)rows, (size_t)dim);
+        break;
+    default:
+        AFD_ASSERT(0 && "invalid dtype");
     }
 }
 
