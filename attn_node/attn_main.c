@@ -145,6 +145,7 @@ typedef struct attn_node {
     int step_failed;
     uint64_t last_hb_us;
     net_metrics_server_t *metrics;
+    net_wire_limits_t lim;             /* what an F2A header must agree with */
     int cur_nmb;                       /* micro-batches the sequences are spread over */
     attn_plan_t plans[ATTN_MAX_PLANS]; /* received, not yet started by every micro-batch */
     int nplans;
@@ -170,12 +171,8 @@ static uint8_t g_empty[8];
 static void *attn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
 {
     attn_node_t *a = arg;
-    net_wire_limits_t lim = {.hidden = (uint32_t)a->cfg.hidden_size,
-                             .topk = (uint32_t)a->cfg.top_k,
-                             .num_layers = (uint32_t)a->cfg.num_layers,
-                             .max_tok = 1u << 22};
     const char *why;
-    if (net_wire_check(hdr, hdr_len, &lim, &why)) {
+    if (net_wire_check(hdr, hdr_len, &a->lim, &why)) {
         afd_error("dropping a malformed data-plane message: %s", why);
         return NULL;
     }
@@ -482,7 +479,7 @@ static void add_f2a(attn_node_t *a, attn_mb_t *mb)
     memset(sum, 0, 4 * n);
     for (int f = 0; f < a->ffn.n; f++)
         net_wire_add_rows(mb->rx[f].p, n, a->f2a, sum);
-    if (strcmp(be->ops->name, "cpu") == 0) {
+    if (be->ops->host_memory) {
         be->ops->add(be, mb->x, sum, n);
     } else {
         be->ops->upload(be, mb->g, sum, 4 * n);
@@ -739,7 +736,7 @@ static afd_status_t mb_finish(attn_node_t *a, int i)
     }
     if (mb->nrows) {
         float *dl = a->logits;
-        if (strcmp(be->ops->name, "cpu") != 0) {
+        if (!be->ops->host_memory) {
             dl = be->ops->alloc(be, 4 * V * (size_t)mb->nrows);
             if (!dl) return AFD_ERR_NOMEM;
         }
@@ -1013,6 +1010,10 @@ int main(int argc, char **argv)
     afd_info("joined as node %u: %d KV blocks of %ld tokens", w->node_id, a.kv->store.num_blocks,
              a.o.kv_block);
     afd__welcome__free_unpacked(w, NULL);
+    a.lim = (net_wire_limits_t){.hidden = (uint32_t)a.cfg.hidden_size,
+                                .topk = (uint32_t)a.cfg.top_k,
+                                .num_layers = (uint32_t)a.cfg.num_layers,
+                                .max_tok = 1u << 22};
     net_ucx_opts_t uo = {.err_mode_peer = a.o.ucx_peer_errors,
                          .max_hdr = sizeof(net_wire_hdr_t),
                          .max_payload = (size_t)1 << 32,

@@ -130,14 +130,13 @@ typedef struct coord {
     uint64_t drain_deadline_us;
     int stop_after_drain; /* leave the loop once drained (SIGTERM) */
     /* stats */
-    uint64_t steps_done, tokens_out, req_ok, req_err, step_us_sum, sched_us_sum;
+    uint64_t steps_done, req_ok, req_err, step_us_sum, sched_us_sum;
     double last_step_ms;
 } coord_t;
 
 /* coord_nodes.c */
 afd_status_t coord_nodes_listen(coord_t *c);
 void coord_nodes_send(coord_node_t *n, Afd__Frame *f);
-int coord_nodes_count(coord_t *c, Afd__Role role, int state_at_least);
 void coord_nodes_check_timeouts(coord_t *c);
 /* Publishes a new epoch's peer table to its members (every ready node but drained attention
  * nodes with nothing running) when the FFN shares are complete and an attention node
@@ -148,7 +147,6 @@ int coord_nodes_publish(coord_t *c);
 void coord_sched_kick(coord_t *c);
 void coord_sched_on_result(coord_t *c, coord_node_t *n, const Afd__StepResult *r);
 void coord_sched_node_lost(coord_t *c, coord_node_t *n, const char *why);
-void coord_sched_cluster_changed(coord_t *c);
 void coord_sched_abort_req(coord_t *c, coord_req_t *r);
 /* Ends every live request with an explicit error (drain timeout, shutdown). */
 void coord_sched_abort_all(coord_t *c, const char *why);

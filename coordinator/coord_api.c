@@ -642,7 +642,7 @@ static void handle_status(coord_t *c, net_http_req_t *req)
     cJSON_AddNumberToObject(cl, "attn_expected", (double)c->o.attn);
     cJSON_AddNumberToObject(cl, "ffn_expected", (double)c->o.ffn);
     cJSON_AddNumberToObject(cl, "steps", (double)c->steps_done);
-    cJSON_AddNumberToObject(cl, "tokens_generated", (double)c->tokens_out);
+    cJSON_AddNumberToObject(cl, "tokens_generated", (double)c->metrics.generation_tokens);
     cJSON_AddNumberToObject(cl, "mean_step_ms",
                             c->steps_done ? c->step_us_sum / 1000.0 / (double)c->steps_done : 0);
     cJSON_AddNumberToObject(cl, "mean_plan_us",

@@ -79,15 +79,6 @@ void coord_nodes_send(coord_node_t *n, Afd__Frame *f)
     }
 }
 
-int coord_nodes_count(coord_t *c, Afd__Role role, int state_at_least)
-{
-    int k = 0;
-    for (int i = 0; i < COORD_MAX_NODES; i++)
-        if (c->nodes[i].open && c->nodes[i].role == role && c->nodes[i].state >= state_at_least)
-            k++;
-    return k;
-}
-
 static int token_ok(const char *want, const char *got)
 {
     if (!got) return 0;
@@ -281,7 +272,7 @@ static void on_frame(coord_node_t *n, Afd__Frame *f)
             c->ready = 1;
             c->formed = 1;
             afd_info("cluster ready: %d attention and %d FFN nodes, epoch %u", na, nf, c->epoch);
-            coord_sched_cluster_changed(c);
+            coord_sched_kick(c);
         }
         return;
     case AFD__FRAME__BODY_RESULT:

@@ -286,7 +286,6 @@ void coord_sched_on_result(coord_t *c, coord_node_t *n, const Afd__StepResult *r
             s->top_lp[s->ngen * L + k] = ok ? t->top_logprobs[k] : 0;
         }
         s->ngen++;
-        c->tokens_out++;
         c->metrics.generation_tokens++;
         uint64_t now = coord_now_us();
         if (!r->t_first_us) {
@@ -436,9 +435,4 @@ void coord_sched_reap(coord_t *c)
             p = &r->next;
         }
     }
-}
-
-void coord_sched_cluster_changed(coord_t *c)
-{
-    coord_sched_kick(c);
 }

@@ -59,6 +59,7 @@ typedef struct kn_backend kn_backend_t;
 
 typedef struct kn_ops {
     const char *name;
+    int host_memory; /* buffers are plain host memory (no upload/download needed to read) */
     void (*destroy)(kn_backend_t *be);
     /* memory in the backend's space; alloc returns zeroed memory or NULL */
     void *(*alloc)(kn_backend_t *be, size_t bytes);

@@ -95,7 +95,7 @@ afd_status_t mdl_runner_step(mdl_runner_t *r, const kn_kv_t *kv, const mdl_batch
     }
     float *dl = logits;
     /* logits land in backend memory first when the backend is not the host */
-    if (strcmp(be->ops->name, "cpu") != 0) {
+    if (!be->ops->host_memory) {
         dl = be->ops->alloc(be, sizeof(float) * (size_t)nrows * c->vocab_size);
         if (!dl) return AFD_ERR_NOMEM;
     }

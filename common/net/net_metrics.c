@@ -5,7 +5,6 @@
 #include "net_http.h"
 
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,96 +119,75 @@ void net_metrics_stop(net_metrics_server_t *s)
     free(s);
 }
 
-typedef struct sbuf {
-    char *p;
-    size_t len, cap;
-} sbuf_t;
-
-static void sb(sbuf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb(sbuf_t *b, const char *fmt, ...)
+void net_metrics_latency(afd_sbuf_t *b, const char *name, const char *labels,
+                         const Afd__LatencyHist *h)
 {
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
-        va_end(ap);
-        if (n < 0) return;
-        if (b->len + (size_t)n < b->cap) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t cap = 2 * b->cap + (size_t)n + 1;
-        char *np = realloc(b->p, cap);
-        if (!np) return;
-        b->p = np;
-        b->cap = cap;
+    uint64_t cum = 0;
+    /* the node's last bucket collects everything above the one before it */
+    for (size_t q = 0; q + 1 < h->n_buckets; q++) {
+        cum += h->buckets[q];
+        afd_sbuf_printf(b, "%s_bucket{%s,peer=\"%u\",le=\"%g\"} %llu\n", name, labels, h->peer_id,
+                        (double)(1ull << q) / 1e6, (unsigned long long)cum);
     }
+    afd_sbuf_printf(b, "%s_bucket{%s,peer=\"%u\",le=\"+Inf\"} %llu\n", name, labels, h->peer_id,
+                    (unsigned long long)h->count);
+    afd_sbuf_printf(b, "%s_sum{%s,peer=\"%u\"} %.9g\n", name, labels, h->peer_id,
+                    (double)h->sum_us / 1e6);
+    afd_sbuf_printf(b, "%s_count{%s,peer=\"%u\"} %llu\n", name, labels, h->peer_id,
+                    (unsigned long long)h->count);
 }
 
 char *net_metrics_render_node(const Afd__NodeStats *st, const char *role, uint32_t id, size_t *len)
 {
-    sbuf_t b = {.p = malloc(4096), .cap = 4096};
-    if (!b.p) return NULL;
-    b.p[0] = 0;
+    afd_sbuf_t b;
+    if (afd_sbuf_init(&b, 4096)) return NULL;
     char lab[96];
     snprintf(lab, sizeof(lab), "node=\"%u\",role=\"%s\"", id, role);
-    sb(&b,
-       "# HELP afd_node_info The node's identity.\n# TYPE afd_node_info gauge\n"
-       "afd_node_info{%s} 1\n",
-       lab);
+    afd_sbuf_printf(&b,
+                    "# HELP afd_node_info The node's identity.\n# TYPE afd_node_info gauge\n"
+                    "afd_node_info{%s} 1\n",
+                    lab);
     const Afd__StageTimes *t = st->busy;
-    sb(&b, "# HELP afd_node_busy_seconds_total Time this node spent per stage.\n"
-           "# TYPE afd_node_busy_seconds_total counter\n");
-    sb(&b, "afd_node_busy_seconds_total{%s,stage=\"compute\"} %.6f\n", lab,
-       t ? (double)(t->attn_us + t->ffn_us) / 1e6 : 0.0);
-    sb(&b, "afd_node_busy_seconds_total{%s,stage=\"wait\"} %.6f\n", lab,
-       t ? (double)t->wait_us / 1e6 : 0.0);
-    sb(&b, "afd_node_busy_seconds_total{%s,stage=\"transfer\"} %.6f\n", lab,
-       t ? (double)t->xfer_us / 1e6 : 0.0);
-    sb(&b,
-       "# HELP afd_node_steps_total Steps this node completed.\n"
-       "# TYPE afd_node_steps_total counter\nafd_node_steps_total{%s} %llu\n",
-       lab, (unsigned long long)st->steps);
-    sb(&b,
-       "# HELP afd_node_tokens_total Tokens this node computed.\n"
-       "# TYPE afd_node_tokens_total counter\nafd_node_tokens_total{%s} %llu\n",
-       lab, (unsigned long long)st->tokens);
-    sb(&b,
-       "# HELP afd_node_data_plane_bytes_total Data-plane bytes by direction.\n"
-       "# TYPE afd_node_data_plane_bytes_total counter\n"
-       "afd_node_data_plane_bytes_total{%s,direction=\"a2f\"} %llu\n"
-       "afd_node_data_plane_bytes_total{%s,direction=\"f2a\"} %llu\n",
-       lab, (unsigned long long)st->a2f_bytes, lab, (unsigned long long)st->f2a_bytes);
+    afd_sbuf_printf(&b, "# HELP afd_node_busy_seconds_total Time this node spent per stage.\n"
+                        "# TYPE afd_node_busy_seconds_total counter\n");
+    afd_sbuf_printf(&b, "afd_node_busy_seconds_total{%s,stage=\"compute\"} %.6f\n", lab,
+                    t ? (double)(t->attn_us + t->ffn_us) / 1e6 : 0.0);
+    afd_sbuf_printf(&b, "afd_node_busy_seconds_total{%s,stage=\"wait\"} %.6f\n", lab,
+                    t ? (double)t->wait_us / 1e6 : 0.0);
+    afd_sbuf_printf(&b, "afd_node_busy_seconds_total{%s,stage=\"transfer\"} %.6f\n", lab,
+                    t ? (double)t->xfer_us / 1e6 : 0.0);
+    afd_sbuf_printf(&b,
+                    "# HELP afd_node_steps_total Steps this node completed.\n"
+                    "# TYPE afd_node_steps_total counter\nafd_node_steps_total{%s} %llu\n",
+                    lab, (unsigned long long)st->steps);
+    afd_sbuf_printf(&b,
+                    "# HELP afd_node_tokens_total Tokens this node computed.\n"
+                    "# TYPE afd_node_tokens_total counter\nafd_node_tokens_total{%s} %llu\n",
+                    lab, (unsigned long long)st->tokens);
+    afd_sbuf_printf(&b,
+                    "# HELP afd_node_data_plane_bytes_total Data-plane bytes by direction.\n"
+                    "# TYPE afd_node_data_plane_bytes_total counter\n"
+                    "afd_node_data_plane_bytes_total{%s,direction=\"a2f\"} %llu\n"
+                    "afd_node_data_plane_bytes_total{%s,direction=\"f2a\"} %llu\n",
+                    lab, (unsigned long long)st->a2f_bytes, lab, (unsigned long long)st->f2a_bytes);
     if (!strcmp(role, "attention")) {
-        sb(&b,
-           "# HELP afd_node_kv_blocks KV cache blocks of this node, by state.\n"
-           "# TYPE afd_node_kv_blocks gauge\n"
-           "afd_node_kv_blocks{%s,state=\"used\"} %llu\n"
-           "afd_node_kv_blocks{%s,state=\"total\"} %llu\n",
-           lab, (unsigned long long)st->kv_blocks_used, lab,
-           (unsigned long long)st->kv_blocks_total);
-        sb(&b,
-           "# HELP afd_node_running Sequences running on this node.\n"
-           "# TYPE afd_node_running gauge\nafd_node_running{%s} %u\n",
-           lab, st->running);
+        afd_sbuf_printf(&b,
+                        "# HELP afd_node_kv_blocks KV cache blocks of this node, by state.\n"
+                        "# TYPE afd_node_kv_blocks gauge\n"
+                        "afd_node_kv_blocks{%s,state=\"used\"} %llu\n"
+                        "afd_node_kv_blocks{%s,state=\"total\"} %llu\n",
+                        lab, (unsigned long long)st->kv_blocks_used, lab,
+                        (unsigned long long)st->kv_blocks_total);
+        afd_sbuf_printf(&b,
+                        "# HELP afd_node_running Sequences running on this node.\n"
+                        "# TYPE afd_node_running gauge\nafd_node_running{%s} %u\n",
+                        lab, st->running);
     }
-    sb(&b, "# HELP afd_node_peer_latency_seconds One-way data-plane latency from each peer.\n"
-           "# TYPE afd_node_peer_latency_seconds histogram\n");
-    for (size_t k = 0; k < st->n_peer_latency; k++) {
-        const Afd__LatencyHist *h = st->peer_latency[k];
-        uint64_t cum = 0;
-        for (size_t q = 0; q + 1 < h->n_buckets; q++) {
-            cum += h->buckets[q];
-            sb(&b, "afd_node_peer_latency_seconds_bucket{%s,peer=\"%u\",le=\"%g\"} %llu\n", lab,
-               h->peer_id, (double)(1ull << q) / 1e6, (unsigned long long)cum);
-        }
-        sb(&b, "afd_node_peer_latency_seconds_bucket{%s,peer=\"%u\",le=\"+Inf\"} %llu\n", lab,
-           h->peer_id, (unsigned long long)h->count);
-        sb(&b, "afd_node_peer_latency_seconds_sum{%s,peer=\"%u\"} %.9g\n", lab, h->peer_id,
-           (double)h->sum_us / 1e6);
-        sb(&b, "afd_node_peer_latency_seconds_count{%s,peer=\"%u\"} %llu\n", lab, h->peer_id,
-           (unsigned long long)h->count);
-    }
+    afd_sbuf_printf(
+        &b, "# HELP afd_node_peer_latency_seconds One-way data-plane latency from each peer.\n"
+            "# TYPE afd_node_peer_latency_seconds histogram\n");
+    for (size_t k = 0; k < st->n_peer_latency; k++)
+        net_metrics_latency(&b, "afd_node_peer_latency_seconds", lab, st->peer_latency[k]);
     *len = b.len;
     return b.p;
 }

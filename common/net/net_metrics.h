@@ -8,6 +8,7 @@
 #define NET_METRICS_H
 
 #include "afd.pb-c.h"
+#include "afd_sbuf.h"
 #include "afd_status.h"
 
 #include <stddef.h>
@@ -21,6 +22,10 @@ int net_metrics_port(const net_metrics_server_t *s);
 void net_metrics_publish(net_metrics_server_t *s, const char *text, size_t len);
 void net_metrics_stop(net_metrics_server_t *s);
 
+/* Appends one peer's power-of-two-microsecond latency histogram as the Prometheus
+ * histogram `name` with the given labels (no HELP/TYPE lines). */
+void net_metrics_latency(afd_sbuf_t *b, const char *name, const char *labels,
+                         const Afd__LatencyHist *h);
 /* Renders a node's counters as Prometheus text into a malloc'd string. */
 char *net_metrics_render_node(const Afd__NodeStats *st, const char *role, uint32_t node_id,
                               size_t *len);

@@ -158,11 +158,13 @@ static void cpu_rope(kn_backend_t *be, float *x, int n, int nheads, int head_dim
     (void)be;
     int half = head_dim / 2;
     float cs[2048], sn[2048];
+    double inv[2048]; /* the frequencies depend on the head only: once per call */
     AFD_ASSERT(half <= 2048);
+    for (int j = 0; j < half; j++)
+        inv[j] = pow(theta, -2.0 * j / head_dim);
     for (int i = 0; i < n; i++) {
         for (int j = 0; j < half; j++) {
-            double inv = pow(theta, -2.0 * j / head_dim);
-            double a = (double)pos[i] * inv;
+            double a = (double)pos[i] * inv[j];
             cs[j] = (float)cos(a);
             sn[j] = (float)sin(a);
         }
@@ -390,6 +392,7 @@ static void cpu_round(kn_backend_t *be, float *x, int rows, int dim, afd_dtype_t
 
 static const kn_ops_t cpu_ops = {
     .name = "cpu",
+    .host_memory = 1,
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,
     .free = cpu_free,
