@@ -30,6 +30,7 @@
 typedef struct attn_opts {
     char *coordinator, *cluster_token, *model, *backend, *name, *kv_dtype, *a2f_dtype, *f2a_dtype;
     long threads, cpu, kv_block, kv_budget_mb, max_batch_tokens, busy_poll_us, step_deadline_ms,
+        coordinator_wait_s,
         heartbeat_ms, max_seqs, metrics_port;
     int ucx_peer_errors;
 } attn_opts_t;
@@ -64,6 +65,9 @@ static const afd_opt_t attn_table[] = {
      "serve Prometheus /metrics on this port (-1: off, 0: any free port)"},
     {"ucx-peer-errors", AFD_OPT_BOOL, "false", O(ucx_peer_errors), 0, 0, 0,
      "UCX peer failure detection (UCP_ERR_HANDLING_MODE_PEER)"},
+    {"coordinator-wait-s", AFD_OPT_INT, "300", O(coordinator_wait_s), 0, 86400, 0,
+     "how long to keep trying to reach the coordinator, at start and after losing it "
+     "(then the node rejoins, keeping its weights; 0: exit at once)"},
     AFD_OPTS_END};
 #undef O
 
@@ -84,6 +88,15 @@ typedef struct attn_seq {
 } attn_seq_t;
 
 /* one micro-batch: a stream of steps (step s+1 starts as soon as its step s is sampled) */
+/* A micro-batch's A2F buffer and the count of sends still reading it. A failed step retires
+ * the buffer with its sends (they finish or are cancelled later) and the micro-batch takes
+ * a fresh one, so nothing rewrites memory a send may still read. */
+typedef struct attn_tx {
+    net_ucx_buf_t buf;
+    int pending;
+    struct attn_tx *next; /* on the retired list */
+} attn_tx_t;
+
 typedef struct attn_mb {
     int busy; /* a step is in flight */
     uint64_t step;
@@ -100,8 +113,7 @@ typedef struct attn_mb {
     int32_t *ids;
     int32_t *h_ids;
     float *h_wts, *h_g;
-    net_ucx_buf_t tx; /* packed A2F */
-    int tx_pending;
+    struct attn_tx *tx; /* packed A2F */
     net_wire_hdr_t txh;
     net_ucx_buf_t rx[ATTN_MAX_FFN]; /* F2A answers, one per FFN node */
     int got;                        /* F2A answers received for `want_layer` */
@@ -151,6 +163,7 @@ typedef struct attn_node {
     int nplans;
     attn_acc_t acc[ATTN_MAX_PLANS]; /* results of steps in flight */
     Afd__Frame *pending_peers;      /* a peer table waiting for the pipeline to drain */
+    attn_tx_t *retired;             /* A2F buffers of failed steps, sends still in flight */
     float *logits;
     int logits_cap;
     /* stats */
@@ -218,9 +231,33 @@ static void attn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, si
 
 static void attn_send_done(void *arg, afd_status_t status)
 {
-    attn_mb_t *mb = arg;
+    attn_tx_t *t = arg;
     if (status) afd_error("A2F send failed: %s", afd_status_str(status));
-    mb->tx_pending--;
+    t->pending--;
+}
+
+/* Frees the retired A2F buffers whose sends are all over. */
+static void tx_sweep(attn_node_t *a)
+{
+    for (attn_tx_t **p = &a->retired; *p;) {
+        attn_tx_t *t = *p;
+        if (t->pending > 0) {
+            p = &t->next;
+            continue;
+        }
+        *p = t->next;
+        net_ucx_buf_free(a->ucx, &t->buf);
+        free(t);
+    }
+}
+
+/* A failed step: a buffer some send may still read is retired, not reused. */
+static void tx_retire(attn_node_t *a, attn_mb_t *mb)
+{
+    if (!mb->tx || mb->tx->pending <= 0) return;
+    mb->tx->next = a->retired;
+    a->retired = mb->tx;
+    mb->tx = NULL; /* the next send allocates a fresh one */
 }
 
 static void attn_peer_err(void *arg, uint32_t peer, afd_status_t status)
@@ -408,7 +445,8 @@ static void maybe_heartbeat(attn_node_t *a)
 /* Waits for the sends of a micro-batch's previous A2F (its buffer is reused). */
 static afd_status_t wait_tx(attn_node_t *a, attn_mb_t *mb)
 {
-    while (mb->tx_pending > 0) {
+    if (!mb->tx && !(mb->tx = calloc(1, sizeof(*mb->tx)))) return AFD_ERR_NOMEM;
+    while (mb->tx->pending > 0) {
         if (a->step_failed) return AFD_ERR_PEER;
         if (net_now_us() > mb->deadline_us) return AFD_ERR_TIMEOUT;
         net_node_wait(&a->ctl, a->ucx, (int)a->o.busy_poll_us, 5);
@@ -425,7 +463,7 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
     if (st) return st;
     uint32_t H = (uint32_t)c->hidden_size, k = c->is_moe[layer] ? (uint32_t)c->top_k : 0;
     uint64_t bytes = net_wire_payload_bytes(NET_WIRE_A2F, (uint32_t)mb->ntok, H, a->a2f, k);
-    if ((st = net_ucx_buf_reserve(a->ucx, &mb->tx, bytes))) return st;
+    if ((st = net_ucx_buf_reserve(a->ucx, &mb->tx->buf, bytes))) return st;
     if (mb->ntok) {
         size_t n = (size_t)mb->ntok;
         be->ops->download(be, mb->h_g, mb->g, 4 * n * H);
@@ -433,7 +471,7 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
             be->ops->download(be, mb->h_ids, mb->ids, 4 * n * k);
             be->ops->download(be, mb->h_wts, mb->wts, 4 * n * k);
         }
-        net_wire_pack_a2f(mb->h_g, (uint32_t)n, H, a->a2f, mb->h_ids, mb->h_wts, k, mb->tx.p);
+        net_wire_pack_a2f(mb->h_g, (uint32_t)n, H, a->a2f, mb->h_ids, mb->h_wts, k, mb->tx->buf.p);
     }
     net_wire_hdr_t *h = &mb->txh;
     memset(h, 0, sizeof(*h));
@@ -456,11 +494,12 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
     mb->want_layer = layer;
     for (int f = 0; f < a->ffn.n; f++) {
         h->send_ns = net_wire_now_ns();
-        mb->tx_pending++;
-        st = net_ucx_send(a->ffn.ep[f], h, sizeof(*h), mb->tx.p, bytes, bytes ? mb->tx.memh : NULL,
-                          attn_send_done, mb);
+        attn_tx_t *t = mb->tx;
+        t->pending++;
+        st = net_ucx_send(a->ffn.ep[f], h, sizeof(*h), t->buf.p, bytes, bytes ? t->buf.memh : NULL,
+                          attn_send_done, t);
         if (st) {
-            mb->tx_pending--;
+            t->pending--;
             return st;
         }
         a->a2f_bytes += bytes;
@@ -807,8 +846,9 @@ static void pipeline_fail(attn_node_t *a, afd_status_t st, const char *why)
         if (a->acc[k].used) acc_send(a, &a->acc[k], msg);
     for (int i = 0; i < ATTN_MAX_MB; i++) {
         a->mb[i].busy = 0;
-        a->mb[i].tx_pending = 0;
+        tx_retire(a, &a->mb[i]);
     }
+    tx_sweep(a);
     /* plans some micro-batches started are over; the others run later, empty */
     int k = 0;
     for (int j = 0; j < a->nplans; j++) {
@@ -956,6 +996,56 @@ static afd_status_t apply_peers(attn_node_t *a, const Afd__PeerTable *pt)
     return AFD_OK;
 }
 
+/*
+ * Joins the coordinator and announces this node ready, trying again (backing off to 5 s)
+ * while the coordinator cannot be reached, for at most --coordinator-wait-s. A refusal
+ * (bad token, cluster full) ends it at once.
+ */
+static afd_status_t attn_join(attn_node_t *a, Afd__Hello *hello)
+{
+    uint64_t until = net_now_us() + (uint64_t)a->o.coordinator_wait_s * 1000000;
+    int delay_ms = 200;
+    for (;;) {
+        Afd__Welcome *w;
+        afd_status_t st = net_node_join(&a->ctl, a->o.coordinator, hello, 10000, &w);
+        if (st == AFD_OK) {
+            afd_info("joined as node %u: %d KV blocks of %ld tokens", w->node_id,
+                     a->kv->store.num_blocks, a->o.kv_block);
+            afd__welcome__free_unpacked(w, NULL);
+            if (!a->ucx) return AFD_OK; /* first join: Ready follows once UCX is up */
+            if ((st = net_node_send_ready(&a->ctl, a->ucx)) == AFD_OK) return AFD_OK;
+        }
+        if (st == AFD_ERR_AUTH || g_stop || net_now_us() + (uint64_t)delay_ms * 1000 > until)
+            return st ? st : AFD_ERR_SHUTDOWN;
+        if (st != AFD_ERR_PEER) afd_info("coordinator not reachable; trying again");
+        usleep((useconds_t)delay_ms * 1000);
+        delay_ms = delay_ms * 2 > 5000 ? 5000 : delay_ms * 2;
+    }
+}
+
+/*
+ * The coordinator is gone, and with it every client this node was answering: the
+ * sequences, plans and steps in flight are dropped (their KV blocks return), the FFN
+ * endpoints close, and the node starts over as a fresh member, keeping its weights, KV
+ * pool and UCX worker.
+ */
+static void attn_reset(attn_node_t *a)
+{
+    net_node_close(&a->ctl);
+    int n = a->nseqs;
+    pipeline_fail(a, AFD_ERR_PEER, "lost the coordinator");
+    for (int k = 0; k < a->nplans; k++)
+        net_frame_free(a->plans[k].f);
+    a->nplans = 0;
+    if (a->pending_peers) net_frame_free(a->pending_peers);
+    a->pending_peers = NULL;
+    net_peer_set_close(&a->ffn);
+    a->epoch = 0;
+    a->cur_nmb = 0;
+    afd_warn("lost the coordinator: dropped %d sequences; %d KV blocks free; rejoining", n,
+             a->kv->nfree);
+}
+
 int main(int argc, char **argv)
 {
     afd_log_init("attn_node");
@@ -1005,11 +1095,7 @@ int main(int argc, char **argv)
     hello.kv_blocks = (uint64_t)a.kv->store.num_blocks;
     hello.kv_block_size = (uint32_t)a.o.kv_block;
     hello.max_batch_tokens = (uint32_t)a.o.max_batch_tokens;
-    Afd__Welcome *w;
-    if (net_node_join(&a.ctl, a.o.coordinator, &hello, 10000, &w)) return 1;
-    afd_info("joined as node %u: %d KV blocks of %ld tokens", w->node_id, a.kv->store.num_blocks,
-             a.o.kv_block);
-    afd__welcome__free_unpacked(w, NULL);
+    if (attn_join(&a, &hello)) return 1;
     a.lim = (net_wire_limits_t){.hidden = (uint32_t)a.cfg.hidden_size,
                                 .topk = (uint32_t)a.cfg.top_k,
                                 .num_layers = (uint32_t)a.cfg.num_layers,
@@ -1036,7 +1122,11 @@ int main(int argc, char **argv)
                 continue;
             }
             if (in->body_case == AFD__FRAME__BODY_PEERS) {
-                /* a new placement applies once nothing is in flight */
+                /* the coordinator publishes a placement only when no step is in flight,
+                 * or when a node was lost: steps still running here then belong to a
+                 * cluster that is gone (the coordinator has sent their sequences back to
+                 * its queue), so they end now rather than at their deadline */
+                if (!all_idle(&a)) pipeline_fail(&a, AFD_ERR_PEER, "the placement changed");
                 if (a.pending_peers) net_frame_free(a.pending_peers);
                 a.pending_peers = in;
                 continue;
@@ -1044,10 +1134,20 @@ int main(int argc, char **argv)
             net_frame_free(in);
         }
         if (st == AFD_ERR_PEER) {
-            afd_error("lost the coordinator; exiting");
-            rc = 1;
-            break;
+            if (!a.o.coordinator_wait_s) {
+                afd_error("lost the coordinator; exiting");
+                rc = 1;
+                break;
+            }
+            attn_reset(&a);
+            if (attn_join(&a, &hello)) {
+                afd_error("could not rejoin the coordinator; exiting");
+                rc = 1;
+                break;
+            }
+            continue;
         }
+        if (a.retired) tx_sweep(&a);
         if (a.pending_peers && all_idle(&a)) {
             if (apply_peers(&a, a.pending_peers->peers) == AFD_OK)
                 net_node_send_connected(&a.ctl, a.epoch);
@@ -1085,11 +1185,22 @@ int main(int argc, char **argv)
         seq_remove(&a, a.seqs);
     net_peer_set_close(&a.ffn);
     for (int i = 0; i < ATTN_MAX_MB; i++) {
-        net_ucx_buf_free(a.ucx, &a.mb[i].tx);
+        if (a.mb[i].tx) { /* retired with the others: freed once no send reads it */
+            a.mb[i].tx->next = a.retired;
+            a.retired = a.mb[i].tx;
+            a.mb[i].tx = NULL;
+        }
         for (int f = 0; f < ATTN_MAX_FFN; f++)
             net_ucx_buf_free(a.ucx, &a.mb[i].rx[f]);
     }
-    net_ucx_destroy(a.ucx);
+    tx_sweep(&a);
+    net_ucx_destroy(a.ucx); /* runs the callbacks of sends still pending */
+    while (a.retired) {     /* their registrations went with the worker */
+        attn_tx_t *t = a.retired;
+        a.retired = t->next;
+        free(t->buf.p);
+        free(t);
+    }
     mdl_sampler_destroy(a.smp);
     mdl_kv_destroy(a.kv);
     mdl_model_free(a.m);

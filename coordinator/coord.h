@@ -24,11 +24,13 @@
 #define COORD_MAX_NODES      256
 #define COORD_MAX_PLAN_AHEAD 4
 
+#define COORD_MAX_RECOVERIES 3 /* node losses one sequence is recomputed after */
 typedef struct coord_opts {
     char *host, *cluster_token, *model, *model_name, *micro_batches, *api_key, *api_keys_file,
         *admin_token;
     long port, ctrl_port, attn, ffn, plan_ahead, max_waiting, max_running, max_body_kb, max_prompt,
-        node_timeout_ms, default_max_tokens, drain_timeout_s, request_timeout_s, admin_port;
+        node_timeout_ms, default_max_tokens, drain_timeout_s, request_timeout_s, admin_port,
+        recovery_timeout_s;
     double kv_overcommit;
 } coord_opts_t;
 
@@ -72,7 +74,10 @@ typedef struct coord_seq {
     uint64_t t_last_us; /* when its last token arrived */
     int32_t *resume;    /* after a preemption: prompt + tokens so far, re-admitted as a prompt */
     int resume_len;
-    Afd__Sampling resume_sp; /* the request's sampling with the tokens still to go */
+    Afd__Sampling resume_sp;   /* the request's sampling with the tokens still to go */
+    int recoveries;            /* times a node loss sent it back to the queue */
+    uint64_t recover_until_us; /* waiting after a node loss: ends with recover_error then */
+    char *recover_error;
     const char *finish;
     char *error;
     struct coord_seq *next_wait;

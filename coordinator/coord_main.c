@@ -54,6 +54,9 @@ const afd_opt_t coord_table[] = {
      "runs out, its latest sequences are preempted and recomputed later (1: never preempt)"},
     {"request-timeout-s", AFD_OPT_INT, "0", O(request_timeout_s), 0, 86400 * 7, 0,
      "end a request still running after this long with an error (0: never)"},
+    {"recovery-timeout-s", AFD_OPT_INT, "60", O(recovery_timeout_s), 0, 3600, 0,
+     "sequences running when a node is lost are recomputed once the cluster is whole again; "
+     "those still waiting after this long end with the error (0: end them at once)"},
     AFD_OPTS_END};
 #undef O
 

@@ -124,17 +124,23 @@ static void on_hello(coord_node_t *n, const Afd__Hello *h)
         return welcome_error(n, "unknown role");
     /* FFN shares are fixed; attention nodes may come and go once the cluster is formed */
     int want = h->role == AFD__ROLE__ROLE_ATTN ? (c->formed ? 64 : (int)c->o.attn) : (int)c->o.ffn;
-    /* the lowest index no live node of the role holds */
-    int idx = -1;
-    for (int i = 0; i < want && idx < 0; i++) {
-        int taken = 0;
-        for (int k = 0; k < COORD_MAX_NODES; k++) {
-            coord_node_t *o = &c->nodes[k];
-            if (o != n && o->open && o->state != NODE_FREE && o->role == h->role && o->index == i)
-                taken = 1;
+    /* an FFN node that already holds a share's experts gets it back when it is free;
+     * otherwise the lowest index no live node of the role holds */
+    int idx = -1, held = -1;
+    if (h->role == AFD__ROLE__ROLE_FFN && h->ffn_share_held > 0 &&
+        h->ffn_share_count == (uint32_t)c->o.ffn && h->ffn_share_held <= (uint32_t)c->o.ffn)
+        held = (int)h->ffn_share_held - 1;
+    for (int pass = held >= 0 ? 0 : 1; pass < 2 && idx < 0; pass++)
+        for (int i = pass ? 0 : held; i < (pass ? want : held + 1) && idx < 0; i++) {
+            int taken = 0;
+            for (int k = 0; k < COORD_MAX_NODES; k++) {
+                coord_node_t *o = &c->nodes[k];
+                if (o != n && o->open && o->state != NODE_FREE && o->role == h->role &&
+                    o->index == i)
+                    taken = 1;
+            }
+            if (!taken) idx = i;
         }
-        if (!taken) idx = i;
-    }
     if (idx < 0) return welcome_error(n, "the cluster already has every node of this role");
     if (h->role == AFD__ROLE__ROLE_ATTN &&
         (h->kv_blocks == 0 || h->kv_block_size == 0 || h->kv_block_size > 4096))

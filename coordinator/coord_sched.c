@@ -26,6 +26,9 @@ static void seq_finish(coord_t *c, coord_seq_t *s, const char *finish, const cha
     s->done = 1;
     s->finish = finish;
     if (error && !s->error) s->error = strdup(error);
+    free(s->recover_error);
+    s->recover_error = NULL;
+    s->recover_until_us = 0;
     coord_node_t *n = attn_node(c, s->node);
     if (n) {
         if (n->kv_reserved >= (uint64_t)s->nblocks) n->kv_reserved -= (uint64_t)s->nblocks;
@@ -172,6 +175,7 @@ static void send_plan(coord_t *c)
         coord_hist_observe(&c->metrics.queue, (double)(now - r->t_arrival_us) / 1e6);
         c->metrics.prompt_tokens += (uint64_t)r->prompt_len[s->choice];
         s->node = best;
+        s->recover_until_us = 0; /* back in the data plane after a node loss */
         s->nblocks = blocks_needed(n, tokens);
         n->kv_reserved += (uint64_t)s->nblocks;
         n->running++;
@@ -355,11 +359,31 @@ void coord_sched_node_lost(coord_t *c, coord_node_t *n, const char *why)
              n->role == AFD__ROLE__ROLE_ATTN ? "attention" : "FFN", n->id, why);
     int was_ready = c->ready;
     c->ready = 0;
-    /* every running sequence needs the whole cluster for its next step */
+    /* every running sequence needs the whole cluster for its next step: it goes back to
+     * the queue, to be recomputed from its prompt and the tokens it has once the cluster is
+     * whole again (its stream goes on), or ends with the error after the recovery timeout,
+     * or at once when it was sent back too often */
+    uint64_t until = coord_now_us() + (uint64_t)c->o.recovery_timeout_s * 1000000u;
+    int requeued = 0, failed = 0;
     for (coord_req_t *r = c->reqs; r; r = r->next) {
-        for (int i = 0; i < r->nseq; i++)
-            if (!r->seqs[i].done && r->seqs[i].node >= 0) seq_finish(c, &r->seqs[i], "error", msg);
+        for (int i = 0; i < r->nseq; i++) {
+            coord_seq_t *s = &r->seqs[i];
+            if (s->done || s->node < 0) continue;
+            if (c->o.recovery_timeout_s > 0 && !r->aborted && s->recoveries < COORD_MAX_RECOVERIES) {
+                seq_requeue(c, s);
+                if (s->done) continue; /* out of memory: ended */
+                s->recoveries++;
+                if (!s->recover_until_us) s->recover_until_us = until;
+                if (!s->recover_error) s->recover_error = strdup(msg);
+                requeued++;
+            } else {
+                seq_finish(c, s, "error", msg);
+                failed++;
+            }
+        }
     }
+    if (requeued || failed)
+        afd_warn("%s: %d running sequences wait to be recomputed, %d ended", msg, requeued, failed);
     c->ninflight = 0;
     for (int i = 0; i < COORD_MAX_NODES; i++) {
         free(c->aborts[i]);
@@ -404,10 +428,36 @@ void coord_sched_abort_all(coord_t *c, const char *why)
     coord_sched_kick(c);
 }
 
+/* Sequences sent back to the queue by a node loss end with that loss's error when the
+ * cluster did not become whole again in time. */
+static void expire_recoveries(coord_t *c, uint64_t now)
+{
+    int any = 0;
+    for (coord_req_t *r = c->reqs; r; r = r->next)
+        for (int i = 0; i < r->nseq; i++) {
+            coord_seq_t *s = &r->seqs[i];
+            if (s->done || s->node >= 0 || !s->recover_until_us || now < s->recover_until_us)
+                continue;
+            char why[320];
+            snprintf(why, sizeof(why), "%s; the cluster was not whole again within %ld s",
+                     s->recover_error ? s->recover_error : "a node was lost",
+                     c->o.recovery_timeout_s);
+            wait_remove(c, s);
+            seq_finish(c, s, "error", why);
+            any = 1;
+        }
+    if (any) {
+        coord_sched_reap(c);
+        coord_sched_kick(c);
+    }
+}
+
 void coord_sched_expire(coord_t *c)
 {
+    uint64_t now = coord_now_us();
+    if (c->nwaiting) expire_recoveries(c, now);
     if (c->o.request_timeout_s <= 0) return;
-    uint64_t now = coord_now_us(), lim = (uint64_t)c->o.request_timeout_s * 1000000u;
+    uint64_t lim = (uint64_t)c->o.request_timeout_s * 1000000u;
     char why[96];
     snprintf(why, sizeof(why), "request timed out after %ld s", c->o.request_timeout_s);
     int any = 0;

@@ -27,7 +27,7 @@
 
 typedef struct ffn_opts {
     char *coordinator, *cluster_token, *model, *backend, *name;
-    long threads, busy_poll_us, max_tokens, cpu, heartbeat_ms, metrics_port;
+    long threads, busy_poll_us, max_tokens, cpu, heartbeat_ms, metrics_port, coordinator_wait_s;
     int ucx_peer_errors;
 } ffn_opts_t;
 
@@ -51,6 +51,9 @@ static const afd_opt_t ffn_table[] = {
      "serve Prometheus /metrics on this port (-1: off, 0: any free port)"},
     {"ucx-peer-errors", AFD_OPT_BOOL, "false", O(ucx_peer_errors), 0, 0, 0,
      "UCX peer failure detection (UCP_ERR_HANDLING_MODE_PEER)"},
+    {"coordinator-wait-s", AFD_OPT_INT, "300", O(coordinator_wait_s), 0, 86400, 0,
+     "how long to keep trying to reach the coordinator, at start and after losing it "
+     "(then the node rejoins, keeping its weights; 0: exit at once)"},
     AFD_OPTS_END};
 #undef O
 
@@ -104,7 +107,9 @@ static ffn_slot_t *slot_find(ffn_node_t *f, const net_wire_hdr_t *h, int create)
                      (unsigned long long)s->key.step, s->key.layer, s->key.mb);
             s->used = 0;
         }
-        if (s->used && s->key.step == h->step && s->key.layer == h->layer && s->key.mb == h->mb)
+        /* a processed slot (have -1) waits only for its sends: it never takes new data */
+        if (s->used && s->have >= 0 && s->key.epoch == h->epoch && s->key.step == h->step &&
+            s->key.layer == h->layer && s->key.mb == h->mb)
             return s;
         if (!s->used && !free_slot) free_slot = s;
     }
@@ -170,7 +175,7 @@ static void ffn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, siz
     f->a2f_bytes += len;
     s->arrived[ai] = 1;
     s->hdr[ai] = h;
-    if (++s->have == f->attn.n) s->complete = 1;
+    if (++s->have == f->attn.live) s->complete = 1; /* one slice from every attention node */
 }
 
 static void ffn_send_done(void *arg, afd_status_t status)
@@ -214,7 +219,7 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
     int H = c->hidden_size, layer = s->key.layer, n = 0;
     int k = c->is_moe[layer] ? c->top_k : 0;
     for (int a = 0; a < f->attn.n; a++)
-        n += (int)s->hdr[a].ntok;
+        if (s->arrived[a]) n += (int)s->hdr[a].ntok;
     if (ensure_cap(f, n > 0 ? n : 1)) {
         afd_error("out of memory for %d tokens", n);
         s->used = 0;
@@ -222,6 +227,7 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
     }
     int off = 0, bad = 0;
     for (int a = 0; a < f->attn.n; a++) {
+        if (!s->arrived[a]) continue; /* an index whose node left */
         const net_wire_hdr_t *h = &s->hdr[a];
         if (h->topk != (uint32_t)k) {
             afd_error("A2F from node %u: top-k %u for layer %d (expected %d)", h->src, h->topk,
@@ -247,6 +253,7 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
     f->tokens += (uint64_t)n;
     off = 0;
     for (int a = 0; a < f->attn.n; a++) {
+        if (!s->arrived[a]) continue;
         const net_wire_hdr_t *h = &s->hdr[a];
         afd_dtype_t rdt = (afd_dtype_t)h->reply_dtype;
         size_t bytes = (size_t)h->ntok * H * afd_dtype_size(rdt);
@@ -306,15 +313,53 @@ static void send_heartbeat(ffn_node_t *f)
 }
 
 /* Connects to every attention node of a peer table; slots of the old epoch are dropped. */
+static void slots_drop(ffn_node_t *f)
+{
+    for (int i = 0; i < FFN_MAX_SLOTS; i++) {
+        ffn_slot_t *s = &f->slots[i];
+        s->complete = 0;
+        if (s->sends > 0)
+            s->have = -1; /* its answers still read the buffers: freed when they are out */
+        else
+            s->used = 0;
+    }
+}
+
 static afd_status_t apply_peers(ffn_node_t *f, const Afd__PeerTable *pt)
 {
-    for (int i = 0; i < FFN_MAX_SLOTS; i++)
-        f->slots[i].used = 0;
+    slots_drop(f);
     afd_status_t st = net_peer_set_apply(&f->attn, f->ucx, pt, AFD__ROLE__ROLE_ATTN);
     if (st) return st;
     f->epoch = pt->epoch;
-    afd_info("epoch %u: serving %d attention nodes", f->epoch, f->attn.n);
+    afd_info("epoch %u: serving %d attention nodes", f->epoch, f->attn.live);
     return AFD_OK;
+}
+
+/*
+ * Joins the coordinator, trying again (backing off to 5 s) while it cannot be reached,
+ * for at most --coordinator-wait-s; a refusal ends it at once. The welcome names the
+ * expert share this node is to hold.
+ */
+static afd_status_t ffn_join(ffn_node_t *f, Afd__Hello *hello, mdl_role_t *role)
+{
+    uint64_t until = net_now_us() + (uint64_t)f->o.coordinator_wait_s * 1000000;
+    int delay_ms = 200;
+    for (;;) {
+        Afd__Welcome *w;
+        afd_status_t st = net_node_join(&f->ctl, f->o.coordinator, hello, 10000, &w);
+        if (st == AFD_OK) {
+            afd_info("joined as node %u: FFN share %u of %u (experts %u..%u)", w->node_id,
+                     w->ffn_index, w->ffn_count, w->expert_begin, w->expert_end);
+            *role = (mdl_role_t){
+                .ffn = 1, .ffn_index = (int)w->ffn_index, .ffn_count = (int)w->ffn_count};
+            afd__welcome__free_unpacked(w, NULL);
+            return AFD_OK;
+        }
+        if (st == AFD_ERR_AUTH || g_stop || net_now_us() + (uint64_t)delay_ms * 1000 > until)
+            return st;
+        usleep((useconds_t)delay_ms * 1000);
+        delay_ms = delay_ms * 2 > 5000 ? 5000 : delay_ms * 2;
+    }
 }
 
 int main(int argc, char **argv)
@@ -346,12 +391,8 @@ int main(int argc, char **argv)
     hello.name = f.o.name ? f.o.name : name;
     hello.model_id = f.o.model;
     hello.pid = (uint32_t)getpid();
-    Afd__Welcome *w;
-    if (net_node_join(&f.ctl, f.o.coordinator, &hello, 10000, &w)) return 1;
-    afd_info("joined as node %u: FFN share %u of %u (experts %u..%u)", w->node_id, w->ffn_index,
-             w->ffn_count, w->expert_begin, w->expert_end);
-    mdl_role_t role = {.ffn = 1, .ffn_index = (int)w->ffn_index, .ffn_count = (int)w->ffn_count};
-    afd__welcome__free_unpacked(w, NULL);
+    mdl_role_t role;
+    if (ffn_join(&f, &hello, &role)) return 1;
     kn_backend_t *be;
     mdl_ckpt_t *ck;
     if (kn_backend_create(f.o.backend, (int)f.o.threads, &be) || mdl_ckpt_open(f.o.model, &ck) ||
@@ -391,9 +432,40 @@ int main(int argc, char **argv)
             net_frame_free(in);
         }
         if (st == AFD_ERR_PEER) {
-            afd_error("lost the coordinator; exiting");
-            rc = 1;
-            break;
+            if (!f.o.coordinator_wait_s) {
+                afd_error("lost the coordinator; exiting");
+                rc = 1;
+                break;
+            }
+            /* everything in flight was for the coordinator's clients: drop it, keep the
+             * weights, and join again asking for the same share */
+            afd_warn("lost the coordinator; rejoining");
+            net_node_close(&f.ctl);
+            slots_drop(&f);
+            net_peer_set_close(&f.attn);
+            f.epoch = 0;
+            hello.ffn_share_held = (uint32_t)role.ffn_index + 1;
+            hello.ffn_share_count = (uint32_t)role.ffn_count;
+            mdl_role_t nr;
+            if (ffn_join(&f, &hello, &nr)) {
+                afd_error("could not rejoin the coordinator; exiting");
+                rc = 1;
+                break;
+            }
+            if (nr.ffn_index != role.ffn_index || nr.ffn_count != role.ffn_count) {
+                afd_info("loading the experts of share %d of %d", nr.ffn_index, nr.ffn_count);
+                mdl_ws_free(f.m, &f.ws);
+                mdl_model_free(f.m);
+                f.m = NULL;
+                f.cap = 0;
+                if (mdl_model_load(ck, &f.cfg, be, &nr, isatty(2), &f.m)) {
+                    rc = 1;
+                    break;
+                }
+                role = nr;
+            }
+            net_node_send_ready(&f.ctl, f.ucx); /* a failure shows as a loss: next round */
+            continue;
         }
         int did = 0;
         for (int i = 0; i < FFN_MAX_SLOTS; i++) {
@@ -428,7 +500,7 @@ int main(int argc, char **argv)
             net_ucx_buf_free(f.ucx, &f.slots[i].tx[a]);
         }
     net_ucx_destroy(f.ucx);
-    mdl_ws_free(f.m, &f.ws);
+    if (f.m) mdl_ws_free(f.m, &f.ws);
     mdl_model_free(f.m);
     mdl_ckpt_close(ck);
     be->ops->destroy(be);

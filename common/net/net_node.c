@@ -187,6 +187,7 @@ void net_peer_set_close(net_peer_set_t *ps)
         if (ps->ep[i]) net_ucx_disconnect(ps->ep[i]);
     memset(ps->ep, 0, sizeof(ps->ep));
     ps->n = 0;
+    ps->live = 0;
 }
 
 afd_status_t net_peer_set_apply(net_peer_set_t *ps, net_ucx_t *ucx, const Afd__PeerTable *pt,
@@ -205,6 +206,7 @@ afd_status_t net_peer_set_apply(net_peer_set_t *ps, net_ucx_t *ucx, const Afd__P
         if (st) return st;
         ps->ids[p->index] = p->node_id;
         ps->lat[p->index].peer_id = p->node_id;
+        ps->live++;
         if ((int)p->index + 1 > ps->n) ps->n = (int)p->index + 1;
     }
     return AFD_OK;
@@ -213,7 +215,7 @@ afd_status_t net_peer_set_apply(net_peer_set_t *ps, net_ucx_t *ucx, const Afd__P
 int net_peer_set_index(const net_peer_set_t *ps, uint32_t id)
 {
     for (int i = 0; i < ps->n; i++)
-        if (ps->ids[i] == id) return i;
+        if (ps->ep[i] && ps->ids[i] == id) return i;
     return -1;
 }
 

@@ -55,7 +55,8 @@ typedef struct net_lat_hist {
 /* The data-plane peers of one role, by index (attention index or FFN share). */
 #define NET_MAX_PEERS 64
 typedef struct net_peer_set {
-    int n;
+    int n;    /* indexes 0..n-1; a node that left leaves a hole (ep NULL) */
+    int live; /* peers connected */
     uint32_t ids[NET_MAX_PEERS];
     net_ucx_peer_t *ep[NET_MAX_PEERS];
     net_lat_hist_t lat[NET_MAX_PEERS];

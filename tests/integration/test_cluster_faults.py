@@ -3,11 +3,13 @@ an explicit error, and stays up.
 
 - garbage on the control port, and a node with a wrong cluster token, are refused;
   the cluster keeps serving;
-- an FFN node killed (SIGKILL) in the middle of a streamed decode: the client gets an
-  explicit error event and [DONE] (not a hang), a non-streamed request in flight gets
-  HTTP 500 with the error, the coordinator, the attention node and the other FFN node
-  stay up, /ready turns false; a restarted FFN node rejoins under a new epoch and the
-  cluster serves again, with the same greedy output as before.
+- an FFN node killed (SIGKILL) in the middle of a streamed decode and of a whole-answer
+  request: the coordinator, the attention node and the other FFN node stay up, /ready
+  turns false and new requests get 503; a restarted FFN node rejoins under a new epoch,
+  and both requests are recomputed and finish with the answers an undisturbed run gives;
+- killed and not restarted: once the recovery timeout passes, the streamed client gets
+  an explicit error event and [DONE] (not a hang), the whole-answer client HTTP 500;
+  the cluster serves again, with the same greedy output, when the node is back.
 """
 import json
 import os
@@ -63,7 +65,7 @@ def alive(name):
 start("coordinator", ["afd_coordinator", "--model", model, "--cluster-token", TOKEN,
                       "--port", str(port), "--ctrl-port", str(ctrl),
                       "--admin-port", str(admin_port), "--attn", "1", "--ffn",
-                      "2", "--node-timeout-ms", "5000"])
+                      "2", "--node-timeout-ms", "5000", "--recovery-timeout-s", "5"])
 time.sleep(0.3)
 node("ffn-0", "ffn_node")
 node("ffn-1", "ffn_node")
@@ -128,58 +130,115 @@ try:
              f"running {now['requests']['running']}, reserved {att['kv_blocks_reserved']}, "
              f"used {att.get('kv_blocks_used')}")
 
-    # kill an FFN node in the middle of a streamed decode and of a whole-answer request
-    events, whole = [], {}
-
-    def streamer():
-        body = {"prompt": [1, 2, 3], "max_tokens": 3000, "temperature": 0, "stream": True,
+    # an FFN node killed in the middle of a streamed decode and of a whole-answer request,
+    # and restarted: both requests are recomputed once the cluster is whole again and
+    # finish as if nothing happened
+    def streamer(out, prompt, max_tokens):
+        out["events"] = []
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "ignore_eos": True}
         r = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode())
-        with urllib.request.urlopen(r, timeout=60) as resp:
+        with urllib.request.urlopen(r, timeout=90) as resp:
             for raw in resp:
                 line = raw.decode().strip()
                 if line.startswith("data: "):
                     p = line[6:]
-                    events.append(p if p == "[DONE]" else json.loads(p))
+                    out["events"].append(p if p == "[DONE]" else json.loads(p))
 
-    def waiter():
-        whole["r"] = post(url, "/v1/completions", {"prompt": [4, 5], "max_tokens": 3000,
-                                                   "temperature": 0, "ignore_eos": True},
-                          timeout=60)
+    def waiter(out, prompt, max_tokens):
+        out["r"] = post(url, "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
+                                                 "temperature": 0, "ignore_eos": True},
+                        timeout=90)
 
-    t1, t2 = threading.Thread(target=streamer), threading.Thread(target=waiter)
+    def streamed_ids(out):
+        return [t for e in out["events"] if isinstance(e, dict) and e.get("choices")
+                for t in e["choices"][0].get("token_ids", [])]
+
+    def kill(name):
+        procs[name].send_signal(signal.SIGKILL)
+        procs[name].wait()
+
+    sa, wa = {}, {}
+    t1 = threading.Thread(target=streamer, args=(sa, [1, 2, 3], 200))
+    t2 = threading.Thread(target=waiter, args=(wa, [4, 5], 200))
     t1.start()
     t2.start()
     t0 = time.time()
-    while len(events) < 5 and time.time() - t0 < 30:
+    while len(sa.get("events", [])) < 5 and time.time() - t0 < 30:
         time.sleep(0.02)
-    procs["ffn-1"].send_signal(signal.SIGKILL)
-    procs["ffn-1"].wait()
-    t1.join(60)
-    t2.join(60)
-    err = [e for e in events if isinstance(e, dict) and "error" in e]
-    ck.check("the streamed client gets an explicit error event, then [DONE]",
-             not t1.is_alive() and err and events[-1] == "[DONE]" and 5 <= len(events) < 3000,
-             f"{len(events)} events, last {str(events[-2:])[:200]}")
-    st, body = whole.get("r", (None, None))
-    ck.check("the whole-answer client gets HTTP 500 with the error",
-             st == 500 and "lost" in body["error"]["message"], str(body)[:200])
-    ck.check("coordinator, attention node and the other FFN node stay up",
+    kill("ffn-1")
+    k0 = len(streamed_ids(sa))  # tokens out when the node died
+    ck.check("FFN node killed: coordinator, attention node and the other FFN node stay up",
              alive("coordinator") and alive("attn-0") and alive("ffn-0"))
     ck.check("/health stays 200 and /ready turns false",
              get(url, "/health")[0] == 200 and wait_ready(False, 5))
     st, body = post(url, "/v1/completions", req)
     ck.check("a request while a node is missing gets 503, not a hang",
              st == 503 and "not ready" in body["error"]["message"], str(body)[:200])
-
     node("ffn-1b", "ffn_node")
     ck.check("a restarted FFN node rejoins and the cluster is ready again", wait_ready(True, 30))
-    st, after = post(url, "/v1/completions", req)
-    ck.check("after the rejoin it serves the same greedy output as before",
-             st == 200 and after["choices"][0]["token_ids"] == before["choices"][0]["token_ids"],
-             str(after)[:200])
+    t1.join(90)
+    t2.join(90)
+    ids = streamed_ids(sa)
+    errs = [e for e in sa["events"] if isinstance(e, dict) and "error" in e]
+    ck.check("the streamed request goes on after the rejoin: 200 tokens, no error, [DONE]",
+             not t1.is_alive() and not errs and len(ids) == 200 and sa["events"][-1] == "[DONE]",
+             f"{len(ids)} tokens, errors {str(errs)[:200]}")
+    def recovered_ok(prompt, got, k0):
+        """got equals the undisturbed answer, or differs only because it was recomputed:
+        for some k, got[k:] is exactly what a fresh request for prompt + got[:k] decodes
+        (a recompute runs the context as a prompt, which can tip near-ties)"""
+        st, solo = post(url, "/v1/completions", {"prompt": prompt, "max_tokens": len(got),
+                                                 "temperature": 0, "ignore_eos": True})
+        want = solo["choices"][0]["token_ids"] if st == 200 else []
+        if got == want:
+            return True, "equal to the undisturbed answer"
+        d = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), len(want))
+        # both requests run in the same steps: the recompute starts near k0
+        for k in range(max(0, k0 - 3), d + 1):
+            st, cont = post(url, "/v1/completions", {"prompt": prompt + got[:k],
+                                                     "max_tokens": len(got) - k,
+                                                     "temperature": 0, "ignore_eos": True})
+            if st == 200 and cont["choices"][0]["token_ids"] == got[k:]:
+                return True, f"recomputed from token {k}; differs from undisturbed at {d}"
+        return False, f"differs from the undisturbed answer at token {d}, no recompute fits"
+
+    ok, why = recovered_ok([1, 2, 3], ids, k0)
+    ck.check("its tokens are the greedy continuation of its context throughout", ok, why)
+    st, body = wa.get("r", (None, None))
+    ok, why = recovered_ok([4, 5], body["choices"][0]["token_ids"], k0) if st == 200 else (False, "")
+    ck.check("the whole-answer request too: HTTP 200, the same kind of answer",
+             st == 200 and ok, why or str(body)[:200])
     st, status = get(admin, "/admin/status")
     ck.check("the new placement is a new epoch", st == 200 and status["cluster"]["epoch"] >= 2)
+
+    # killed and not restarted: after the recovery timeout the clients get explicit errors
+    sa, wa = {}, {}
+    t1 = threading.Thread(target=streamer, args=(sa, [1, 2, 3], 3000))
+    t2 = threading.Thread(target=waiter, args=(wa, [4, 5], 3000))
+    t1.start()
+    t2.start()
+    t0 = time.time()
+    while len(sa.get("events", [])) < 5 and time.time() - t0 < 30:
+        time.sleep(0.02)
+    kill("ffn-1b")
+    t1.join(60)
+    t2.join(60)
+    took = time.time() - t0
+    errs = [e for e in sa["events"] if isinstance(e, dict) and "error" in e]
+    ck.check("not restarted: the streamed client gets an explicit error event, then [DONE]",
+             not t1.is_alive() and errs and sa["events"][-1] == "[DONE]" and
+             "not whole again" in errs[0]["error"]["message"],
+             f"{len(sa['events'])} events after {took:.1f} s, last {str(sa['events'][-2:])[:200]}")
+    st, body = wa.get("r", (None, None))
+    ck.check("and the whole-answer client HTTP 500 with the error",
+             st == 500 and "lost" in body["error"]["message"], str(body)[:200])
+    node("ffn-1c", "ffn_node")
+    ck.check("the cluster is ready again once the node is back", wait_ready(True, 30))
+    st, after = post(url, "/v1/completions", req)
+    ck.check("and serves the same greedy output as before",
+             st == 200 and after["choices"][0]["token_ids"] == before["choices"][0]["token_ids"],
+             str(after)[:200])
 finally:
     for name, p in procs.items():
         if p.poll() is None:
