@@ -30,8 +30,7 @@
 typedef struct attn_opts {
     char *coordinator, *cluster_token, *model, *backend, *name, *kv_dtype, *a2f_dtype, *f2a_dtype;
     long threads, cpu, kv_block, kv_budget_mb, max_batch_tokens, busy_poll_us, step_deadline_ms,
-        coordinator_wait_s,
-        heartbeat_ms, max_seqs, metrics_port;
+        coordinator_wait_s, heartbeat_ms, max_seqs, metrics_port;
     int ucx_peer_errors;
 } attn_opts_t;
 
@@ -117,6 +116,7 @@ typedef struct attn_mb {
     net_wire_hdr_t txh;
     net_ucx_buf_t rx[ATTN_MAX_FFN]; /* F2A answers, one per FFN node */
     int got;                        /* F2A answers received for `want_layer` */
+    uint64_t sent_us;               /* when that layer's A2F went out */
     int want_layer;
     mdl_ws_t ws;
 } attn_mb_t;
@@ -225,6 +225,7 @@ static void attn_recv(void *arg, const void *hdr, size_t hdr_len, void *data, si
     int fi = net_peer_set_index(&a->ffn, h.src);
     if (fi < 0) return;
     net_lat_record(&a->ffn.lat[fi], h.send_ns);
+    net_lat_answer(&a->ffn.lat[fi], net_now_us() - a->mb[h.mb].sent_us);
     a->f2a_bytes += len;
     a->mb[h.mb].got++;
 }
@@ -492,6 +493,7 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
     h->payload = bytes;
     mb->got = 0;
     mb->want_layer = layer;
+    mb->sent_us = net_now_us();
     for (int f = 0; f < a->ffn.n; f++) {
         h->send_ns = net_wire_now_ns();
         attn_tx_t *t = mb->tx;

@@ -696,6 +696,11 @@ static void handle_status(coord_t *c, net_http_req_t *req)
                 cJSON_AddNumberToObject(l, "count", (double)h->count);
                 cJSON_AddNumberToObject(l, "mean_us",
                                         h->count ? (double)h->sum_us / (double)h->count : 0);
+                if (h->answer_count) { /* attention nodes: how fast each FFN peer answers */
+                    cJSON_AddNumberToObject(l, "answer_mean_us",
+                                            (double)h->answer_sum_us / (double)h->answer_count);
+                    cJSON_AddNumberToObject(l, "answer_max_us", (double)h->answer_max_us);
+                }
                 cJSON *b = cJSON_AddArrayToObject(l, "buckets_pow2_us");
                 for (size_t q = 0; q < h->n_buckets; q++)
                     cJSON_AddItemToArray(b, cJSON_CreateNumber((double)h->buckets[q]));

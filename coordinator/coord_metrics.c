@@ -182,6 +182,23 @@ char *coord_metrics_render(coord_t *c, size_t *len)
         for (size_t k = 0; k < st->n_peer_latency; k++)
             net_metrics_latency(&b, "afd_peer_latency_seconds", nl, st->peer_latency[k]);
     }
+    afd_sbuf_printf(&b, "# HELP afd_peer_answer_seconds Attention nodes: time from a micro-batch's "
+                        "A2F sent to each FFN peer's answer back (a straggler stands out).\n"
+                        "# TYPE afd_peer_answer_seconds summary\n");
+    for (int i = 0; i < COORD_MAX_NODES; i++) {
+        const coord_node_t *n = &c->nodes[i];
+        if (!n->open || n->state == NODE_FREE || !n->last_hb || !n->last_hb->stats) continue;
+        const Afd__NodeStats *st = n->last_hb->stats;
+        for (size_t k = 0; k < st->n_peer_latency; k++) {
+            const Afd__LatencyHist *h = st->peer_latency[k];
+            if (!h->answer_count) continue;
+            afd_sbuf_printf(&b,
+                            "afd_peer_answer_seconds_sum{node=\"%u\",peer=\"%u\"} %.6f\n"
+                            "afd_peer_answer_seconds_count{node=\"%u\",peer=\"%u\"} %llu\n",
+                            n->id, h->peer_id, (double)h->answer_sum_us / 1e6, n->id, h->peer_id,
+                            (unsigned long long)h->answer_count);
+        }
+    }
     *len = b.len;
     return b.p;
 }

@@ -369,7 +369,8 @@ void coord_sched_node_lost(coord_t *c, coord_node_t *n, const char *why)
         for (int i = 0; i < r->nseq; i++) {
             coord_seq_t *s = &r->seqs[i];
             if (s->done || s->node < 0) continue;
-            if (c->o.recovery_timeout_s > 0 && !r->aborted && s->recoveries < COORD_MAX_RECOVERIES) {
+            if (c->o.recovery_timeout_s > 0 && !r->aborted &&
+                s->recoveries < COORD_MAX_RECOVERIES) {
                 seq_requeue(c, s);
                 if (s->done) continue; /* out of memory: ended */
                 s->recoveries++;

@@ -168,6 +168,13 @@ void net_lat_record(net_lat_hist_t *h, uint64_t send_ns)
     h->sum_us += us;
 }
 
+void net_lat_answer(net_lat_hist_t *h, uint64_t us)
+{
+    h->answer_count++;
+    h->answer_sum_us += us;
+    if (us > h->answer_max_us) h->answer_max_us = us;
+}
+
 void net_lat_to_proto(net_lat_hist_t *h, int n, Afd__LatencyHist *pb, Afd__LatencyHist **pp)
 {
     for (int i = 0; i < n; i++) {
@@ -177,6 +184,9 @@ void net_lat_to_proto(net_lat_hist_t *h, int n, Afd__LatencyHist *pb, Afd__Laten
         pb[i].buckets = h[i].buckets;
         pb[i].count = h[i].count;
         pb[i].sum_us = h[i].sum_us;
+        pb[i].answer_count = h[i].answer_count;
+        pb[i].answer_sum_us = h[i].answer_sum_us;
+        pb[i].answer_max_us = h[i].answer_max_us;
         pp[i] = &pb[i];
     }
 }

@@ -50,6 +50,7 @@ typedef struct net_lat_hist {
     uint32_t peer_id;
     uint64_t buckets[NET_LAT_BUCKETS];
     uint64_t count, sum_us;
+    uint64_t answer_count, answer_sum_us, answer_max_us; /* see LatencyHist in afd.proto */
 } net_lat_hist_t;
 
 /* The data-plane peers of one role, by index (attention index or FFN share). */
@@ -69,6 +70,8 @@ void net_peer_set_close(net_peer_set_t *ps);
 /* The index of a node id, or -1. */
 int net_peer_set_index(const net_peer_set_t *ps, uint32_t id);
 
+/* Records how long a peer took to answer (attention nodes: A2F out to F2A back). */
+void net_lat_answer(net_lat_hist_t *h, uint64_t us);
 /* Records a message sent at send_ns (sender's CLOCK_REALTIME) and received now. */
 void net_lat_record(net_lat_hist_t *h, uint64_t send_ns);
 /* Fills a heartbeat's latency entries (pb and pp hold n entries) from n histograms. */
