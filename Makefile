@@ -35,12 +35,19 @@ CC ?= gcc
 OPT := $(if $(filter 1,$(DEBUG)),-O0,-O2)
 LLHTTP_DIR ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
-INCLUDES := -Icommon/util -Icommon/model -Icommon/kernels -Icommon/net -I$(BUILD)/proto -I$(LLHTTP_INC)
+INCLUDES := -Icommon/util -Icommon/model -Icommon/kernels -Icommon/kernels/cuda -Icommon/net -I$(BUILD)/proto -I$(LLHTTP_INC)
 CFLAGS := -std=c11 -Wall -Wextra -Werror $(OPT) -g -MMD -MP -pthread $(SANFLAGS) $(INCLUDES)
 LDFLAGS := -pthread -Wl,--as-needed $(SANFLAGS)
 LDLIBS := -lucp -lucs -luv -lprotobuf-c -lcjson -lopenblas -lm
 
 COMMON_SRC := $(wildcard common/util/*.c common/model/*.c common/kernels/*.c common/kernels/cpu/*.c common/net/*.c)
+# the cuda backend's host planning is plain C, built (and unit-tested) everywhere; with
+# CUDA its loader goes into every program (-u: a weak reference pulls no archive member)
+COMMON_SRC += common/kernels/cuda/kn_cuda_host.c
+ifeq ($(HAVE_CUDA),1)
+COMMON_SRC += common/kernels/cuda/kn_cuda_load.c
+LDFLAGS += -Wl,--undefined=kn_cuda_create
+endif
 PROTO_SRC := $(wildcard proto/*.proto)
 PROTO_C := $(PROTO_SRC:proto/%.proto=$(BUILD)/proto/%.pb-c.c)
 PROTO_H := $(PROTO_C:.c=.h)
@@ -136,6 +143,52 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIBCOMMON)
 	$(call msg,LD,$@)
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -lcmocka -o $@
+
+# ---- the cuda backend (HAVE_CUDA=1): kernels, cuBLASLt GEMMs and the ops table in
+# $(BUILD)/lib/libafdcuda.so, loaded by kn_cuda_create when the backend is asked for
+ifeq ($(HAVE_CUDA),1)
+CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart
+NVCCFLAGS := -std=c++17 -O2 -g -arch=sm_90 -Werror all-warnings \
+	-Xcompiler -Wall,-Wextra,-Werror,-fPIC $(INCLUDES)
+CUDA_DIR := common/kernels/cuda
+CUDA_OBJ := $(patsubst %.cu,$(BUILD)/obj/pic/%.o,$(wildcard $(CUDA_DIR)/*.cu)) \
+	$(patsubst %.c,$(BUILD)/obj/pic/%.o,$(CUDA_DIR)/kn_cuda.c $(CUDA_DIR)/kn_cuda_gemm.c \
+	$(CUDA_DIR)/kn_cuda_host.c)
+CUDA_SO := $(BUILD)/lib/libafdcuda.so
+
+$(BUILD)/obj/pic/%.o: %.cu
+	$(call msg,NVCC,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/obj/pic/%.o: %.c
+	$(call msg,CC,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(CFLAGS) -fPIC -fvisibility=hidden -I$(CUDA_HOME)/include -c $< -o $@
+
+$(CUDA_SO): $(CUDA_OBJ)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) -shared -Wl,--no-undefined $(SANFLAGS) $^ $(CUDA_LIBS) -lstdc++ -lm -o $@
+
+all: $(CUDA_SO)
+tests: $(BUILD)/tests/cuda_check $(BUILD)/tests/cuda_bench
+
+$(BUILD)/obj/tests/cuda/%.o: CFLAGS += -I$(CUDA_HOME)/include
+
+# the whole-backend check goes through kn_backend_create like every program
+$(BUILD)/tests/cuda_check: $(BUILD)/obj/tests/cuda/cuda_check.o $(LIBCOMMON) | $(CUDA_SO)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+# the benchmark calls the launchers and GEMMs directly
+$(BUILD)/tests/cuda_bench: $(BUILD)/obj/tests/cuda/cuda_bench.o $(LIBCOMMON) $(CUDA_SO)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ -Wl,-rpath,'$$ORIGIN/../lib' $(CUDA_LIBS) $(LDLIBS) -o $@
+endif
 
 deps:
 	@scripts/deps.sh

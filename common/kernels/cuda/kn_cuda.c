@@ -1,0 +1,641 @@
+/*
+ * kn_cuda: the cuda backend's ops table. Activations are float32 in device memory, as
+ * the ops table says; weights are bf16, or e4m3 with their 128x128 block scales when
+ * the device's block-scaled fp8 GEMM passed the start-up probe (else fp8 checkpoints
+ * are dequantised to bf16 at load: the documented fallback). GEMMs go through
+ * cuBLASLt (kn_cuda_gemm), everything else through the kernels of kn_cuda_kernels.h,
+ * all on one stream. Per-op temporaries come from one device arena that grows to its
+ * high-water mark and is then reused, and freed buffers are kept for reuse by size,
+ * so a steady decode step allocates nothing.
+ *
+ * A failed launch or a device error is a broken device, not bad input: it is logged
+ * with the CUDA error and the process aborts.
+ */
+#include "kn_cuda.h"
+#include "kn_cuda_gemm.h"
+#include "kn_cuda_host.h"
+#include "kn_cuda_kernels.h"
+
+#include <cuda_runtime_api.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KN_CACHE_MAX      32
+#define KN_CACHE_MAX_SIZE ((size_t)256 << 20)
+#define KN_GEMM_WS        ((size_t)32 << 20)
+#define KN_ARENA_INITIAL  ((size_t)64 << 20)
+
+typedef struct kn_cu_block {
+    void *p;
+    size_t bytes;
+} kn_cu_block_t;
+
+typedef struct kn_cuda {
+    kn_backend_t base;
+    int device, num_sms;
+    cudaStream_t stream;
+    kn_gemm_t *gemm;
+    int fp8_native;                    /* block-scaled fp8 GEMM verified at start */
+    kn_scale_order_t order_w, order_x; /* its scale layouts (weights, activations) */
+    void *arena_mem;                   /* per-op temporaries */
+    kn_arena_t arena;
+    kn_cu_block_t *live; /* alloc'd buffers and their sizes */
+    int nlive, live_cap;
+    kn_cu_block_t cache[KN_CACHE_MAX]; /* freed buffers kept for reuse */
+    int ncache;
+    int warned_fp8_shape;
+    int attn_tc; /* decode attention on the tensor cores (AFD_CUDA_ATTN=tc) */
+} kn_cuda_t;
+
+/* what a weight's aux points at */
+typedef struct kn_cu_weight {
+    int fp8;         /* data is e4m3 (rows, cols); else bf16 (rows, cols) */
+    float *scale;    /* fp8: block scales in the GEMM's order */
+    float *scale_rm; /* fp8: the same, row-major (rows/128, cols/128), for dequantising */
+} kn_cu_weight_t;
+
+static const kn_cuda_env_t *g_env;
+
+__attribute__((format(printf, 2, 3))) static void cu_log(int level, const char *fmt, ...)
+{
+    char buf[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    if (g_env && g_env->log)
+        g_env->log(level, buf);
+    else
+        fprintf(stderr, "%s\n", buf);
+}
+
+#define LOG_ERROR 0
+#define LOG_WARN  1
+#define LOG_INFO  2
+
+static void cu_fail(const char *what, const char *err, const char *file, int line)
+{
+    cu_log(LOG_ERROR, "backend cuda: %s failed: %s (%s:%d)", what, err, file, line);
+    abort();
+}
+
+#define CU_CHECK(call)                                                                             \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) cu_fail(#call, cudaGetErrorString(e_), __FILE__, __LINE__);         \
+    } while (0)
+
+#define CU_ASSERT(cond)                                                                            \
+    do {                                                                                           \
+        if (!(cond)) cu_fail("check", #cond, __FILE__, __LINE__);                                  \
+    } while (0)
+
+static kn_cuda_t *cu(kn_backend_t *be)
+{
+    return (kn_cuda_t *)be;
+}
+
+/* ---- memory ---- */
+
+/* Makes the arena hold at least `bytes` and empties it; growing waits for queued work. */
+static void scratch_begin(kn_cuda_t *c, size_t bytes)
+{
+    if (bytes > c->arena.cap) {
+        size_t cap = c->arena.cap * 2 > bytes ? c->arena.cap * 2 : bytes;
+        cap = (cap + ((size_t)1 << 20) - 1) & ~(((size_t)1 << 20) - 1);
+        CU_CHECK(cudaStreamSynchronize(c->stream));
+        if (c->arena_mem) CU_CHECK(cudaFree(c->arena_mem));
+        c->arena_mem = NULL;
+        CU_CHECK(cudaMalloc(&c->arena_mem, cap));
+        kn_arena_init(&c->arena, cap);
+    }
+    kn_arena_reset(&c->arena);
+}
+
+static void *scratch_take(kn_cuda_t *c, size_t bytes)
+{
+    size_t off;
+    CU_ASSERT(kn_arena_take(&c->arena, bytes, 256, &off) == AFD_OK);
+    return (char *)c->arena_mem + off;
+}
+
+#define SCR(bytes) (((size_t)(bytes) + 255) / 256 * 256)
+
+static void live_add(kn_cuda_t *c, void *p, size_t bytes)
+{
+    if (c->nlive == c->live_cap) {
+        int cap = c->live_cap ? 2 * c->live_cap : 256;
+        kn_cu_block_t *n = realloc(c->live, sizeof(*n) * (size_t)cap);
+        CU_ASSERT(n);
+        c->live = n;
+        c->live_cap = cap;
+    }
+    c->live[c->nlive++] = (kn_cu_block_t){p, bytes};
+}
+
+static void *cuda_alloc(kn_backend_t *be, size_t bytes)
+{
+    kn_cuda_t *c = cu(be);
+    if (!bytes) bytes = 1;
+    void *p = NULL;
+    for (int i = 0; i < c->ncache; i++)
+        if (c->cache[i].bytes == bytes) {
+            p = c->cache[i].p;
+            c->cache[i] = c->cache[--c->ncache];
+            break;
+        }
+    if (!p && cudaMalloc(&p, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    CU_CHECK(cudaMemsetAsync(p, 0, bytes, c->stream));
+    live_add(c, p, bytes);
+    return p;
+}
+
+static void cuda_free(kn_backend_t *be, void *p)
+{
+    kn_cuda_t *c = cu(be);
+    if (!p) return;
+    size_t bytes = 0;
+    for (int i = c->nlive - 1; i >= 0; i--)
+        if (c->live[i].p == p) {
+            bytes = c->live[i].bytes;
+            c->live[i] = c->live[--c->nlive];
+            break;
+        }
+    CU_ASSERT(bytes > 0);
+    /* stream order: a later alloc of this size reuses it only behind the work queued so far */
+    if (c->ncache < KN_CACHE_MAX && bytes <= KN_CACHE_MAX_SIZE) {
+        c->cache[c->ncache++] = (kn_cu_block_t){p, bytes};
+        return;
+    }
+    CU_CHECK(cudaStreamSynchronize(c->stream));
+    CU_CHECK(cudaFree(p));
+}
+
+static void cuda_upload(kn_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    if (!bytes) return;
+    CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cu(be)->stream));
+}
+
+static void cuda_download(kn_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    if (!bytes) return;
+    CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cu(be)->stream));
+    CU_CHECK(cudaStreamSynchronize(cu(be)->stream)); /* the host reads it next */
+}
+
+static void cuda_zero(kn_backend_t *be, void *p, size_t bytes)
+{
+    if (!bytes) return;
+    CU_CHECK(cudaMemsetAsync(p, 0, bytes, cu(be)->stream));
+}
+
+static void cuda_sync(kn_backend_t *be)
+{
+    CU_CHECK(cudaStreamSynchronize(cu(be)->stream));
+}
+
+static void cuda_destroy(kn_backend_t *be)
+{
+    kn_cuda_t *c = cu(be);
+    cudaStreamSynchronize(c->stream);
+    for (int i = 0; i < c->ncache; i++)
+        cudaFree(c->cache[i].p);
+    for (int i = 0; i < c->nlive; i++) /* buffers the caller never freed */
+        cudaFree(c->live[i].p);
+    free(c->live);
+    if (c->arena_mem) cudaFree(c->arena_mem);
+    kn_gemm_destroy(c->gemm);
+    cudaStreamDestroy(c->stream);
+    free(c);
+}
+
+/* ---- weights ---- */
+
+static size_t dtype_size(afd_dtype_t dt)
+{
+    return dt == AFD_DTYPE_F32 ? 4 : dt == AFD_DTYPE_E4M3 ? 1 : 2;
+}
+
+/* the whole block-scale matrix of an e4m3 source, 4-byte aligned on the host */
+static float *src_scales(const kn_src_t *s, size_t *count)
+{
+    int64_t br = (s->full_rows + 127) / 128, bc = (s->full_cols + 127) / 128;
+    *count = (size_t)(br * bc);
+    float *h = malloc(sizeof(float) * (*count ? *count : 1));
+    if (h) memcpy(h, s->scale, sizeof(float) * *count);
+    return h;
+}
+
+static afd_status_t cuda_weight_load(kn_backend_t *be, const kn_src_t *s, kn_weight_t *w)
+{
+    kn_cuda_t *c = cu(be);
+    if (s->row0 < 0 || s->col0 < 0 || s->rows < 0 || s->cols < 0 ||
+        s->row0 + s->rows > s->full_rows || s->col0 + s->cols > s->full_cols ||
+        (s->dtype == AFD_DTYPE_E4M3 && !s->scale) || s->dtype >= AFD_DTYPE_COUNT)
+        return AFD_ERR_RANGE;
+    kn_cu_weight_t *aux = calloc(1, sizeof(*aux));
+    if (!aux) return AFD_ERR_NOMEM;
+    size_t es = dtype_size(s->dtype), nel = (size_t)(s->rows * s->cols);
+    const char *origin = (const char *)s->data + (size_t)(s->row0 * s->full_cols + s->col0) * es;
+    void *data = NULL, *raw = NULL;
+    float *dscale = NULL, *hs = NULL;
+    afd_status_t st = AFD_ERR_NOMEM;
+    aux->fp8 = c->fp8_native && kn_fp8_native_ok(s);
+    if (aux->fp8) {
+        int64_t br = s->rows / 128, bc = s->cols / 128;
+        size_t n1 = kn_scale_count(c->order_w, br, bc), n2 = (size_t)(br * bc);
+        hs = malloc(sizeof(float) * (n1 > n2 ? n1 : n2));
+        if (!hs || cudaMalloc(&data, nel) != cudaSuccess ||
+            cudaMalloc((void **)&aux->scale, sizeof(float) * n1) != cudaSuccess ||
+            cudaMalloc((void **)&aux->scale_rm, sizeof(float) * n2) != cudaSuccess)
+            goto err;
+        CU_CHECK(cudaMemcpy2DAsync(data, (size_t)s->cols, origin, (size_t)s->full_cols,
+                                   (size_t)s->cols, (size_t)s->rows, cudaMemcpyHostToDevice,
+                                   c->stream));
+        if ((st = kn_fp8_weight_scales(s, c->order_w, hs, n1))) goto err;
+        CU_CHECK(cudaMemcpy(aux->scale, hs, sizeof(float) * n1, cudaMemcpyHostToDevice));
+        if ((st = kn_fp8_weight_scales(s, KN_SCALE_INNER_FAST, hs, n2))) goto err;
+        CU_CHECK(cudaMemcpy(aux->scale_rm, hs, sizeof(float) * n2, cudaMemcpyHostToDevice));
+    } else {
+        if (cudaMalloc(&data, 2 * (nel ? nel : 1)) != cudaSuccess) goto err;
+        void *dst = data;
+        if (s->dtype != AFD_DTYPE_BF16) { /* packed raw slice, then converted */
+            if (cudaMalloc(&raw, es * (nel ? nel : 1)) != cudaSuccess) goto err;
+            dst = raw;
+        }
+        if (nel)
+            CU_CHECK(cudaMemcpy2DAsync(dst, (size_t)s->cols * es, origin, (size_t)s->full_cols * es,
+                                       (size_t)s->cols * es, (size_t)s->rows,
+                                       cudaMemcpyHostToDevice, c->stream));
+        if (raw) {
+            int64_t full_bc = (s->full_cols + 127) / 128;
+            if (s->dtype == AFD_DTYPE_E4M3) {
+                size_t cnt;
+                if (!(hs = src_scales(s, &cnt))) goto err;
+                if (cudaMalloc((void **)&dscale, sizeof(float) * (cnt ? cnt : 1)) != cudaSuccess)
+                    goto err;
+                CU_CHECK(cudaMemcpy(dscale, hs, sizeof(float) * cnt, cudaMemcpyHostToDevice));
+            }
+            CU_CHECK(kn_cu_weight_to_bf16(s->dtype, raw, s->rows, s->cols, dscale, s->row0, s->col0,
+                                          full_bc, data, c->stream));
+        }
+    }
+    CU_CHECK(cudaStreamSynchronize(c->stream)); /* the source may be unmapped after this */
+    if (raw) cudaFree(raw);
+    if (dscale) cudaFree(dscale);
+    free(hs);
+    w->rows = s->rows;
+    w->cols = s->cols;
+    w->data = data;
+    w->aux = aux;
+    return AFD_OK;
+err:
+    cudaGetLastError();
+    cudaStreamSynchronize(c->stream);
+    if (data) cudaFree(data);
+    if (raw) cudaFree(raw);
+    if (dscale) cudaFree(dscale);
+    if (aux->scale) cudaFree(aux->scale);
+    if (aux->scale_rm) cudaFree(aux->scale_rm);
+    free(aux);
+    free(hs);
+    return st;
+}
+
+static void cuda_weight_free(kn_backend_t *be, kn_weight_t *w)
+{
+    kn_cu_weight_t *aux = w->aux;
+    CU_CHECK(cudaStreamSynchronize(cu(be)->stream));
+    if (w->data) cudaFree(w->data);
+    if (aux) {
+        if (aux->scale) cudaFree(aux->scale);
+        if (aux->scale_rm) cudaFree(aux->scale_rm);
+        free(aux);
+    }
+    w->data = NULL;
+    w->aux = NULL;
+}
+
+/* ---- GEMM ---- */
+
+static void matmul_bf16(kn_cuda_t *c, const float *x, int n, const uint16_t *wb, int M, int K,
+                        float *y, int accumulate, uint16_t *xb)
+{
+    CU_CHECK(kn_cu_f32_to_bf16(x, xb, (size_t)n * K, c->stream));
+    afd_status_t st = kn_gemm_bf16(c->gemm, wb, xb, M, n, K, y, accumulate, c->stream);
+    if (st) {
+        cu_log(LOG_ERROR, "backend cuda: bf16 GEMM %dx%dx%d: %s", M, n, K, afd_status_str(st));
+        abort();
+    }
+}
+
+static void cuda_matmul(kn_backend_t *be, const float *x, int n, const kn_weight_t *w, float *y,
+                        int accumulate)
+{
+    kn_cuda_t *c = cu(be);
+    const kn_cu_weight_t *aux = w->aux;
+    int M = (int)w->rows, K = (int)w->cols;
+    if (n <= 0) return;
+    if (M == 0 || K == 0) {
+        if (!accumulate) cuda_zero(be, y, sizeof(float) * (size_t)n * (size_t)M);
+        return;
+    }
+    size_t nk = (size_t)n * K, nm = (size_t)n * M;
+    if (!aux->fp8) {
+        scratch_begin(c, SCR(2 * nk));
+        matmul_bf16(c, x, n, w->data, M, K, y, accumulate, scratch_take(c, 2 * nk));
+        return;
+    }
+    size_t ns = kn_scale_count(c->order_x, n, K / 128);
+    scratch_begin(c, SCR(nk) + SCR(4 * ns) + SCR(2 * nm));
+    uint8_t *xq = scratch_take(c, nk);
+    float *xs = scratch_take(c, 4 * ns);
+    uint16_t *d = scratch_take(c, 2 * nm);
+    CU_CHECK(kn_cu_quant_fp8(x, n, K, xq, xs, c->order_x, c->stream));
+    afd_status_t st = kn_gemm_fp8(c->gemm, w->data, aux->scale, xq, xs, M, n, K, d, c->stream);
+    if (st == AFD_OK) {
+        CU_CHECK(kn_cu_bf16_to_f32(d, y, nm, accumulate, c->stream));
+        return;
+    }
+    /* no block-scaled algorithm for this shape: dequantise the weight for this call */
+    if (!c->warned_fp8_shape) {
+        cu_log(LOG_WARN,
+               "backend cuda: no block-scaled fp8 GEMM for %dx%dx%d (%s); "
+               "such calls dequantise their weight to bf16",
+               M, n, K, afd_status_str(st));
+        c->warned_fp8_shape = 1;
+    }
+    scratch_begin(c, SCR(2 * (size_t)M * K) + SCR(2 * nk));
+    uint16_t *wb = scratch_take(c, 2 * (size_t)M * K);
+    uint16_t *xb = scratch_take(c, 2 * nk);
+    CU_CHECK(kn_cu_weight_to_bf16(AFD_DTYPE_E4M3, w->data, M, K, aux->scale_rm, 0, 0, K / 128, wb,
+                                  c->stream));
+    matmul_bf16(c, x, n, wb, M, K, y, accumulate, xb);
+}
+
+/* ---- elementwise and small ops ---- */
+
+static void cuda_rmsnorm(kn_backend_t *be, const float *x, int n, int dim, const float *weight,
+                         float eps, float *out)
+{
+    /* add is NULL: x is only read */
+    CU_CHECK(kn_cu_rmsnorm((float *)x, NULL, n, dim, weight, eps, out, cu(be)->stream));
+}
+
+static void cuda_rope(kn_backend_t *be, float *x, int n, int nheads, int head_dim,
+                      const int32_t *pos, double theta)
+{
+    CU_CHECK(kn_cu_rope(x, n, nheads, head_dim, pos, theta, cu(be)->stream));
+}
+
+static void cuda_embed(kn_backend_t *be, const kn_weight_t *table, const int32_t *ids, int n,
+                       float *out)
+{
+    kn_cuda_t *c = cu(be);
+    const kn_cu_weight_t *aux = table->aux;
+    CU_CHECK(kn_cu_embed(table->data, aux->fp8 ? aux->scale : NULL, c->order_w, table->rows,
+                         table->cols, ids, n, out, c->stream));
+}
+
+static void cuda_swiglu(kn_backend_t *be, const float *gate, const float *up, size_t n, float *out)
+{
+    CU_CHECK(kn_cu_swiglu(gate, up, n, out, cu(be)->stream));
+}
+
+static void cuda_gather(kn_backend_t *be, const float *src, int dim, const int32_t *rows, int n,
+                        float *dst)
+{
+    CU_CHECK(kn_cu_gather(src, dim, rows, n, dst, cu(be)->stream));
+}
+
+static void cuda_scatter_add(kn_backend_t *be, float *dst, int dim, const int32_t *rows,
+                             const float *scale, int n, const float *src)
+{
+    CU_CHECK(kn_cu_scatter_add(dst, dim, rows, scale, n, src, cu(be)->stream));
+}
+
+static void cuda_add(kn_backend_t *be, float *y, const float *x, size_t n)
+{
+    CU_CHECK(kn_cu_add(y, x, n, cu(be)->stream));
+}
+
+static void cuda_router_topk(kn_backend_t *be, const float *logits, int n, int nexp, int k,
+                             int renorm, int32_t *ids, float *weights)
+{
+    CU_CHECK(kn_cu_router_topk(logits, n, nexp, k, renorm, ids, weights, cu(be)->stream));
+}
+
+static void cuda_round(kn_backend_t *be, float *x, int rows, int dim, afd_dtype_t dt)
+{
+    CU_CHECK(kn_cu_round(x, rows, dim, (int)dt, cu(be)->stream));
+}
+
+/* ---- KV cache and attention ---- */
+
+static kn_cu_kv_t cu_kv(const kn_kv_t *kv)
+{
+    kn_cu_kv_t k = {.dtype = (int)kv->dtype,
+                    .num_blocks = kv->num_blocks,
+                    .block_size = kv->block_size,
+                    .head_dim = kv->head_dim,
+                    .k = kv->k,
+                    .v = kv->v,
+                    .k_scale = kv->k_scale,
+                    .v_scale = kv->v_scale};
+    return k;
+}
+
+/* the sequence's block table (host) into the scratch arena; entries are checked here */
+static int32_t *upload_table(kn_cuda_t *c, const kn_kv_t *kv, const kn_seq_t *seq, int ctx)
+{
+    int nb = (ctx + kv->block_size - 1) / kv->block_size;
+    for (int i = 0; i < nb; i++)
+        CU_ASSERT(seq->block_table[i] >= 0 && seq->block_table[i] < kv->num_blocks);
+    int32_t *d = scratch_take(c, sizeof(int32_t) * (size_t)(nb ? nb : 1));
+    cuda_upload(&c->base, d, seq->block_table, sizeof(int32_t) * (size_t)nb);
+    return d;
+}
+
+static void cuda_kv_write(kn_backend_t *be, const kn_kv_t *kv, int layer, const kn_seq_t *seq,
+                          const float *k, const float *v)
+{
+    kn_cuda_t *c = cu(be);
+    if (seq->ntok <= 0) return;
+    int ctx = seq->pos0 + seq->ntok;
+    scratch_begin(c, SCR(sizeof(int32_t) * ((size_t)ctx / kv->block_size + 1)));
+    int32_t *bt = upload_table(c, kv, seq, ctx);
+    kn_cu_kv_t dk = cu_kv(kv);
+    CU_CHECK(kn_cu_kv_write(&dk, layer, bt, seq->pos0, seq->ntok, k, v, c->stream));
+}
+
+static void cuda_attention(kn_backend_t *be, const kn_kv_t *kv, int layer, const kn_seq_t *seq,
+                           const float *q, int nheads, float scale, float *out)
+{
+    kn_cuda_t *c = cu(be);
+    if (seq->ntok <= 0) return;
+    int ctx = seq->pos0 + seq->ntok;
+    kn_cu_kv_t dk = cu_kv(kv);
+    size_t bt_bytes = SCR(sizeof(int32_t) * ((size_t)ctx / kv->block_size + 1));
+    kn_attn_plan_t plan;
+    if (seq->ntok == 1 && kn_attn_plan(nheads, kv->head_dim, ctx, 1, c->num_sms, &plan) == AFD_OK) {
+        size_t ws = kn_attn_ws_bytes(&plan, 1, nheads, kv->head_dim);
+        scratch_begin(c, bt_bytes + SCR(sizeof(int32_t)) + SCR(ws));
+        int32_t *bt = upload_table(c, kv, seq, ctx);
+        int32_t *len = scratch_take(c, sizeof(int32_t));
+        float *wsp = scratch_take(c, ws);
+        cuda_upload(be, len, &ctx, sizeof(int32_t));
+        if (c->attn_tc && kn_cu_attn_decode_tc_ok(nheads, kv->head_dim, (int)kv->dtype))
+            CU_CHECK(kn_cu_attn_decode_tc(&plan, &dk, layer, bt, 0, len, 1, q, nheads, scale, wsp,
+                                          out, c->stream));
+        else
+            CU_CHECK(kn_cu_attn_decode(&plan, &dk, layer, bt, 0, len, 1, q, nheads, scale, wsp, out,
+                                       c->stream));
+        return;
+    }
+    scratch_begin(c, bt_bytes);
+    int32_t *bt = upload_table(c, kv, seq, ctx);
+    CU_CHECK(
+        kn_cu_attn_prefill(&dk, layer, bt, seq->pos0, seq->ntok, q, nheads, scale, out, c->stream));
+}
+
+static const kn_ops_t cuda_ops = {
+    .name = "cuda",
+    .host_memory = 0,
+    .destroy = cuda_destroy,
+    .alloc = cuda_alloc,
+    .free = cuda_free,
+    .upload = cuda_upload,
+    .download = cuda_download,
+    .zero = cuda_zero,
+    .sync = cuda_sync,
+    .weight_load = cuda_weight_load,
+    .weight_free = cuda_weight_free,
+    .matmul = cuda_matmul,
+    .rmsnorm = cuda_rmsnorm,
+    .rope = cuda_rope,
+    .embed = cuda_embed,
+    .swiglu = cuda_swiglu,
+    .gather = cuda_gather,
+    .scatter_add = cuda_scatter_add,
+    .add = cuda_add,
+    .router_topk = cuda_router_topk,
+    .kv_write = cuda_kv_write,
+    .attention = cuda_attention,
+    .round = cuda_round,
+};
+
+/* a status string without common/util (the library keeps no copy of it) */
+const char *afd_status_str(afd_status_t st)
+{
+    switch (st) {
+    case AFD_OK:
+        return "ok";
+    case AFD_ERR_NOMEM:
+        return "out of memory";
+    case AFD_ERR_UNSUPPORTED:
+        return "not supported";
+    case AFD_ERR_INVALID:
+        return "invalid argument";
+    case AFD_ERR_RANGE:
+        return "out of range";
+    default:
+        return "error";
+    }
+}
+
+KN_EXPORT afd_status_t kn_cuda_open(const kn_cuda_env_t *env, int threads, kn_backend_t **out)
+{
+    (void)threads;
+    if (!env || env->abi != KN_CUDA_ABI) {
+        fprintf(stderr, "backend cuda: %s does not match this program (abi)\n", KN_CUDA_LIB);
+        return AFD_ERR_UNSUPPORTED;
+    }
+    g_env = env;
+    int ndev = 0;
+    cudaError_t e = cudaGetDeviceCount(&ndev);
+    if (e != cudaSuccess || ndev == 0) {
+        cu_log(LOG_ERROR, "backend cuda: no CUDA device (%s)",
+               e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+        cudaGetLastError();
+        return AFD_ERR_UNSUPPORTED;
+    }
+    const char *ds = getenv("AFD_CUDA_DEVICE");
+    int dev = ds && *ds ? atoi(ds) : 0;
+    if (dev < 0 || dev >= ndev) {
+        cu_log(LOG_ERROR, "backend cuda: AFD_CUDA_DEVICE=%d, but there are %d devices", dev, ndev);
+        return AFD_ERR_RANGE;
+    }
+    struct cudaDeviceProp prop;
+    if ((e = cudaSetDevice(dev)) != cudaSuccess ||
+        (e = cudaGetDeviceProperties(&prop, dev)) != cudaSuccess) {
+        cu_log(LOG_ERROR, "backend cuda: device %d: %s", dev, cudaGetErrorString(e));
+        return AFD_ERR_UNSUPPORTED;
+    }
+    if (prop.major < 9) { /* the kernels are built for sm_90 */
+        cu_log(LOG_ERROR, "backend cuda: %s is sm_%d%d; this build needs sm_90 (Hopper) or newer",
+               prop.name, prop.major, prop.minor);
+        return AFD_ERR_UNSUPPORTED;
+    }
+    kn_cuda_t *c = calloc(1, sizeof(*c));
+    if (!c) return AFD_ERR_NOMEM;
+    c->base.ops = &cuda_ops;
+    c->base.threads = 1;
+    c->device = dev;
+    c->num_sms = prop.multiProcessorCount;
+    if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess) {
+        cu_log(LOG_ERROR, "backend cuda: stream: %s", cudaGetErrorString(e));
+        free(c);
+        return AFD_ERR_UNSUPPORTED;
+    }
+    afd_status_t st = kn_gemm_create(KN_GEMM_WS, &c->gemm);
+    if (st) {
+        cu_log(LOG_ERROR, "backend cuda: cuBLASLt: %s", afd_status_str(st));
+        cudaStreamDestroy(c->stream);
+        free(c);
+        return st;
+    }
+    if (cudaMalloc(&c->arena_mem, KN_ARENA_INITIAL) != cudaSuccess) {
+        cu_log(LOG_ERROR, "backend cuda: no device memory for the %zu MiB arena",
+               KN_ARENA_INITIAL >> 20);
+        kn_gemm_destroy(c->gemm);
+        cudaStreamDestroy(c->stream);
+        free(c);
+        return AFD_ERR_NOMEM;
+    }
+    kn_arena_init(&c->arena, KN_ARENA_INITIAL);
+    const char *at = getenv("AFD_CUDA_ATTN");
+    c->attn_tc = at && !strcmp(at, "tc");
+    const char *f8 = getenv("AFD_CUDA_FP8");
+    char why[160] = "disabled by AFD_CUDA_FP8=0";
+    double rel = 0;
+    if (!(f8 && !strcmp(f8, "0")) &&
+        kn_gemm_fp8_probe(c->gemm, &c->order_w, &c->order_x, &rel, why, sizeof(why)) == AFD_OK)
+        c->fp8_native = 1;
+    if (c->fp8_native)
+        cu_log(LOG_INFO,
+               "backend cuda: %s (sm_%d%d, %d SMs, %.1f GiB); fp8 weights: block-scaled "
+               "cuBLASLt GEMM (scales: weights %s, activations %s; probe error %.2g)",
+               prop.name, prop.major, prop.minor, prop.multiProcessorCount,
+               (double)prop.totalGlobalMem / (1 << 30), kn_scale_order_name(c->order_w),
+               kn_scale_order_name(c->order_x), rel);
+    else
+        cu_log(LOG_INFO,
+               "backend cuda: %s (sm_%d%d, %d SMs, %.1f GiB); fp8 weights: dequantised to bf16 "
+               "at load (%s)",
+               prop.name, prop.major, prop.minor, prop.multiProcessorCount,
+               (double)prop.totalGlobalMem / (1 << 30), why);
+    *out = &c->base;
+    return AFD_OK;
+}
+
+/* Whether the backend keeps whole-block fp8 weights as fp8 (for the checks). */
+KN_EXPORT int kn_cuda_fp8_native(const kn_backend_t *be)
+{
+    return ((const kn_cuda_t *)be)->fp8_native;
+}

@@ -1,0 +1,503 @@
+/*
+ * cuda_check: every op of the cuda backend against the cpu backend (the reference), on
+ * the same inputs, with an explicit tolerance. `cuda_check --list` names the checks;
+ * `cuda_check NAME` runs one and prints
+ *   ok - NAME max_err=E tol=T (detail)      or      not ok - NAME ...
+ * Errors are relative to the reference's largest magnitude unless said. Each check
+ * runs in its own process (tests/cuda/run.sh), so a crash stops only that check.
+ */
+#define _GNU_SOURCE
+#include "afd_dtype.h"
+#include "afd_log.h"
+#include "kn_ops.h"
+
+#include <dlfcn.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static kn_backend_t *cpu, *gpu;
+static int gpu_fp8; /* the backend keeps whole-block fp8 weights as fp8 (its probe passed) */
+
+/* asks the loaded libafdcuda.so (kn_cuda_fp8_native) how it keeps fp8 weights */
+static int query_fp8_native(void)
+{
+    char exe[PATH_MAX], path[PATH_MAX + 32];
+    const char *env = getenv("AFD_CUDA_LIB");
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (env && *env) {
+        snprintf(path, sizeof(path), "%s", env);
+    } else if (n > 0) {
+        exe[n] = 0;
+        char *slash = strrchr(exe, '/');
+        if (slash) *slash = 0;
+        snprintf(path, sizeof(path), "%s/../lib/libafdcuda.so", exe);
+    } else {
+        return 0;
+    }
+    void *h = dlopen(path, RTLD_NOLOAD | RTLD_LAZY);
+    if (!h) return 0;
+    int (*fn)(const kn_backend_t *);
+    *(void **)&fn = dlsym(h, "kn_cuda_fp8_native");
+    int r = fn ? fn(gpu) : 0;
+    dlclose(h);
+    return r;
+}
+static uint64_t rng_state = 0x1234567;
+
+static float frand(void) /* uniform [-1, 1) */
+{
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng_state >> 40) & 0xffffff) / 8388608.0f - 1.0f;
+}
+
+static float *randv(size_t n, float amp)
+{
+    float *v = malloc(sizeof(float) * (n ? n : 1));
+    if (!v) abort();
+    for (size_t i = 0; i < n; i++)
+        v[i] = amp * frand();
+    return v;
+}
+
+/* device copy of host data */
+static void *up(const void *h, size_t bytes)
+{
+    void *d = gpu->ops->alloc(gpu, bytes);
+    if (!d) abort();
+    gpu->ops->upload(gpu, d, h, bytes);
+    return d;
+}
+
+static float *down(const void *d, size_t n)
+{
+    float *h = malloc(sizeof(float) * (n ? n : 1));
+    if (!h) abort();
+    gpu->ops->download(gpu, h, d, sizeof(float) * n);
+    return h;
+}
+
+/* max |a - b| / max |ref| (abs when the reference is all zero) */
+static double rel_err(const float *ref, const float *got, size_t n)
+{
+    double e = 0, m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)ref[i] - got[i]);
+        if (!(d <= e)) e = d; /* NaN shows as NaN */
+        if (fabs(ref[i]) > m) m = fabs(ref[i]);
+    }
+    return m > 0 ? e / m : e;
+}
+
+static int report(const char *name, double err, double tol, const char *detail)
+{
+    int ok = err <= tol; /* NaN fails */
+    printf("%s - %s max_err=%.3g tol=%.3g%s%s%s\n", ok ? "ok" : "not ok", name, err, tol,
+           detail ? " (" : "", detail ? detail : "", detail ? ")" : "");
+    return ok ? 0 : 1;
+}
+
+/* ---- checks ---- */
+
+static int check_rmsnorm(void)
+{
+    int n = 7, dim = 7168;
+    float *x = randv((size_t)n * dim, 3.0f), *w = randv((size_t)dim, 1.0f);
+    float *ref = malloc(sizeof(float) * (size_t)n * dim);
+    cpu->ops->rmsnorm(cpu, x, n, dim, w, 1e-5f, ref);
+    float *dx = up(x, 4ul * n * dim), *dw = up(w, 4ul * dim);
+    float *dout = gpu->ops->alloc(gpu, 4ul * n * dim);
+    gpu->ops->rmsnorm(gpu, dx, n, dim, dw, 1e-5f, dout);
+    float *got = down(dout, (size_t)n * dim);
+    int rc = report("rmsnorm", rel_err(ref, got, (size_t)n * dim), 1e-5, "7 x 7168");
+    /* in place, as mdl_attn does for the query norm */
+    gpu->ops->rmsnorm(gpu, dx, n, dim, dw, 1e-5f, dx);
+    free(got);
+    got = down(dx, (size_t)n * dim);
+    rc |= report("rmsnorm_inplace", rel_err(ref, got, (size_t)n * dim), 1e-5, NULL);
+    return rc;
+}
+
+static int check_rope(void)
+{
+    int n = 5, nh = 64, hd = 256;
+    size_t cnt = (size_t)n * nh * hd;
+    float *x = randv(cnt, 2.0f), *ref = malloc(4 * cnt);
+    int32_t pos[5] = {0, 1, 4095, 8191, 65535};
+    memcpy(ref, x, 4 * cnt);
+    cpu->ops->rope(cpu, ref, n, nh, hd, pos, 500000.0);
+    float *dx = up(x, 4 * cnt);
+    int32_t *dp = up(pos, sizeof(pos));
+    gpu->ops->rope(gpu, dx, n, nh, hd, dp, 500000.0);
+    float *got = down(dx, cnt);
+    return report("rope", rel_err(ref, got, cnt), 1e-5, "64 heads x 256, positions to 65535");
+}
+
+static int check_swiglu(void)
+{
+    size_t n = 100003;
+    float *g = randv(n, 8.0f), *u = randv(n, 2.0f), *ref = malloc(4 * n);
+    cpu->ops->swiglu(cpu, g, u, n, ref);
+    float *dg = up(g, 4 * n), *du = up(u, 4 * n);
+    gpu->ops->swiglu(gpu, dg, du, n, dg); /* in place, as mdl_ffn */
+    float *got = down(dg, n);
+    return report("swiglu", rel_err(ref, got, n), 1e-6, NULL);
+}
+
+static int check_router(void)
+{
+    int rc = 0;
+    for (int renorm = 0; renorm < 2; renorm++) {
+        int n = 300, E = 48, k = 3;
+        float *l = randv((size_t)n * E, 4.0f);
+        int32_t *ids = malloc(4ul * n * k), *gids = malloc(4ul * n * k);
+        float *w = malloc(4ul * n * k);
+        cpu->ops->router_topk(cpu, l, n, E, k, renorm, ids, w);
+        float *dl = up(l, 4ul * n * E);
+        int32_t *dids = gpu->ops->alloc(gpu, 4ul * n * k);
+        float *dw = gpu->ops->alloc(gpu, 4ul * n * k);
+        gpu->ops->router_topk(gpu, dl, n, E, k, renorm, dids, dw);
+        gpu->ops->download(gpu, gids, dids, 4ul * n * k);
+        float *gw = down(dw, (size_t)n * k);
+        int diff = 0;
+        for (int i = 0; i < n * k; i++)
+            diff += ids[i] != gids[i];
+        char d[96];
+        snprintf(d, sizeof(d), "48 experts top 3, %d of %d ids differ", diff, n * k);
+        double err = rel_err(w, gw, (size_t)n * k);
+        if (diff) err = INFINITY;
+        rc |= report(renorm ? "router_topk_renorm" : "router_topk", err, 1e-5, d);
+    }
+    return rc;
+}
+
+static int check_gather_scatter(void)
+{
+    int n = 50, dim = 7168, rows = 20;
+    float *src = randv((size_t)rows * dim, 1.0f), *dst = randv((size_t)rows * dim, 1.0f);
+    int32_t idx[50];
+    float sc[50];
+    for (int i = 0; i < n; i++) {
+        idx[i] = (i * 7) % rows; /* rows repeat: the adds must all land */
+        sc[i] = frand();
+    }
+    float *g = malloc(4ul * n * dim), *ref = malloc(4ul * rows * dim);
+    cpu->ops->gather(cpu, src, dim, idx, n, g);
+    memcpy(ref, dst, 4ul * rows * dim);
+    cpu->ops->scatter_add(cpu, ref, dim, idx, sc, n, g);
+    cpu->ops->add(cpu, ref, src, (size_t)rows * dim);
+    float *dsrc = up(src, 4ul * rows * dim), *ddst = up(dst, 4ul * rows * dim);
+    int32_t *didx = up(idx, sizeof(idx));
+    float *dsc = up(sc, sizeof(sc)), *dg = gpu->ops->alloc(gpu, 4ul * n * dim);
+    gpu->ops->gather(gpu, dsrc, dim, didx, n, dg);
+    float *gg = down(dg, (size_t)n * dim);
+    int rc = report("gather", rel_err(g, gg, (size_t)n * dim), 0, NULL);
+    gpu->ops->scatter_add(gpu, ddst, dim, didx, dsc, n, dg);
+    gpu->ops->add(gpu, ddst, dsrc, (size_t)rows * dim);
+    float *got = down(ddst, (size_t)rows * dim);
+    rc |= report("scatter_add", rel_err(ref, got, (size_t)rows * dim), 1e-6,
+                 "repeated rows, then add");
+    return rc;
+}
+
+static int check_round(void)
+{
+    int rc = 0;
+    struct {
+        afd_dtype_t dt;
+        int dim;
+        const char *name;
+    } cases[] = {{AFD_DTYPE_BF16, 7168, "round_bf16"},
+                 {AFD_DTYPE_F16, 1000, "round_f16"},
+                 {AFD_DTYPE_E4M3, 7168, "round_fp8"},
+                 {AFD_DTYPE_E4M3, 320, "round_fp8_tail"}};
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        int rows = 9, dim = cases[c].dim;
+        size_t cnt = (size_t)rows * dim;
+        float *x = randv(cnt, 5.0f), *ref = malloc(4 * cnt);
+        memcpy(ref, x, 4 * cnt);
+        cpu->ops->round(cpu, ref, rows, dim, cases[c].dt);
+        float *dx = up(x, 4 * cnt);
+        gpu->ops->round(gpu, dx, rows, dim, cases[c].dt);
+        float *got = down(dx, cnt);
+        /* the same rounding rule: equal but for the last bit of a scale */
+        rc |= report(cases[c].name, rel_err(ref, got, cnt), 1e-6, NULL);
+    }
+    return rc;
+}
+
+/* a checkpoint-like matrix: bf16, or e4m3 with 128x128 block scales */
+typedef struct src_buf {
+    kn_src_t s;
+    void *data;
+    float *scale;
+} src_buf_t;
+
+static void make_src(src_buf_t *b, afd_dtype_t dt, int64_t rows, int64_t cols, float amp)
+{
+    size_t n = (size_t)(rows * cols);
+    float *v = randv(n, amp);
+    memset(b, 0, sizeof(*b));
+    b->data = malloc(n * afd_dtype_size(dt));
+    if (dt == AFD_DTYPE_E4M3) {
+        int64_t br = (rows + 127) / 128, bc = (cols + 127) / 128;
+        b->scale = malloc(sizeof(float) * (size_t)(br * bc));
+        for (int64_t i = 0; i < br * bc; i++)
+            b->scale[i] = amp / 448.0f * (0.5f + 0.5f * fabsf(frand()));
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < cols; c++) {
+                float s = b->scale[(r / 128) * bc + c / 128];
+                ((uint8_t *)b->data)[r * cols + c] = afd_f32_to_e4m3(v[r * cols + c] / s);
+            }
+    } else {
+        afd_convert_from_f32(dt, v, b->data, n);
+    }
+    free(v);
+    b->s = (kn_src_t){.dtype = dt,
+                      .data = b->data,
+                      .full_rows = rows,
+                      .full_cols = cols,
+                      .row0 = 0,
+                      .rows = rows,
+                      .col0 = 0,
+                      .cols = cols,
+                      .scale = b->scale};
+}
+
+/*
+ * y = x W^T on both backends. The cuda GEMM feeds the tensor cores x in the weight's
+ * input format (bf16, or e4m3 with per-128 scales): the reference gets x rounded the
+ * same way first, so the check sees the GEMM and not the input format.
+ */
+static int matmul_case(const char *name, afd_dtype_t wdt, int64_t M, int64_t K, int n, int64_t row0,
+                       int64_t col0, int64_t full_rows, int64_t full_cols, double tol)
+{
+    src_buf_t b;
+    make_src(&b, wdt, full_rows, full_cols, 0.05f);
+    b.s.row0 = row0;
+    b.s.col0 = col0;
+    b.s.rows = M;
+    b.s.cols = K;
+    kn_weight_t wc, wg;
+    if (cpu->ops->weight_load(cpu, &b.s, &wc) || gpu->ops->weight_load(gpu, &b.s, &wg)) {
+        printf("not ok - %s weight_load failed\n", name);
+        return 1;
+    }
+    size_t nk = (size_t)n * K, nm = (size_t)n * M;
+    float *x = randv(nk, 2.0f), *y0 = randv(nm, 1.0f);
+    float *xr = malloc(4 * nk), *ref = malloc(4 * nm), *ref_acc = malloc(4 * nm);
+    memcpy(xr, x, 4 * nk);
+    /* does the device keep this weight fp8? (only then are activations fp8) */
+    int fp8 = gpu_fp8 && wdt == AFD_DTYPE_E4M3 && M % 128 == 0 && K % 128 == 0 && row0 % 128 == 0 &&
+              col0 % 128 == 0;
+    cpu->ops->round(cpu, xr, n, (int)K, fp8 ? AFD_DTYPE_E4M3 : AFD_DTYPE_BF16);
+    cpu->ops->matmul(cpu, xr, n, &wc, ref, 0);
+    memcpy(ref_acc, y0, 4 * nm);
+    cpu->ops->matmul(cpu, xr, n, &wc, ref_acc, 1);
+    float *dx = up(x, 4 * nk), *dy = gpu->ops->alloc(gpu, 4 * nm), *dya = up(y0, 4 * nm);
+    gpu->ops->matmul(gpu, dx, n, &wg, dy, 0);
+    gpu->ops->matmul(gpu, dx, n, &wg, dya, 1);
+    float *got = down(dy, nm), *got_acc = down(dya, nm);
+    char d[160];
+    snprintf(d, sizeof(d), "%s weight %lldx%lld, %d rows, %s activations", afd_dtype_name(wdt),
+             (long long)M, (long long)K, n, fp8 ? "fp8 per-128" : "bf16");
+    int rc = report(name, rel_err(ref, got, nm), tol, d);
+    char an[96];
+    snprintf(an, sizeof(an), "%s_accumulate", name);
+    rc |= report(an, rel_err(ref_acc, got_acc, nm), tol, NULL);
+    cpu->ops->weight_free(cpu, &wc);
+    gpu->ops->weight_free(gpu, &wg);
+    return rc;
+}
+
+static int check_matmul(void)
+{
+    int rc = 0;
+    /* bf16 weights: float32 accumulation of the same products */
+    rc |= matmul_case("matmul_bf16", AFD_DTYPE_BF16, 384, 320, 17, 0, 0, 384, 320, 1e-4);
+    rc |= matmul_case("matmul_bf16_slice", AFD_DTYPE_BF16, 100, 96, 3, 20, 32, 200, 160, 1e-4);
+    rc |= matmul_case("matmul_bf16_decode", AFD_DTYPE_BF16, 2048, 7168, 1, 0, 0, 2048, 7168, 1e-4);
+    /* fp8 at whole blocks: the block-scaled GEMM, bf16 output (2^-9 relative) */
+    rc |= matmul_case("matmul_fp8", AFD_DTYPE_E4M3, 512, 1024, 33, 0, 0, 512, 1024, 1e-2);
+    rc |= matmul_case("matmul_fp8_slice", AFD_DTYPE_E4M3, 256, 384, 64, 128, 256, 512, 768, 1e-2);
+    rc |= matmul_case("matmul_fp8_decode", AFD_DTYPE_E4M3, 5120, 7168, 1, 0, 0, 5120, 7168, 1e-2);
+    /* fp8 cut inside blocks (the tiny model, FFN slices): dequantised to bf16 at load */
+    rc |= matmul_case("matmul_fp8_unaligned", AFD_DTYPE_E4M3, 192, 320, 9, 0, 0, 192, 320, 1e-2);
+    return rc;
+}
+
+static int check_embed(void)
+{
+    int rc = 0;
+    afd_dtype_t dts[2] = {AFD_DTYPE_BF16, AFD_DTYPE_E4M3};
+    for (int t = 0; t < 2; t++) {
+        src_buf_t b;
+        make_src(&b, dts[t], 1024, 512, 1.0f);
+        kn_weight_t wc, wg;
+        if (cpu->ops->weight_load(cpu, &b.s, &wc) || gpu->ops->weight_load(gpu, &b.s, &wg)) {
+            printf("not ok - embed weight_load failed\n");
+            return 1;
+        }
+        int32_t ids[6] = {0, 1023, 5, 5, 700, 128};
+        float *ref = malloc(4ul * 6 * 512);
+        cpu->ops->embed(cpu, &wc, ids, 6, ref);
+        int32_t *dids = up(ids, sizeof(ids));
+        float *dout = gpu->ops->alloc(gpu, 4ul * 6 * 512);
+        gpu->ops->embed(gpu, &wg, dids, 6, dout);
+        float *got = down(dout, 6ul * 512);
+        /* bf16 tables are exact; fp8 ones may pass through bf16 (2^-9) */
+        rc |= report(t ? "embed_fp8" : "embed_bf16", rel_err(ref, got, 6ul * 512), t ? 4e-3 : 0,
+                     NULL);
+    }
+    return rc;
+}
+
+/* a KV cache on a backend: the same layout mdl_kv builds */
+static kn_kv_t kv_make(kn_backend_t *be, afd_dtype_t dt, int layers, int blocks, int bs, int hd)
+{
+    kn_kv_t kv = {
+        .dtype = dt, .num_layers = layers, .num_blocks = blocks, .block_size = bs, .head_dim = hd};
+    size_t toks = (size_t)layers * blocks * bs;
+    kv.k = be->ops->alloc(be, toks * hd * afd_dtype_size(dt));
+    kv.v = be->ops->alloc(be, toks * hd * afd_dtype_size(dt));
+    if (dt == AFD_DTYPE_E4M3) {
+        kv.k_scale = be->ops->alloc(be, toks * 4);
+        kv.v_scale = be->ops->alloc(be, toks * 4);
+    }
+    return kv;
+}
+
+/*
+ * Fills a sequence's cache through kv_write (prefill chunks) on both backends, then
+ * compares the attention of `ntok` new queries at the end (1: the decode kernel with
+ * split-K; more: the prefill kernel).
+ */
+static int attn_case(const char *name, afd_dtype_t dt, int nh, int hd, int ctx, int ntok,
+                     double tol)
+{
+    int bs = 16, layers = 2, layer = 1;
+    int nb = (ctx + bs - 1) / bs, blocks = nb + 7;
+    kn_kv_t kc = kv_make(cpu, dt, layers, blocks, bs, hd);
+    kn_kv_t kg = kv_make(gpu, dt, layers, blocks, bs, hd);
+    int32_t *bt = malloc(sizeof(int32_t) * (size_t)nb);
+    for (int i = 0; i < nb; i++)
+        bt[i] = (int32_t)((i * 5 + 3) % blocks); /* scattered blocks */
+    int fresh = 0;
+    for (int i = 0; i < nb; i++) /* a permutation only when gcd(5, blocks) == 1 */
+        for (int j = 0; j < i; j++)
+            fresh |= bt[i] == bt[j];
+    if (fresh)
+        for (int i = 0; i < nb; i++)
+            bt[i] = (int32_t)(nb - 1 - i);
+    /* positions [0, ctx) written in chunks of up to 700 tokens */
+    for (int p0 = 0; p0 < ctx;) {
+        int cnt = ctx - p0 < 700 ? ctx - p0 : 700;
+        float *k = randv((size_t)cnt * hd, 1.5f), *v = randv((size_t)cnt * hd, 1.5f);
+        kn_seq_t s = {.block_table = bt, .pos0 = p0, .ntok = cnt};
+        cpu->ops->kv_write(cpu, &kc, layer, &s, k, v);
+        float *dk = up(k, 4ul * cnt * hd), *dv = up(v, 4ul * cnt * hd);
+        gpu->ops->kv_write(gpu, &kg, layer, &s, dk, dv);
+        gpu->ops->sync(gpu);
+        gpu->ops->free(gpu, dk);
+        gpu->ops->free(gpu, dv);
+        free(k);
+        free(v);
+        p0 += cnt;
+    }
+    size_t qn = (size_t)ntok * nh * hd;
+    float *q = randv(qn, 1.0f), *ref = malloc(4 * qn);
+    kn_seq_t s = {.block_table = bt, .pos0 = ctx - ntok, .ntok = ntok};
+    float scale = 1.0f / sqrtf((float)hd);
+    cpu->ops->attention(cpu, &kc, layer, &s, q, nh, scale, ref);
+    /* the tensor-core decode kernel rounds q and the probabilities to bf16 */
+    const char *at = getenv("AFD_CUDA_ATTN");
+    int tc = at && !strcmp(at, "tc") && ntok == 1 && nh % 16 == 0 && nh <= 64 && hd <= 256 &&
+             dt != AFD_DTYPE_F32;
+    if (tc && tol < 1e-2) tol = 1e-2;
+    float *dq = up(q, 4 * qn), *dout = gpu->ops->alloc(gpu, 4 * qn);
+    gpu->ops->attention(gpu, &kg, layer, &s, dq, nh, scale, dout);
+    float *got = down(dout, qn);
+    /* the caches themselves: the same bytes after the same rounding */
+    size_t kvel = (size_t)layers * blocks * bs * hd;
+    size_t kvb = kvel * afd_dtype_size(dt);
+    unsigned char *hk = malloc(kvb);
+    gpu->ops->download(gpu, hk, kg.k, kvb);
+    size_t bad = 0;
+    for (size_t i = 0; i < kvb; i++)
+        bad += hk[i] != ((unsigned char *)kc.k)[i];
+    char d[160];
+    snprintf(d, sizeof(d),
+             "%s KV, %d heads x %d, context %d, %d new%s; %zu of %zu K cache bytes differ",
+             afd_dtype_name(dt), nh, hd, ctx, ntok, tc ? ", tensor cores" : "", bad, kvb);
+    int rc = report(name, rel_err(ref, got, qn), tol, d);
+    free(hk);
+    return rc;
+}
+
+static int check_attention(void)
+{
+    int rc = 0;
+    rc |= attn_case("attn_decode_bf16", AFD_DTYPE_BF16, 64, 256, 4096, 1, 1e-4);
+    rc |= attn_case("attn_decode_fp8", AFD_DTYPE_E4M3, 64, 256, 4096, 1, 1e-4);
+    rc |= attn_case("attn_decode_f32", AFD_DTYPE_F32, 64, 256, 777, 1, 1e-4);
+    rc |= attn_case("attn_decode_short", AFD_DTYPE_BF16, 64, 256, 1, 1, 1e-4);
+    rc |= attn_case("attn_decode_long", AFD_DTYPE_BF16, 64, 256, 20000, 1, 1e-4);
+    rc |= attn_case("attn_decode_tiny", AFD_DTYPE_BF16, 4, 64, 300, 1, 1e-4);
+    rc |= attn_case("attn_prefill_bf16", AFD_DTYPE_BF16, 64, 256, 600, 37, 1e-4);
+    rc |= attn_case("attn_prefill_fp8", AFD_DTYPE_E4M3, 8, 128, 300, 300, 1e-4);
+    rc |= attn_case("attn_prefill_tiny", AFD_DTYPE_BF16, 4, 64, 50, 50, 1e-4);
+    return rc;
+}
+
+typedef struct check {
+    const char *name;
+    int (*fn)(void);
+} check_t;
+
+static const check_t checks[] = {
+    {"rmsnorm", check_rmsnorm},       {"rope", check_rope},
+    {"swiglu", check_swiglu},         {"router", check_router},
+    {"gather", check_gather_scatter}, {"round", check_round},
+    {"matmul", check_matmul},         {"embed", check_embed},
+    {"attention", check_attention},
+};
+
+int main(int argc, char **argv)
+{
+    afd_log_init("cuda_check");
+    size_t nc = sizeof(checks) / sizeof(checks[0]);
+    if (argc == 2 && !strcmp(argv[1], "--list")) {
+        for (size_t i = 0; i < nc; i++)
+            printf("%s\n", checks[i].name);
+        return 0;
+    }
+    if (argc > 2 || (argc == 2 && argv[1][0] == '-')) {
+        fprintf(stderr, "usage: cuda_check [--list | NAME]  (no NAME: every check)\n");
+        return 2;
+    }
+    if (kn_cpu_create(0, &cpu)) return 1;
+    if (kn_backend_create("cuda", 0, &gpu)) {
+        printf("not ok - cuda_backend (the cuda backend did not start)\n");
+        return 1;
+    }
+    gpu_fp8 = query_fp8_native();
+    printf("# cuda backend keeps whole-block fp8 weights as %s\n",
+           gpu_fp8 ? "fp8 (block-scaled GEMM)" : "bf16 (fallback)");
+    int rc = 0, found = 0;
+    for (size_t i = 0; i < nc; i++) {
+        if (argc == 2 && strcmp(argv[1], checks[i].name)) continue;
+        found = 1;
+        rc |= checks[i].fn();
+    }
+    if (!found) {
+        fprintf(stderr, "cuda_check: no check named '%s' (--list)\n", argv[1]);
+        return 2;
+    }
+    /* buffers of a check process are left to its exit */
+    gpu->ops->destroy(gpu);
+    cpu->ops->destroy(cpu);
+    return rc;
+}
