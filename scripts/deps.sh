@@ -9,7 +9,18 @@ missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
-[ -z "$missing" ] && exit 0
+# kubectl renders the Kubernetes overlays (tests/integration/test_k8s.py): any kubectl
+# will do, else Debian's kubernetes-client; tests/k8s holds the manifest validator
+command -v kubectl >/dev/null 2>&1 || missing="$missing kubernetes-client"
+command -v npm >/dev/null 2>&1 || missing="$missing nodejs npm"
+k8svalidate() {
+    d="$(dirname "$0")/../tests/k8s"
+    [ -d "$d/node_modules/kubernetes-models" ] && return 0
+    echo "deps: npm ci in tests/k8s"
+    (cd "$d" && npm ci --no-audit --no-fund --silent >/dev/null) ||
+        echo "deps: npm ci failed in tests/k8s: the Kubernetes manifest checks will fail"
+}
+[ -z "$missing" ] && { k8svalidate; exit 0; }
 echo "deps: installing$missing"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -17,3 +28,4 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 # shellcheck disable=SC2086
 $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+k8svalidate
