@@ -5,7 +5,7 @@
 # (1A1F, a core each) against the single-process runner on one core.
 #   BUILD  build directory (default build)
 #   QUICK=1 runs the GEMM benchmark with --quick
-#   ONLY="gemm decode xfer pipeline" picks some of them
+#   ONLY="gemm decode xfer pipeline afd" picks some of them (afd: afd_bench sweep, 1A1F/1A2F/2A2F)
 set -eu
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -15,7 +15,7 @@ start=$(date +%s)
 
 [ -x "$BIN/afd_gemm_bench" ] || { echo "run_cpu: $BIN/afd_gemm_bench is missing (run make)" >&2; exit 1; }
 
-ONLY=${ONLY:-"gemm decode xfer pipeline"}
+ONLY=${ONLY:-"gemm decode xfer pipeline afd"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 if want gemm; then
     echo "=== GEMM: cpu backend matmul vs raw cblas_sgemm (1 thread, y = x W^T, bf16 weights) ==="
@@ -38,6 +38,14 @@ fi
 if want pipeline; then
     echo "=== AFD pipeline: 1A1F pinned against afd_run on one core ==="
     /usr/bin/python3 bench/pipeline_cpu.py --batch 512 --tokens 32 --micro-batches 2 3
+    echo
+fi
+if want afd; then
+    echo "=== AFD decode: afd_bench sweep on the mini model (1A1F, 1A2F, 2A2F) against afd_run ==="
+    [ -f "$BUILD/models/mini-bf16/model.safetensors.index.json" ] ||
+        "$BIN/afd_mkmodel" --out "$BUILD/models/mini-bf16" --preset mini --dtype bf16 --force >/dev/null
+    "$BIN/afd_bench" sweep --model "$BUILD/models/mini-bf16" --af 1x1,1x2,2x2 --micro-batches 2 \
+        --batches 16,32 --contexts 64 --tokens 24 --out-dir "$BUILD/bench-afd"
     echo
 fi
 echo "=== CPU benchmarks done in $(($(date +%s) - start)) s ==="
