@@ -35,12 +35,12 @@ CC ?= gcc
 OPT := $(if $(filter 1,$(DEBUG)),-O0,-O2)
 LLHTTP_DIR ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
-INCLUDES := -Icommon/util -Icommon/model -Icommon/kernels -Icommon/kernels/cuda -Icommon/net -Icommon/bench -I$(BUILD)/proto -I$(LLHTTP_INC)
+INCLUDES := -Icommon/util -Icommon/model -Icommon/kernels -Icommon/kernels/cuda -Icommon/net -Icommon/tok -Icommon/bench -I$(BUILD)/proto -I$(LLHTTP_INC)
 CFLAGS := -std=c11 -Wall -Wextra -Werror $(OPT) -g -MMD -MP -pthread $(SANFLAGS) $(INCLUDES)
 LDFLAGS := -pthread -Wl,--as-needed $(SANFLAGS)
-LDLIBS := -lucp -lucs -luv -lprotobuf-c -lcjson -lopenblas -lm
+LDLIBS := -lucp -lucs -luv -lprotobuf-c -lcjson -lopenblas -lpcre2-8 -lm
 
-COMMON_SRC := $(wildcard common/util/*.c common/model/*.c common/kernels/*.c common/kernels/cpu/*.c common/net/*.c common/bench/*.c)
+COMMON_SRC := $(wildcard common/util/*.c common/model/*.c common/kernels/*.c common/kernels/cpu/*.c common/net/*.c common/tok/*.c common/bench/*.c)
 # the cuda backend's host planning is plain C, built (and unit-tested) everywhere; with
 # CUDA its loader goes into every program (-u: a weak reference pulls no archive member)
 COMMON_SRC += common/kernels/cuda/kn_cuda_host.c

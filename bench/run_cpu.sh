@@ -5,7 +5,7 @@
 # (1A1F, a core each) against the single-process runner on one core.
 #   BUILD  build directory (default build)
 #   QUICK=1 runs the GEMM benchmark with --quick
-#   ONLY="gemm decode xfer pipeline afd" picks some of them (afd: afd_bench sweep, 1A1F/1A2F/2A2F)
+#   ONLY="gemm decode xfer tok pipeline afd" picks some of them (afd: afd_bench sweep, 1A1F/1A2F/2A2F)
 set -eu
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -15,7 +15,7 @@ start=$(date +%s)
 
 [ -x "$BIN/afd_gemm_bench" ] || { echo "run_cpu: $BIN/afd_gemm_bench is missing (run make)" >&2; exit 1; }
 
-ONLY=${ONLY:-"gemm decode xfer pipeline afd"}
+ONLY=${ONLY:-"gemm decode xfer tok pipeline afd"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 if want gemm; then
     echo "=== GEMM: cpu backend matmul vs raw cblas_sgemm (1 thread, y = x W^T, bf16 weights) ==="
@@ -38,6 +38,11 @@ fi
 if want pipeline; then
     echo "=== AFD pipeline: 1A1F pinned against afd_run on one core ==="
     /usr/bin/python3 bench/pipeline_cpu.py --batch 512 --tokens 32 --micro-batches 2 3
+    echo
+fi
+if want tok; then
+    echo "=== Tokenizer: encode, decode and streaming-detokenize MB/s (8192-id BPE over the bundled sample) ==="
+    "$BIN/afd_tok_bench" --mb 3
     echo
 fi
 if want afd; then

@@ -13,6 +13,7 @@
 #include "mdl_config.h"
 #include "net_frame.h"
 #include "net_http.h"
+#include "tok.h"
 
 #include <stdint.h>
 #include <uv.h>
@@ -23,11 +24,11 @@
 
 #define COORD_MAX_NODES      256
 #define COORD_MAX_PLAN_AHEAD 4
-
 #define COORD_MAX_RECOVERIES 3 /* node losses one sequence is recomputed after */
+
 typedef struct coord_opts {
     char *host, *cluster_token, *model, *model_name, *micro_batches, *api_key, *api_keys_file,
-        *admin_token;
+        *admin_token, *tokenizer;
     long port, ctrl_port, attn, ffn, plan_ahead, max_waiting, max_running, max_body_kb, max_prompt,
         node_timeout_ms, default_max_tokens, drain_timeout_s, request_timeout_s, admin_port,
         recovery_timeout_s;
@@ -81,6 +82,8 @@ typedef struct coord_seq {
     const char *finish;
     char *error;
     struct coord_seq *next_wait;
+    tok_stream_t *ts; /* the generated text, when a tokenizer is loaded */
+    int stop_hit;     /* a stop string ended the text: finish_reason "stop" */
 } coord_seq_t;
 
 enum coord_api_kind { COORD_API_COMPLETIONS = 0, COORD_API_CHAT = 1, COORD_API_MESSAGES = 2 };
@@ -95,6 +98,10 @@ typedef struct coord_req {
     Afd__Sampling sp;
     int32_t *stop_ids;
     coord_seq_t *seqs;
+    char *stops[TOK_MAX_STOPS]; /* stop strings */
+    int nstops;
+    int stop_pending; /* a sequence met a stop string: end it outside the token callback */
+    int stop_abort;   /* ended by stop strings, not by the client */
     uint64_t created, t_arrival_us, t_first_us;
     struct coord_req *next;
 } coord_req_t;
@@ -131,7 +138,11 @@ typedef struct coord {
     uint64_t *aborts[COORD_MAX_NODES];
     int naborts[COORD_MAX_NODES];
     coord_metrics_t metrics;
-    int draining; /* SIGTERM or drain: no new requests; in-flight ones finish */
+    tok_t *tok;            /* NULL: no tokenizer, token ids only */
+    tok_chat_t chat;       /* tokenizer_config.json: the chat template (tmpl NULL: none) */
+    int32_t bos_id;        /* prepended to text prompts when add_bos_token; -1: none */
+    uv_timer_t stop_timer; /* ends sequences that met a stop string */
+    int draining;          /* SIGTERM or drain: no new requests; in-flight ones finish */
     uint64_t drain_deadline_us;
     int stop_after_drain; /* leave the loop once drained (SIGTERM) */
     /* stats */

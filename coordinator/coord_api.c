@@ -1,8 +1,11 @@
 /*
- * coord_api: the HTTP API. OpenAI-compatible /v1/completions (token-id prompts;
- * streamed as Server-Sent Events or answered whole), /v1/models, /health,
- * /ready and /admin/status (what afdctl reads). Every field from the client is
- * type- and range-checked; errors use OpenAI's error object and status codes.
+ * coord_api: the HTTP API. OpenAI-compatible /v1/completions (text or token-id prompts;
+ * streamed as Server-Sent Events or answered whole), /tokenize and /detokenize (as vLLM
+ * offers them), /v1/models, /health, /ready and /admin/status (what afdctl reads). Every
+ * field from the client is type- and range-checked; errors use OpenAI's error object and
+ * status codes. With a tokenizer loaded, answers carry text from a streaming detokenizer
+ * per sequence (no broken UTF-8, stop strings cut across token boundaries); without one,
+ * text fields read "token_id:N" and text inputs are refused.
  */
 #define _GNU_SOURCE
 #include "coord_api.h"
@@ -75,8 +78,12 @@ void coord_req_free(coord_req_t *r)
             free(r->seqs[i].top_lp);
             free(r->seqs[i].error);
             free(r->seqs[i].resume);
+            if (r->seqs[i].ts) tok_stream_fini(r->seqs[i].ts);
+            free(r->seqs[i].ts);
         }
     }
+    for (int i = 0; i < r->nstops; i++)
+        free(r->stops[i]);
     free(r->prompts);
     free(r->prompt_len);
     free(r->seqs);
@@ -86,35 +93,174 @@ void coord_req_free(coord_req_t *r)
 
 /* ---- response rendering ---- */
 
-void coord_api_token_text(int32_t id, char *buf, size_t len)
+void coord_api_token_text(const coord_t *c, int32_t id, char *buf, size_t len)
 {
-    snprintf(buf, len, "token_id:%d", id);
+    tok_buf_t raw = {0}, clean = {0};
+    if (!c->tok || tok_decode(c->tok, &id, 1, 0, &raw) || tok_utf8_clean(raw.p, raw.len, &clean) ||
+        clean.len >= len) {
+        snprintf(buf, len, "token_id:%d", id);
+    } else {
+        memcpy(buf, clean.p, clean.len + 1);
+    }
+    tok_buf_free(&raw);
+    tok_buf_free(&clean);
 }
 
-static cJSON *logprobs_json(const coord_req_t *r, const coord_seq_t *s, int from, int to,
-                            int *offset)
+/* ---- text of the generated tokens ---- */
+
+/* Ends the requests whose every running sequence met a stop string: called from the loop,
+ * never from the scheduler's token callback (the abort frees what that callback holds). */
+static void on_stop_timer(uv_timer_t *t)
+{
+    coord_t *c = t->data;
+again:
+    for (coord_req_t *r = c->reqs; r; r = r->next) {
+        if (!r->stop_pending || r->finished) continue;
+        int open = 0, stopped = 0;
+        for (int i = 0; i < r->nseq; i++)
+            if (!r->seqs[i].done) {
+                open++;
+                stopped += r->seqs[i].stop_hit;
+            }
+        if (open && open == stopped) {
+            r->stop_pending = 0;
+            r->stop_abort = 1;
+            coord_sched_abort_req(c, r);
+            goto again; /* the list may have changed */
+        }
+    }
+}
+
+/* Feeds the newest token of s to its detokenizer; delta/dlen: the text now safe to show. */
+static void text_step(coord_t *c, coord_req_t *r, coord_seq_t *s, const char **delta, size_t *dlen)
+{
+    tok_stream_t *ts = s->ts;
+    *delta = "";
+    *dlen = 0;
+    if (!ts || ts->stopped || s->ngen < 1) return;
+    size_t before = ts->emitted;
+    const char *d;
+    size_t n;
+    if (tok_stream_push(ts, s->out[s->ngen - 1], &d, &n)) return;
+    if (s->finish && !ts->stopped) tok_stream_flush(ts, &d, &n);
+    *delta = ts->text.p + before;
+    *dlen = ts->emitted - before;
+    if (ts->stopped) {
+        s->stop_hit = 1;
+        if (!s->finish) {
+            r->stop_pending = 1;
+            uv_timer_start(&c->stop_timer, on_stop_timer, 0, 0);
+        }
+    }
+}
+
+const char *coord_api_seq_text(const coord_seq_t *s, size_t *len)
+{
+    if (!s->ts) return NULL;
+    *len = s->ts->text.len;
+    return s->ts->text.p ? s->ts->text.p : "";
+}
+
+const char *coord_api_seq_finish(const coord_seq_t *s)
+{
+    if (s->stop_hit) return "stop";
+    return s->finish ? s->finish : "length";
+}
+
+int coord_api_stops(coord_t *c, net_http_req_t *req, const cJSON *v, const char *field,
+                    coord_req_t *r)
+{
+    if (!v || cJSON_IsNull(v)) return 0;
+    if (!cJSON_IsString(v) && !cJSON_IsArray(v)) {
+        coord_api_error(req, 400, "invalid_request_error", field,
+                        "'%s' must be a string or a list of strings", field);
+        return -1;
+    }
+    int n = cJSON_IsString(v) ? 1 : cJSON_GetArraySize(v);
+    if (n == 0) return 0;
+    if (!c->tok) {
+        coord_api_error(req, 400, "invalid_request_error", field,
+                        "'%s' strings need a tokenizer, and none is loaded: use stop_token_ids",
+                        field);
+        return -1;
+    }
+    if (n > TOK_MAX_STOPS) {
+        coord_api_error(req, 400, "invalid_request_error", field,
+                        "'%s': at most %d stop strings (got %d)", field, TOK_MAX_STOPS, n);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        const cJSON *e = cJSON_IsString(v) ? v : cJSON_GetArrayItem(v, i);
+        size_t l = cJSON_IsString(e) ? strlen(e->valuestring) : 0;
+        if (!cJSON_IsString(e) || l == 0 || l > TOK_MAX_STOP_LEN) {
+            coord_api_error(req, 400, "invalid_request_error", field,
+                            "'%s'[%d] must be a string of 1 to %d bytes", field, i,
+                            TOK_MAX_STOP_LEN);
+            return -1;
+        }
+        if (!(r->stops[r->nstops] = strdup(e->valuestring))) {
+            coord_api_error(req, 500, "server_error", NULL, "out of memory");
+            return -1;
+        }
+        r->nstops++;
+    }
+    return 0;
+}
+
+int coord_api_encode(coord_t *c, net_http_req_t *req, const char *field, const char *text,
+                     size_t len, int add_bos, int32_t **out, int *n)
+{
+    tok_ids_t ids = {0};
+    afd_status_t st = AFD_OK;
+    if (add_bos && c->bos_id >= 0) {
+        ids.v = malloc(sizeof(int32_t) * 64);
+        if (ids.v) {
+            ids.cap = 64;
+            ids.v[ids.n++] = c->bos_id;
+        } else
+            st = AFD_ERR_NOMEM;
+    }
+    if (!st) st = tok_encode(c->tok, text, len, &ids);
+    if (st) {
+        tok_ids_free(&ids);
+        coord_api_error(req, 500, "server_error", NULL, "tokenizer: %s", afd_status_str(st));
+        return -1;
+    }
+    if (ids.n < 1 || ids.n > (size_t)c->o.max_prompt) {
+        coord_api_error(req, 400, "invalid_request_error", field,
+                        "a prompt must have 1 to %ld tokens (got %zu)", c->o.max_prompt, ids.n);
+        tok_ids_free(&ids);
+        return -1;
+    }
+    *out = ids.v;
+    *n = (int)ids.n;
+    return 0;
+}
+
+static cJSON *logprobs_json(const coord_t *c, const coord_req_t *r, const coord_seq_t *s, int from,
+                            int to, int *offset)
 {
     cJSON *lp = cJSON_CreateObject();
     cJSON *toks = cJSON_AddArrayToObject(lp, "tokens");
     cJSON *tlp = cJSON_AddArrayToObject(lp, "token_logprobs");
     cJSON *top = cJSON_AddArrayToObject(lp, "top_logprobs");
     cJSON *off = cJSON_AddArrayToObject(lp, "text_offset");
-    char b[32];
+    char b[API_TOKEN_TEXT];
     for (int g = from; g < to; g++) {
-        coord_api_token_text(s->out[g], b, sizeof(b));
+        coord_api_token_text(c, s->out[g], b, sizeof(b));
         cJSON_AddItemToArray(toks, cJSON_CreateString(b));
         cJSON_AddItemToArray(tlp, cJSON_CreateNumber(s->lp[g]));
         cJSON *t = cJSON_CreateObject();
         for (int k = 0; k < r->logprobs; k++) {
             int32_t id = s->top_ids[g * r->logprobs + k];
             if (id < 0) continue;
-            coord_api_token_text(id, b, sizeof(b));
+            coord_api_token_text(c, id, b, sizeof(b));
             if (!cJSON_GetObjectItemCaseSensitive(t, b))
                 cJSON_AddNumberToObject(t, b, s->top_lp[g * r->logprobs + k]);
         }
         cJSON_AddItemToArray(top, t);
         cJSON_AddItemToArray(off, cJSON_CreateNumber(*offset));
-        coord_api_token_text(s->out[g], b, sizeof(b));
+        coord_api_token_text(c, s->out[g], b, sizeof(b));
         *offset += (int)strlen(b);
     }
     return lp;
@@ -163,28 +309,40 @@ void coord_api_sse(net_http_req_t *http, cJSON *j)
 
 void coord_api_token(coord_t *c, coord_req_t *r, coord_seq_t *s)
 {
+    /* another sequence of a request with a stopped one ends: the rest may all be stopped */
+    if (r->stop_pending && s->finish) uv_timer_start(&c->stop_timer, on_stop_timer, 0, 0);
+    if (s->stop_hit) return; /* its text ended at a stop string */
+    const char *delta;
+    size_t dlen;
+    text_step(c, r, s, &delta, &dlen);
     if (!r->stream || !r->http) return;
-    if (r->api != COORD_API_COMPLETIONS) return coord_chat_token(c, r, s);
+    if (r->api != COORD_API_COMPLETIONS) return coord_chat_token(c, r, s, delta, dlen);
     cJSON *root = completion_base(c, r);
     cJSON *choices = cJSON_AddArrayToObject(root, "choices");
     cJSON *ch = cJSON_CreateObject();
     cJSON_AddNumberToObject(ch, "index", s->choice);
-    char b[32];
-    coord_api_token_text(s->out[s->ngen - 1], b, sizeof(b));
-    cJSON_AddStringToObject(ch, "text", b);
+    char b[API_TOKEN_TEXT];
+    if (s->ts) {
+        char *t = strndup(delta, dlen);
+        cJSON_AddStringToObject(ch, "text", t ? t : "");
+        free(t);
+    } else {
+        coord_api_token_text(c, s->out[s->ngen - 1], b, sizeof(b));
+        cJSON_AddStringToObject(ch, "text", b);
+    }
     cJSON_AddItemToObject(ch, "token_ids", cJSON_CreateIntArray(&s->out[s->ngen - 1], 1));
     if (r->logprobs >= 0) {
         int off = 0;
         for (int g = 0; g < s->ngen - 1; g++) {
-            coord_api_token_text(s->out[g], b, sizeof(b));
+            coord_api_token_text(c, s->out[g], b, sizeof(b));
             off += (int)strlen(b);
         }
-        cJSON_AddItemToObject(ch, "logprobs", logprobs_json(r, s, s->ngen - 1, s->ngen, &off));
+        cJSON_AddItemToObject(ch, "logprobs", logprobs_json(c, r, s, s->ngen - 1, s->ngen, &off));
     } else {
         cJSON_AddNullToObject(ch, "logprobs");
     }
-    if (s->finish)
-        cJSON_AddStringToObject(ch, "finish_reason", s->finish);
+    if (s->finish || s->stop_hit)
+        cJSON_AddStringToObject(ch, "finish_reason", coord_api_seq_finish(s));
     else
         cJSON_AddNullToObject(ch, "finish_reason");
     cJSON_AddItemToArray(choices, ch);
@@ -200,7 +358,7 @@ void coord_api_finish(coord_t *c, coord_req_t *r)
         const coord_seq_t *s = &r->seqs[i];
         if (s->error)
             c->metrics.failed++;
-        else if (s->finish && !strcmp(s->finish, "stop"))
+        else if (s->stop_hit || (s->finish && !strcmp(s->finish, "stop")))
             c->metrics.success_stop++;
         else if (s->finish && !strcmp(s->finish, "abort"))
             c->metrics.success_abort++;
@@ -209,7 +367,7 @@ void coord_api_finish(coord_t *c, coord_req_t *r)
     }
     if (r->failed)
         c->req_err++;
-    else if (!r->aborted)
+    else if (!r->aborted || r->stop_abort)
         c->req_ok++;
     if (!r->http) return;
     net_http_req_t *http = r->http;
@@ -248,28 +406,37 @@ void coord_api_finish(coord_t *c, coord_req_t *r)
         coord_seq_t *s = &r->seqs[i];
         cJSON *ch = cJSON_CreateObject();
         cJSON_AddNumberToObject(ch, "index", i);
-        size_t tl = (size_t)s->ngen * 20 + 1, k = 0;
-        char *text = malloc(tl);
-        if (text) {
-            text[0] = 0;
-            for (int g = 0; g < s->ngen; g++)
-                k += (size_t)snprintf(text + k, tl - k, "token_id:%d", s->out[g]);
-        }
+        char *text = coord_api_text_dup(s);
         cJSON_AddStringToObject(ch, "text", text ? text : "");
         free(text);
         cJSON_AddItemToObject(ch, "token_ids", cJSON_CreateIntArray(s->out, s->ngen));
         if (r->logprobs >= 0) {
             int off = 0;
-            cJSON_AddItemToObject(ch, "logprobs", logprobs_json(r, s, 0, s->ngen, &off));
+            cJSON_AddItemToObject(ch, "logprobs", logprobs_json(c, r, s, 0, s->ngen, &off));
         } else {
             cJSON_AddNullToObject(ch, "logprobs");
         }
-        cJSON_AddStringToObject(ch, "finish_reason", s->finish ? s->finish : "length");
+        cJSON_AddStringToObject(ch, "finish_reason", coord_api_seq_finish(s));
         cJSON_AddItemToArray(choices, ch);
     }
     cJSON_AddItemToObject(root, "usage", coord_api_usage(r));
     coord_api_json(http, 200, root, NULL);
     cJSON_Delete(root);
+}
+
+char *coord_api_text_dup(const coord_seq_t *s)
+{
+    size_t n;
+    const char *t = coord_api_seq_text(s, &n);
+    if (t) return strndup(t, n);
+    size_t tl = (size_t)s->ngen * 20 + 1, k = 0;
+    char *text = malloc(tl);
+    if (text) {
+        text[0] = 0;
+        for (int g = 0; g < s->ngen; g++)
+            k += (size_t)snprintf(text + k, tl - k, "token_id:%d", s->out[g]);
+    }
+    return text;
 }
 
 /* ---- request parsing ---- */
@@ -499,6 +666,17 @@ void coord_api_submit(coord_t *c, net_http_req_t *req, coord_req_t *r)
             coord_req_free(r);
             return;
         }
+        if (c->tok) {
+            s->ts = malloc(sizeof(*s->ts));
+            if (!s->ts || tok_stream_init(s->ts, c->tok, (const char *const *)r->stops,
+                                          (size_t)r->nstops, 1)) {
+                free(s->ts);
+                s->ts = NULL;
+                coord_api_error(req, 500, "server_error", NULL, "out of memory");
+                coord_req_free(r);
+                return;
+            }
+        }
     }
     if (c->draining) {
         coord_api_error(req, 503, "server_error", NULL,
@@ -543,18 +721,22 @@ static void handle_completions(coord_t *c, net_http_req_t *req)
         coord_api_error(req, 400, "invalid_request_error", "prompt", "'prompt' is required");
         goto fail;
     }
-    if (cJSON_IsString(prompt) ||
-        (cJSON_IsArray(prompt) && cJSON_IsString(cJSON_GetArrayItem(prompt, 0)))) {
+    int text = cJSON_IsString(prompt) ||
+               (cJSON_IsArray(prompt) && cJSON_IsString(cJSON_GetArrayItem(prompt, 0)));
+    if (text && !c->tok) {
         coord_api_error(req, 400, "invalid_request_error", "prompt",
                         "text prompts need a tokenizer, and none is loaded: send token ids");
         goto fail;
     }
-    if (!cJSON_IsArray(prompt) || cJSON_GetArraySize(prompt) == 0) {
+    if (!cJSON_IsString(prompt) && (!cJSON_IsArray(prompt) || cJSON_GetArraySize(prompt) == 0)) {
         coord_api_error(req, 400, "invalid_request_error", "prompt",
-                        "'prompt' must be a list of token ids or a list of such lists");
+                        "'prompt' must be a string, a list of strings, a list of token ids or a "
+                        "list of such lists");
         goto fail;
     }
-    int batch = cJSON_IsArray(cJSON_GetArrayItem(prompt, 0));
+    int add_special;
+    if (coord_api_bool(body, "add_special_tokens", 1, &add_special, req)) goto fail;
+    int batch = cJSON_IsArray(prompt) && (cJSON_IsArray(cJSON_GetArrayItem(prompt, 0)) || text);
     int nseq = batch ? cJSON_GetArraySize(prompt) : 1;
     if (nseq > API_MAX_PROMPTS) {
         coord_api_error(req, 400, "invalid_request_error", "prompt",
@@ -564,6 +746,17 @@ static void handle_completions(coord_t *c, net_http_req_t *req)
     if (coord_api_req_init(c, req, r, nseq)) goto fail;
     for (int i = 0; i < r->nseq; i++) {
         const cJSON *p = batch ? cJSON_GetArrayItem(prompt, i) : prompt;
+        if (text) {
+            if (!cJSON_IsString(p)) {
+                coord_api_error(req, 400, "invalid_request_error", "prompt",
+                                "'prompt' must be a list of strings (prompt[%d] is not one)", i);
+                goto fail;
+            }
+            if (coord_api_encode(c, req, "prompt", p->valuestring, strlen(p->valuestring),
+                                 add_special, &r->prompts[i], &r->prompt_len[i]))
+                goto fail;
+            continue;
+        }
         if (!cJSON_IsArray(p)) {
             coord_api_error(req, 400, "invalid_request_error", "prompt",
                             "'prompt' must be a list of token ids or a list of such lists");
@@ -586,12 +779,8 @@ static void handle_completions(coord_t *c, net_http_req_t *req)
         coord_api_error(req, 400, "invalid_request_error", "echo", "'echo' is not supported");
         goto fail;
     }
-    const cJSON *stop = cJSON_GetObjectItemCaseSensitive(body, "stop");
-    if (stop && !cJSON_IsNull(stop) && !(cJSON_IsArray(stop) && cJSON_GetArraySize(stop) == 0)) {
-        coord_api_error(req, 400, "invalid_request_error", "stop",
-                        "'stop' strings need a tokenizer, and none is loaded: use stop_token_ids");
+    if (coord_api_stops(c, req, cJSON_GetObjectItemCaseSensitive(body, "stop"), "stop", r))
         goto fail;
-    }
     if (coord_api_stream_options(body, stream, &stream, req)) goto fail;
     r->logprobs = (int)logprobs;
     r->stream = stream;
@@ -601,6 +790,110 @@ static void handle_completions(coord_t *c, net_http_req_t *req)
 fail:
     cJSON_Delete(body);
     coord_req_free(r);
+}
+
+/* POST /tokenize: {"prompt": TEXT, "add_special_tokens"} or {"messages": [...],
+ * "add_generation_prompt"} -> {"count", "max_model_len", "tokens"} (as vLLM answers). */
+static void handle_tokenize(coord_t *c, net_http_req_t *req)
+{
+    if (!c->tok)
+        return coord_api_error(req, 400, "invalid_request_error", NULL,
+                               "tokenizing needs a tokenizer, and none is loaded");
+    cJSON *body = cJSON_ParseWithLength(req->body, req->body_len);
+    coord_req_t *r = calloc(1, sizeof(*r));
+    if (!body || !cJSON_IsObject(body)) {
+        coord_api_error(req, 400, "invalid_request_error", NULL, "the body must be a JSON object");
+        goto out;
+    }
+    if (!r || coord_api_req_init(c, req, r, 1) || coord_api_check_model(c, req, body)) {
+        if (!r) coord_api_error(req, 500, "server_error", NULL, "out of memory");
+        goto out;
+    }
+    const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(body, "prompt");
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(body, "messages");
+    if (msgs && !cJSON_IsNull(msgs)) {
+        if (coord_chat_prompt(c, req, body, r)) goto out;
+    } else if (cJSON_IsString(prompt)) {
+        int add_special;
+        if (coord_api_bool(body, "add_special_tokens", 1, &add_special, req) ||
+            coord_api_encode(c, req, "prompt", prompt->valuestring, strlen(prompt->valuestring),
+                             add_special, &r->prompts[0], &r->prompt_len[0]))
+            goto out;
+    } else {
+        coord_api_error(req, 400, "invalid_request_error", "prompt",
+                        "give 'prompt' (a string) or 'messages'");
+        goto out;
+    }
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddNumberToObject(root, "count", r->prompt_len[0]);
+    cJSON_AddNumberToObject(root, "max_model_len", c->cfg.max_position);
+    cJSON_AddItemToObject(root, "tokens", cJSON_CreateIntArray(r->prompts[0], r->prompt_len[0]));
+    cJSON_AddNullToObject(root, "token_strs");
+    coord_api_json(req, 200, root, NULL);
+    cJSON_Delete(root);
+out:
+    cJSON_Delete(body);
+    coord_req_free(r);
+}
+
+/* POST /detokenize: {"tokens": [ids]} -> {"prompt": TEXT} */
+static void handle_detokenize(coord_t *c, net_http_req_t *req)
+{
+    if (!c->tok)
+        return coord_api_error(req, 400, "invalid_request_error", NULL,
+                               "detokenizing needs a tokenizer, and none is loaded");
+    cJSON *body = cJSON_ParseWithLength(req->body, req->body_len);
+    tok_buf_t raw = {0}, text = {0};
+    int32_t *ids = NULL;
+    if (!body || !cJSON_IsObject(body)) {
+        coord_api_error(req, 400, "invalid_request_error", NULL, "the body must be a JSON object");
+        goto out;
+    }
+    if (coord_api_check_model(c, req, body)) goto out;
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(body, "tokens"), *e;
+    int n = cJSON_IsArray(t) ? cJSON_GetArraySize(t) : -1;
+    if (n < 0 || n > c->o.max_prompt + c->cfg.max_position) {
+        coord_api_error(req, 400, "invalid_request_error", "tokens",
+                        "'tokens' must be a list of at most %ld token ids",
+                        c->o.max_prompt + (long)c->cfg.max_position);
+        goto out;
+    }
+    ids = malloc(sizeof(int32_t) * (size_t)(n + 1));
+    if (!ids) {
+        coord_api_error(req, 500, "server_error", NULL, "out of memory");
+        goto out;
+    }
+    int k = 0;
+    cJSON_ArrayForEach(e, t)
+    {
+        if (!cJSON_IsNumber(e) || e->valuedouble != floor(e->valuedouble) || e->valuedouble < 0 ||
+            e->valuedouble >= tok_vocab_size(c->tok)) {
+            coord_api_error(req, 400, "invalid_request_error", "tokens",
+                            "tokens[%d] must be a token id: an integer in [0, %d)", k,
+                            tok_vocab_size(c->tok));
+            goto out;
+        }
+        ids[k++] = (int32_t)e->valuedouble;
+    }
+    afd_status_t st = tok_decode(c->tok, ids, (size_t)k, 0, &raw);
+    if (st == AFD_ERR_RANGE) {
+        coord_api_error(req, 400, "invalid_request_error", "tokens",
+                        "'tokens' holds an id the tokenizer does not have");
+        goto out;
+    }
+    if (st || tok_utf8_clean(raw.p, raw.len, &text) || (!text.p && tok_buf_add(&text, "", 0))) {
+        coord_api_error(req, 500, "server_error", NULL, "out of memory");
+        goto out;
+    }
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "prompt", text.p);
+    coord_api_json(req, 200, root, NULL);
+    cJSON_Delete(root);
+out:
+    free(ids);
+    tok_buf_free(&raw);
+    tok_buf_free(&text);
+    cJSON_Delete(body);
 }
 
 static void handle_models(coord_t *c, net_http_req_t *req)
@@ -794,7 +1087,8 @@ void coord_api_handle(void *arg, net_http_req_t *req)
         const char no[] = "{\"ready\":false}";
         return net_http_respond(req, 503, "application/json", no, sizeof(no) - 1, NULL);
     }
-    if (!strncmp(p, "/v1/", 4) && !authorized(c, req))
+    int tokn = !strcmp(p, "/tokenize") || !strcmp(p, "/detokenize");
+    if ((!strncmp(p, "/v1/", 4) || tokn) && !authorized(c, req))
         return coord_api_error(req, 401, "authentication_error", NULL,
                                "missing or invalid API key (Authorization: Bearer KEY)");
     if (!strcmp(p, "/v1/completions")) {
@@ -806,6 +1100,11 @@ void coord_api_handle(void *arg, net_http_req_t *req)
         if (strcmp(m, "POST"))
             return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
         return coord_chat_handle(c, req, !strcmp(p, "/v1/messages"));
+    }
+    if (tokn) {
+        if (strcmp(m, "POST"))
+            return coord_api_error(req, 405, "invalid_request_error", NULL, "use POST");
+        return p[1] == 't' ? handle_tokenize(c, req) : handle_detokenize(c, req);
     }
     if (!strcmp(p, "/v1/models")) return handle_models(c, req);
     if (!strcmp(p, "/metrics")) {

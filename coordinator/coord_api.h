@@ -13,6 +13,7 @@
 
 #define API_MAX_PROMPTS  64
 #define API_MAX_STOP_IDS 64
+#define API_TOKEN_TEXT   (3 * TOK_MAX_TOKEN_BYTES + 32) /* one token's text, cleaned */
 
 /* Answers with a JSON body. */
 void coord_api_json(net_http_req_t *req, int status, cJSON *j, const char *extra);
@@ -48,11 +49,29 @@ void coord_api_submit(coord_t *c, net_http_req_t *req, coord_req_t *r);
 /* Streaming helpers. */
 void coord_api_sse(net_http_req_t *http, cJSON *j);
 cJSON *coord_api_usage(const coord_req_t *r);
-void coord_api_token_text(int32_t id, char *buf, size_t len);
+/* One token's text (invalid UTF-8 as U+FFFD), or "token_id:N" without a tokenizer. */
+void coord_api_token_text(const coord_t *c, int32_t id, char *buf, size_t len);
+
+/* Text: stop strings ("stop": a string or a list; 400 when malformed or when no tokenizer
+ * is loaded) into r->stops; a text prompt encoded (bos first when add_bos and the model's
+ * tokenizer_config.json asks for it), 1..max_prompt tokens, malloc'd. */
+int coord_api_stops(coord_t *c, net_http_req_t *req, const cJSON *v, const char *field,
+                    coord_req_t *r);
+int coord_api_encode(coord_t *c, net_http_req_t *req, const char *field, const char *text,
+                     size_t len, int add_bos, int32_t **out, int *n);
+/* A sequence's text so far (NULL without a tokenizer), a malloc'd copy of it ("token_id:N"
+ * ones without a tokenizer), and its finish_reason ("stop" after a stop string). */
+const char *coord_api_seq_text(const coord_seq_t *s, size_t *len);
+char *coord_api_text_dup(const coord_seq_t *s);
+const char *coord_api_seq_finish(const coord_seq_t *s);
 
 /* coord_chat.c: /v1/chat/completions and /v1/messages */
 void coord_chat_handle(coord_t *c, net_http_req_t *req, int anthropic);
-void coord_chat_token(coord_t *c, coord_req_t *r, coord_seq_t *s);
+/* delta, dlen: the text the token made safe to show (ignored without a tokenizer). */
+void coord_chat_token(coord_t *c, coord_req_t *r, coord_seq_t *s, const char *delta, size_t dlen);
+/* The prompt of an OpenAI chat body ("messages", "add_generation_prompt") into
+ * r->prompts[0]; answers 400 and returns -1 on errors. */
+int coord_chat_prompt(coord_t *c, net_http_req_t *req, const cJSON *body, coord_req_t *r);
 void coord_chat_finish(coord_t *c, coord_req_t *r, net_http_req_t *http, const char *err);
 
 #endif

@@ -1,8 +1,11 @@
 /*
- * coord_chat: OpenAI /v1/chat/completions and Anthropic /v1/messages. No tokenizer is
- * loaded, so a message's content is a list of token ids; the prompt is the messages' ids
- * concatenated in order (Anthropic's top-level "system" first). The generated tokens are
- * rendered as "token_id:N" text and also given as ids ("token_ids", an extension).
+ * coord_chat: OpenAI /v1/chat/completions and Anthropic /v1/messages. With a tokenizer and
+ * a chat template loaded, text messages (a string or text content parts; Anthropic's
+ * top-level "system" first) are rendered through the template and encoded; the answer is
+ * the detokenized text, cut at any stop string. A message's content may instead be a list
+ * of token ids: the prompt is then the messages' ids concatenated in order (the only form
+ * without a tokenizer, when answers read "token_id:N"). The generated ids are also given
+ * ("token_ids", an extension).
  * Answers follow each API's shapes: chat.completion / chat.completion.chunk SSE ending
  * in [DONE]; Anthropic's message object and its named SSE events (message_start,
  * content_block_start, content_block_delta, content_block_stop, message_delta,
@@ -206,7 +209,111 @@ static int role_ok(const char *role, int anth)
     return 0;
 }
 
-/* Builds the prompt from "system" (Anthropic) and "messages" into r->prompts[0]. */
+/* How a content is given: token ids, text (a string or text parts), or -1 after a 400. */
+enum { CONTENT_IDS, CONTENT_TEXT };
+
+static int content_kind(const chat_ctx_t *x, const cJSON *content, const char *where)
+{
+    if (!content || cJSON_IsNull(content)) {
+        chat_err(x, 400, where, "%s is required", where);
+        return -1;
+    }
+    if (cJSON_IsString(content)) return CONTENT_TEXT;
+    if (cJSON_IsArray(content) && cJSON_IsObject(cJSON_GetArrayItem(content, 0)))
+        return CONTENT_TEXT;
+    return CONTENT_IDS;
+}
+
+/* Appends a text content (a string, or text parts joined by newlines) to out. */
+static int content_text(const chat_ctx_t *x, const cJSON *content, const char *where,
+                        tok_buf_t *out)
+{
+    if (cJSON_IsString(content)) {
+        if (!tok_buf_add(out, content->valuestring, strlen(content->valuestring))) return 0;
+        chat_err(x, 500, NULL, "out of memory");
+        return -1;
+    }
+    int j = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, content)
+    {
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(e, "type");
+        const cJSON *txt = cJSON_GetObjectItemCaseSensitive(e, "text");
+        if (!cJSON_IsObject(e) || !cJSON_IsString(t)) {
+            chat_err(x, 400, where, "%s[%d] must be a content part with a type", where, j);
+            return -1;
+        }
+        if (strcmp(t->valuestring, "text")) {
+            chat_err(x, 400, where, "%s[%d]: content of type '%.64s' is not supported", where, j,
+                     t->valuestring);
+            return -1;
+        }
+        if (!cJSON_IsString(txt)) {
+            chat_err(x, 400, where, "%s[%d].text must be a string", where, j);
+            return -1;
+        }
+        if ((j && tok_buf_add(out, "\n", 1)) ||
+            tok_buf_add(out, txt->valuestring, strlen(txt->valuestring))) {
+            chat_err(x, 500, NULL, "out of memory");
+            return -1;
+        }
+        j++;
+    }
+    return 0;
+}
+
+/* Renders text messages through the chat template and encodes the result. */
+static int render_chat(const chat_ctx_t *x, const cJSON *const *parts, const char **roles, int nmsg,
+                       int add_gen, coord_req_t *r)
+{
+    coord_t *c = x->c;
+    if (!c->chat.tmpl) {
+        chat_err(x, 400, "messages",
+                 "text content needs a chat template, and the model has none: send token ids "
+                 "as content");
+        return -1;
+    }
+    cJSON *ctx = cJSON_CreateObject(), *list = cJSON_AddArrayToObject(ctx, "messages");
+    tok_buf_t text = {0};
+    char where[64];
+    int rc = -1;
+    for (int p = 0; p <= nmsg; p++) {
+        if (!parts[p]) continue;
+        tok_buf_t t = {0};
+        snprintf(where, sizeof(where), p ? "messages[%d].content" : "system", p - 1);
+        if (content_text(x, parts[p], where, &t)) {
+            tok_buf_free(&t);
+            goto out;
+        }
+        cJSON *m = cJSON_CreateObject();
+        cJSON_AddStringToObject(m, "role", roles[p]);
+        cJSON_AddStringToObject(m, "content", t.p ? t.p : "");
+        cJSON_AddItemToArray(list, m);
+        tok_buf_free(&t);
+    }
+    cJSON_AddBoolToObject(ctx, "add_generation_prompt", add_gen);
+    if (c->chat.bos_token) cJSON_AddStringToObject(ctx, "bos_token", c->chat.bos_token);
+    if (c->chat.eos_token) cJSON_AddStringToObject(ctx, "eos_token", c->chat.eos_token);
+    char err[512];
+    afd_status_t st = tok_tmpl_render(c->chat.tmpl, ctx, &text, err, sizeof(err));
+    if (st == AFD_ERR_NOMEM) {
+        chat_err(x, 500, NULL, "out of memory");
+        goto out;
+    }
+    if (st) {
+        chat_err(x, 400, "messages", "%s", err);
+        goto out;
+    }
+    rc = coord_api_encode(c, x->req, "messages", text.p, text.len, 0, &r->prompts[0],
+                          &r->prompt_len[0]);
+out:
+    tok_buf_free(&text);
+    cJSON_Delete(ctx);
+    return rc;
+}
+
+/* Builds the prompt from "system" (Anthropic) and "messages" into r->prompts[0]: text
+ * messages through the chat template, token-id messages concatenated in order. */
 static int parse_messages(const chat_ctx_t *x, const cJSON *body, coord_req_t *r)
 {
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(body, "messages");
@@ -228,17 +335,21 @@ static int parse_messages(const chat_ctx_t *x, const cJSON *body, coord_req_t *r
                  CHAT_MAX_MESSAGES, nmsg);
         return -1;
     }
+    int add_gen = 1;
+    if (!x->anth && coord_api_bool(body, "add_generation_prompt", 1, &add_gen, x->req)) return -1;
     /* parts[0]: Anthropic's system (or NULL); parts[1 + i]: messages[i].content */
     const cJSON *parts[CHAT_MAX_MESSAGES + 1] = {0};
-    long total = 0;
+    const char *roles[CHAT_MAX_MESSAGES + 1] = {0};
+    int ntext = 0, nids = 0;
     char where[64];
     if (x->anth) {
         const cJSON *sys = field(body, "system");
         if (sys) {
-            int n = content_ids(x, sys, "system");
-            if (n < 0) return -1;
+            int k = content_kind(x, sys, "system");
+            if (k < 0) return -1;
             parts[0] = sys;
-            total += n;
+            roles[0] = "system";
+            k == CONTENT_TEXT ? ntext++ : nids++;
         }
     }
     int i = 0;
@@ -273,11 +384,31 @@ static int parse_messages(const chat_ctx_t *x, const cJSON *body, coord_req_t *r
             return -1;
         }
         snprintf(where, sizeof(where), "messages[%d].content", i);
-        int n = content_ids(x, cJSON_GetObjectItemCaseSensitive(m, "content"), where);
-        if (n < 0) return -1;
-        parts[1 + i] = cJSON_GetObjectItemCaseSensitive(m, "content");
-        total += n;
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+        int k = content_kind(x, content, where);
+        if (k < 0) return -1;
+        parts[1 + i] = content;
+        /* developer: the system role of newer clients */
+        roles[1 + i] = !strcmp(role->valuestring, "developer") ? "system" : role->valuestring;
+        k == CONTENT_TEXT ? ntext++ : nids++;
         i++;
+    }
+    if (ntext && x->c->tok) {
+        if (nids) {
+            chat_err(x, 400, "messages",
+                     "messages mix text and token-id content: use one kind in a request");
+            return -1;
+        }
+        return render_chat(x, parts, roles, nmsg, add_gen, r);
+    }
+    /* token ids: checked (text content without a tokenizer is refused there) */
+    long total = 0;
+    for (int p = 0; p <= nmsg; p++) {
+        if (!parts[p]) continue;
+        snprintf(where, sizeof(where), p ? "messages[%d].content" : "system", p - 1);
+        int n = content_ids(x, parts[p], where);
+        if (n < 0) return -1;
+        total += n;
     }
     if (total == 0) {
         chat_err(x, 400, "messages", "messages hold no token ids: the prompt would be empty");
@@ -304,6 +435,12 @@ static int parse_messages(const chat_ctx_t *x, const cJSON *body, coord_req_t *r
     return 0;
 }
 
+int coord_chat_prompt(coord_t *c, net_http_req_t *req, const cJSON *body, coord_req_t *r)
+{
+    chat_ctx_t x = {c, req, 0};
+    return parse_messages(&x, body, r);
+}
+
 /* ---- OpenAI's and Anthropic's own fields ---- */
 
 static int openai_fields(const chat_ctx_t *x, const cJSON *body, coord_req_t *r)
@@ -328,11 +465,12 @@ static int openai_fields(const chat_ctx_t *x, const cJSON *body, coord_req_t *r)
         return -1;
     }
     const cJSON *stop = field(body, "stop");
-    if (stop && !is_empty(stop)) {
+    if (stop && !is_empty(stop) && !x->c->tok) {
         chat_err(x, 400, "stop",
                  "stop strings need a tokenizer, and none is loaded: use stop_token_ids");
         return -1;
     }
+    if (coord_api_stops(x->c, req, stop, "stop", r)) return -1;
     /* what changes the answer and is not implemented: refused, never silently ignored */
     static const char *tools[] = {"tools", "functions", "function_call"};
     for (size_t i = 0; i < sizeof(tools) / sizeof(*tools); i++)
@@ -392,11 +530,16 @@ static int anthropic_fields(const chat_ctx_t *x, const cJSON *body, coord_req_t 
         chat_bool(x, body, "stream", 0, &stream))
         return -1;
     const cJSON *ss = field(body, "stop_sequences");
-    if (ss && !is_empty(ss)) {
+    if (ss && !is_empty(ss) && !c->tok) {
         chat_err(x, 400, "stop_sequences",
                  "stop_sequences need a tokenizer, and none is loaded: use stop_token_ids");
         return -1;
     }
+    if (ss && !cJSON_IsArray(ss)) {
+        chat_err(x, 400, "stop_sequences", "stop_sequences must be a list of strings");
+        return -1;
+    }
+    if (coord_api_stops(c, x->req, ss, "stop_sequences", r)) return -1;
     if (!is_empty(cJSON_GetObjectItemCaseSensitive(body, "tools"))) {
         chat_err(x, 400, "tools", "tools: tool use is not supported");
         return -1;
@@ -484,14 +627,15 @@ static cJSON *chat_base(const coord_t *c, const coord_req_t *r, const char *obje
 }
 
 /* OpenAI chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}...]} */
-static cJSON *chat_logprobs(const coord_req_t *r, const coord_seq_t *s, int from, int to)
+static cJSON *chat_logprobs(const coord_t *c, const coord_req_t *r, const coord_seq_t *s, int from,
+                            int to)
 {
     cJSON *lp = cJSON_CreateObject(), *content = cJSON_AddArrayToObject(lp, "content");
     int L = r->logprobs > 0 ? r->logprobs : 0;
-    char b[32];
+    char b[API_TOKEN_TEXT];
     for (int g = from; g < to; g++) {
         cJSON *e = cJSON_CreateObject();
-        coord_api_token_text(s->out[g], b, sizeof(b));
+        coord_api_token_text(c, s->out[g], b, sizeof(b));
         cJSON_AddStringToObject(e, "token", b);
         cJSON_AddNumberToObject(e, "logprob", (double)s->lp[g]);
         cJSON_AddNullToObject(e, "bytes");
@@ -500,7 +644,7 @@ static cJSON *chat_logprobs(const coord_req_t *r, const coord_seq_t *s, int from
             int32_t id = s->top_ids[g * L + k];
             if (id < 0) continue;
             cJSON *t = cJSON_CreateObject();
-            coord_api_token_text(id, b, sizeof(b));
+            coord_api_token_text(c, id, b, sizeof(b));
             cJSON_AddStringToObject(t, "token", b);
             cJSON_AddNumberToObject(t, "logprob", (double)s->top_lp[g * L + k]);
             cJSON_AddNullToObject(t, "bytes");
@@ -511,21 +655,32 @@ static cJSON *chat_logprobs(const coord_req_t *r, const coord_seq_t *s, int from
     return lp;
 }
 
-/* "token_id:A" "token_id:B"... of a sequence (malloc'd) */
+/* the text of a sequence (malloc'd) */
 static char *seq_text(const coord_seq_t *s)
 {
-    size_t tl = (size_t)s->ngen * 20 + 1, k = 0;
-    char *text = malloc(tl);
-    if (!text) return NULL;
-    text[0] = 0;
-    for (int g = 0; g < s->ngen; g++)
-        k += (size_t)snprintf(text + k, tl - k, "token_id:%d", s->out[g]);
-    return text;
+    return coord_api_text_dup(s);
 }
 
-static const char *anthropic_stop_reason(const char *finish)
+static const char *anthropic_stop_reason(const coord_seq_t *s)
 {
-    return finish && !strcmp(finish, "stop") ? "end_turn" : "max_tokens";
+    if (s->stop_hit) return "stop_sequence";
+    return s->finish && !strcmp(s->finish, "stop") ? "end_turn" : "max_tokens";
+}
+
+/* the stop string that ended s (Anthropic's stop_sequence), or NULL */
+static const char *stop_string(const coord_seq_t *s)
+{
+    if (!s->stop_hit || !s->ts || s->ts->matched < 0) return NULL;
+    return s->ts->stops[s->ts->matched];
+}
+
+static void add_stop_sequence(cJSON *o, const coord_seq_t *s)
+{
+    const char *ss = stop_string(s);
+    if (ss)
+        cJSON_AddStringToObject(o, "stop_sequence", ss);
+    else
+        cJSON_AddNullToObject(o, "stop_sequence");
 }
 
 /* Sends "event: NAME\ndata: JSON\n\n" and deletes j; -1 when the client is gone. */
@@ -571,11 +726,12 @@ static cJSON *anthropic_message(const coord_t *c, const coord_req_t *r, const co
         cJSON_AddStringToObject(blk, "text", text ? text : "");
         free(text);
         cJSON_AddItemToArray(content, blk);
-        cJSON_AddStringToObject(m, "stop_reason", anthropic_stop_reason(s->finish));
+        cJSON_AddStringToObject(m, "stop_reason", anthropic_stop_reason(s));
+        add_stop_sequence(m, s);
     } else {
         cJSON_AddNullToObject(m, "stop_reason");
+        cJSON_AddNullToObject(m, "stop_sequence");
     }
-    cJSON_AddNullToObject(m, "stop_sequence");
     cJSON *u = cJSON_AddObjectToObject(m, "usage");
     cJSON_AddNumberToObject(u, "input_tokens", r->prompt_len[0]);
     cJSON_AddNumberToObject(u, "output_tokens", whole ? s->ngen : 0);
@@ -598,9 +754,11 @@ static int anthropic_start(const coord_t *c, const coord_req_t *r, const coord_s
     return sse_event(http, "content_block_start", ev);
 }
 
-/* One OpenAI chunk of sequence s: its token g (or, g < 0, no token), role on the first. */
+/* One OpenAI chunk of sequence s: its token g (or, g < 0, no token) with its text delta
+ * (NULL: the token's own text), role on the first. */
 static void openai_chunk(const coord_t *c, const coord_req_t *r, const coord_seq_t *s,
-                         net_http_req_t *http, int g, int role, const char *finish)
+                         net_http_req_t *http, int g, int role, const char *finish,
+                         const char *delta, size_t dlen)
 {
     cJSON *root = chat_base(c, r, "chat.completion.chunk");
     cJSON *choices = cJSON_AddArrayToObject(root, "choices");
@@ -608,13 +766,19 @@ static void openai_chunk(const coord_t *c, const coord_req_t *r, const coord_seq
     cJSON_AddNumberToObject(ch, "index", s->choice);
     cJSON *d = cJSON_AddObjectToObject(ch, "delta");
     if (role) cJSON_AddStringToObject(d, "role", "assistant");
-    char b[32] = "";
-    if (g >= 0) coord_api_token_text(s->out[g], b, sizeof(b));
-    cJSON_AddStringToObject(d, "content", b);
+    char b[API_TOKEN_TEXT] = "";
+    if (delta) {
+        char *t = strndup(delta, dlen);
+        cJSON_AddStringToObject(d, "content", t ? t : "");
+        free(t);
+    } else {
+        if (g >= 0) coord_api_token_text(c, s->out[g], b, sizeof(b));
+        cJSON_AddStringToObject(d, "content", b);
+    }
     cJSON_AddItemToObject(d, "token_ids",
                           g >= 0 ? cJSON_CreateIntArray(&s->out[g], 1) : cJSON_CreateArray());
     if (r->logprobs >= 0 && g >= 0)
-        cJSON_AddItemToObject(ch, "logprobs", chat_logprobs(r, s, g, g + 1));
+        cJSON_AddItemToObject(ch, "logprobs", chat_logprobs(c, r, s, g, g + 1));
     else
         cJSON_AddNullToObject(ch, "logprobs");
     if (finish)
@@ -626,18 +790,27 @@ static void openai_chunk(const coord_t *c, const coord_req_t *r, const coord_seq
     cJSON_Delete(root);
 }
 
-void coord_chat_token(coord_t *c, coord_req_t *r, coord_seq_t *s)
+void coord_chat_token(coord_t *c, coord_req_t *r, coord_seq_t *s, const char *delta, size_t dlen)
 {
     if (!r->stream || !r->http || s->ngen < 1) return;
     int g = s->ngen - 1;
-    if (r->api == COORD_API_CHAT) return openai_chunk(c, r, s, r->http, g, g == 0, s->finish);
+    if (!s->ts) delta = NULL;
+    if (r->api == COORD_API_CHAT)
+        return openai_chunk(c, r, s, r->http, g, g == 0,
+                            s->finish || s->stop_hit ? coord_api_seq_finish(s) : NULL, delta, dlen);
     if (g == 0 && anthropic_start(c, r, s, r->http)) return;
     cJSON *ev = typed("content_block_delta");
     cJSON_AddNumberToObject(ev, "index", 0);
     cJSON *d = typed("text_delta");
-    char b[32];
-    coord_api_token_text(s->out[g], b, sizeof(b));
-    cJSON_AddStringToObject(d, "text", b);
+    char b[API_TOKEN_TEXT];
+    if (delta) {
+        char *t = strndup(delta, dlen);
+        cJSON_AddStringToObject(d, "text", t ? t : "");
+        free(t);
+    } else {
+        coord_api_token_text(c, s->out[g], b, sizeof(b));
+        cJSON_AddStringToObject(d, "text", b);
+    }
     cJSON_AddItemToObject(d, "token_ids", cJSON_CreateIntArray(&s->out[g], 1));
     cJSON_AddItemToObject(ev, "delta", d);
     sse_event(r->http, "content_block_delta", ev);
@@ -657,7 +830,8 @@ static void openai_finish(coord_t *c, coord_req_t *r, net_http_req_t *http, cons
             cJSON_Delete(root);
         } else {
             /* no token was streamed: still one chunk with the role and the reason */
-            if (s->ngen == 0) openai_chunk(c, r, s, http, -1, 1, s->finish ? s->finish : "stop");
+            if (s->ngen == 0)
+                openai_chunk(c, r, s, http, -1, 1, s->finish ? s->finish : "stop", NULL, 0);
             if (r->stream == 2) { /* stream_options.include_usage */
                 cJSON *root = chat_base(c, r, "chat.completion.chunk");
                 cJSON_AddArrayToObject(root, "choices");
@@ -683,10 +857,10 @@ static void openai_finish(coord_t *c, coord_req_t *r, net_http_req_t *http, cons
     cJSON_AddNullToObject(m, "refusal");
     cJSON_AddItemToObject(m, "token_ids", cJSON_CreateIntArray(s->out, s->ngen));
     if (r->logprobs >= 0)
-        cJSON_AddItemToObject(ch, "logprobs", chat_logprobs(r, s, 0, s->ngen));
+        cJSON_AddItemToObject(ch, "logprobs", chat_logprobs(c, r, s, 0, s->ngen));
     else
         cJSON_AddNullToObject(ch, "logprobs");
-    cJSON_AddStringToObject(ch, "finish_reason", s->finish ? s->finish : "length");
+    cJSON_AddStringToObject(ch, "finish_reason", coord_api_seq_finish(s));
     cJSON_AddItemToArray(choices, ch);
     cJSON_AddItemToObject(root, "usage", coord_api_usage(r));
     coord_api_json(http, 200, root, NULL);
@@ -717,8 +891,8 @@ static void anthropic_finish(coord_t *c, coord_req_t *r, net_http_req_t *http, c
         if (sse_event(http, "content_block_stop", ev) == 0) {
             ev = typed("message_delta");
             cJSON *d = cJSON_AddObjectToObject(ev, "delta");
-            cJSON_AddStringToObject(d, "stop_reason", anthropic_stop_reason(s->finish));
-            cJSON_AddNullToObject(d, "stop_sequence");
+            cJSON_AddStringToObject(d, "stop_reason", anthropic_stop_reason(s));
+            add_stop_sequence(d, s);
             cJSON *u = cJSON_AddObjectToObject(ev, "usage");
             cJSON_AddNumberToObject(u, "output_tokens", s->ngen);
             if (sse_event(http, "message_delta", ev) == 0)

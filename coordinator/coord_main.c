@@ -9,8 +9,10 @@
 #include "afd_plan.h"
 
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define O(f) offsetof(coord_opts_t, f)
 const afd_opt_t coord_table[] = {
@@ -30,6 +32,10 @@ const afd_opt_t coord_table[] = {
     {"model", AFD_OPT_STRING, NULL, O(model), 0, 0, 0,
      "checkpoint directory (its config.json bounds requests) (required)"},
     {"model-name", AFD_OPT_STRING, "step3", O(model_name), 0, 0, 0, "the name /v1/models shows"},
+    {"tokenizer", AFD_OPT_STRING, "auto", O(tokenizer), 0, 0, 0,
+     "tokenizer.json (or its directory, with tokenizer_config.json for the chat template) for "
+     "text prompts and answers; auto: the model directory's when it has one; none: token ids "
+     "only"},
     {"attn", AFD_OPT_INT, "1", O(attn), 1, 128, 0, "attention nodes the cluster needs"},
     {"ffn", AFD_OPT_INT, "1", O(ffn), 1, 128, 0, "FFN nodes the cluster needs"},
     {"micro-batches", AFD_OPT_STRING, "3", O(micro_batches), 0, 0, 0,
@@ -123,6 +129,49 @@ static void drain_tick(coord_t *c)
     }
 }
 
+/* The tokenizer and chat template: --tokenizer, or the model directory's (auto). */
+static afd_status_t load_tokenizer(coord_t *c)
+{
+    char path[4096], cfg[4096];
+    struct stat sb;
+    const char *opt = c->o.tokenizer ? c->o.tokenizer : "auto";
+    c->bos_id = -1;
+    if (!strcmp(opt, "none")) {
+        afd_info("no tokenizer (--tokenizer none): token ids only");
+        return AFD_OK;
+    }
+    int is_auto = !strcmp(opt, "auto");
+    const char *base = is_auto ? c->o.model : opt;
+    if (is_auto || (stat(base, &sb) == 0 && S_ISDIR(sb.st_mode)))
+        snprintf(path, sizeof(path), "%s/tokenizer.json", base);
+    else
+        snprintf(path, sizeof(path), "%s", base);
+    if (is_auto && stat(path, &sb) != 0) {
+        afd_info("%s: none: token ids only", path);
+        return AFD_OK;
+    }
+    afd_status_t st = tok_load(path, &c->tok);
+    if (st) return st;
+    if (tok_vocab_size(c->tok) > c->cfg.vocab_size) {
+        afd_error("%s: %d token ids, more than the model's vocab_size %d", path,
+                  tok_vocab_size(c->tok), c->cfg.vocab_size);
+        return AFD_ERR_RANGE;
+    }
+    /* tokenizer_config.json beside it */
+    snprintf(cfg, sizeof(cfg), "%s", path);
+    char *slash = strrchr(cfg, '/');
+    snprintf(slash ? slash + 1 : cfg, sizeof(cfg) - (size_t)(slash ? slash + 1 - cfg : 0),
+             "tokenizer_config.json");
+    if (stat(cfg, &sb) == 0) {
+        if ((st = tok_chat_load(cfg, &c->chat))) return st;
+        if (c->chat.add_bos_token && c->chat.bos_token)
+            c->bos_id = tok_token_id(c->tok, c->chat.bos_token);
+    }
+    afd_info("tokenizer %s: %d ids; chat template: %s", path, tok_vocab_size(c->tok),
+             c->chat.tmpl ? "yes" : "none (chat needs token-id content)");
+    return AFD_OK;
+}
+
 static void on_tick(uv_timer_t *t)
 {
     coord_t *c = t->data;
@@ -182,6 +231,7 @@ int main(int argc, char **argv)
         c.micro_batches = (int)m;
     }
     if (mdl_config_load(c.o.model, &c.cfg)) return 1;
+    if (load_tokenizer(&c)) return 1;
     coord_metrics_init(&c.metrics);
     if (c.o.ffn > c.cfg.num_experts && c.cfg.num_experts > 0) {
         afd_error("--ffn %ld: more FFN nodes than experts (%d)", c.o.ffn, c.cfg.num_experts);
@@ -204,6 +254,8 @@ int main(int argc, char **argv)
         return 1;
     if (!c.o.admin_token || !c.o.admin_token[0])
         afd_warn("the admin API on port %d has no token (--admin-token)", net_http_port(c.admin));
+    uv_timer_init(c.loop, &c.stop_timer);
+    c.stop_timer.data = &c;
     uv_timer_init(c.loop, &c.tick);
     c.tick.data = &c;
     uv_timer_start(&c.tick, on_tick, 200, 200);
@@ -224,6 +276,7 @@ int main(int argc, char **argv)
     net_http_server_close(c.admin);
     uv_close((uv_handle_t *)&c.ctrl, NULL);
     uv_close((uv_handle_t *)&c.tick, NULL);
+    uv_close((uv_handle_t *)&c.stop_timer, NULL);
     uv_close((uv_handle_t *)&g_sigint, NULL);
     uv_close((uv_handle_t *)&g_sigterm, NULL);
     for (int i = 0; i < COORD_MAX_NODES; i++)
@@ -231,5 +284,7 @@ int main(int argc, char **argv)
             uv_close((uv_handle_t *)&c.nodes[i].tcp, NULL);
     uv_run(c.loop, UV_RUN_DEFAULT);
     afd_opts_free(coord_table, &c.o);
+    tok_chat_fini(&c.chat);
+    tok_free(c.tok);
     return 0;
 }

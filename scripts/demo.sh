@@ -9,7 +9,7 @@ BUILD=${BUILD:-build}
 BIN=$BUILD/bin
 MODEL=${MODEL:-$BUILD/models/tiny-bf16}
 PORT=${PORT:-8000}
-[ -f "$MODEL/model.safetensors.index.json" ] || "$BIN/afd_mkmodel" --out "$MODEL" --preset tiny --dtype bf16 --force
+[ -f "$MODEL/model.safetensors.index.json" ] && [ -f "$MODEL/tokenizer.json" ] || "$BIN/afd_mkmodel" --out "$MODEL" --preset tiny --dtype bf16 --force
 LOGS=$(mktemp -d)
 echo "== starting a 1A2F cluster on loopback (logs in $LOGS)"
 "$BIN/afdctl" local-up --model "$MODEL" --attn 1 --ffn 2 --port "$PORT" --log-dir "$LOGS" >"$LOGS/afdctl.out" &

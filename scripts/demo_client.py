@@ -1,18 +1,44 @@
-"""The demo's client: a few completions through the OpenAI-compatible API, one streamed,
-and a short decode-throughput figure."""
+"""The demo's client: a text chat (the model's tokenizer and chat template), a few
+completions through the OpenAI-compatible API, one streamed, and a short decode-throughput
+figure."""
 import json
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 url = sys.argv[1]
 
 
-def post(body, stream=False):
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+def post(body, stream=False, path="/v1/completions"):
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     return urllib.request.urlopen(req, timeout=120)
+
+
+print("== text chat (chat template -> tokens -> cluster -> streaming detokenizer -> text)")
+chat = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                     {"role": "user", "content": "Tell me about the sea, in one line."}],
+        "max_tokens": 24, "temperature": 0, "stop": ["\n\n"]}
+try:
+    with post(chat, path="/v1/chat/completions") as r:
+        body = json.load(r)
+    ch = body["choices"][0]
+    print(f"  user: {chat['messages'][1]['content']}")
+    print(f"  assistant: {ch['message']['content']!r} ({ch['finish_reason']}; random weights, "
+          f"so the words are noise, but they are text)")
+    print(f"  usage {body['usage']}")
+    print("  streamed:", end=" ", flush=True)
+    with post(dict(chat, stream=True), path="/v1/chat/completions") as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line[6:] != "[DONE]":
+                print(repr(json.loads(line[6:])["choices"][0]["delta"].get("content", "")),
+                      end=" ", flush=True)
+    print()
+except urllib.error.HTTPError as e:
+    print(f"  (no text chat: {json.loads(e.read())['error']['message']})")
 
 
 print("== completion (greedy, token ids in, token ids out)")

@@ -13,6 +13,14 @@ done
 # will do, else Debian's kubernetes-client; tests/k8s holds the manifest validator
 command -v kubectl >/dev/null 2>&1 || missing="$missing kubernetes-client"
 command -v npm >/dev/null 2>&1 || missing="$missing nodejs npm"
+# the independent tokenizer.json implementation the tokenizer tests compare with
+tokref() {
+    d="$(dirname "$0")/../tests/tokref"
+    [ -d "$d/node_modules/@huggingface/tokenizers" ] && return 0
+    echo "deps: npm ci in tests/tokref"
+    (cd "$d" && npm ci --no-audit --no-fund --silent >/dev/null) ||
+        echo "deps: npm ci failed in tests/tokref: the tokenizer reference check will fail"
+}
 k8svalidate() {
     d="$(dirname "$0")/../tests/k8s"
     [ -d "$d/node_modules/kubernetes-models" ] && return 0
@@ -20,7 +28,7 @@ k8svalidate() {
     (cd "$d" && npm ci --no-audit --no-fund --silent >/dev/null) ||
         echo "deps: npm ci failed in tests/k8s: the Kubernetes manifest checks will fail"
 }
-[ -z "$missing" ] && { k8svalidate; exit 0; }
+[ -z "$missing" ] && { tokref; k8svalidate; exit 0; }
 echo "deps: installing$missing"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -28,4 +36,5 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 # shellcheck disable=SC2086
 $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+tokref
 k8svalidate

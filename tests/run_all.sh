@@ -18,7 +18,7 @@ mkdir -p "$logdir" "$MODELS"
 
 # shared fixtures: the tiny checkpoints every integration test may use
 for dt in bf16 fp8; do
-    if [ ! -f "$MODELS/tiny-$dt/config.json" ]; then
+    if [ ! -f "$MODELS/tiny-$dt/config.json" ] || [ ! -f "$MODELS/tiny-$dt/tokenizer.json" ]; then
         "$BIN/afd_mkmodel" --out "$MODELS/tiny-$dt" --preset tiny --dtype "$dt" --force >/dev/null ||
             { echo "fixture tiny-$dt: afd_mkmodel failed"; exit 1; }
     fi

@@ -6,6 +6,11 @@
  * norms, routers and lm_head stay bf16). The float32 master values depend only on
  * the seed, the tensor name and its shape, so a bf16 and an fp8 checkpoint of one
  * seed hold the same model up to rounding.
+ *
+ * Beside the weights it writes a real tokenizer: tokenizer.json (a byte-level BPE of the
+ * DeepSeek-V3 shape, trained here over a bundled text sample to exactly vocab_size ids:
+ * special tokens, the 256 bytes, the learned merges, then placeholder special tokens) and
+ * tokenizer_config.json with a Step3-style chat template.
  */
 #define _GNU_SOURCE
 #include "afd_dtype.h"
@@ -13,6 +18,7 @@
 #include "afd_opts.h"
 #include "mdl_config.h"
 #include "mdl_sampler.h"
+#include "tok.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -28,7 +34,7 @@ typedef struct mk_opts {
     long seed, hidden, layers, heads, head_dim, share_q, experts, top_k, moe_inter, share_expert,
         dense_inter, vocab, shards, max_pos;
     double rope_theta;
-    int norm_expert_weight, plain_config, force, vision_stub;
+    int norm_expert_weight, plain_config, force, vision_stub, tokenizer;
 } mk_opts_t;
 
 #define O(f) offsetof(mk_opts_t, f)
@@ -65,6 +71,8 @@ static const afd_opt_t mk_table[] = {
      "add a small vision_model tensor, as the release has (loaders skip it)"},
     {"force", AFD_OPT_BOOL, "false", O(force), 0, 0, AFD_OPT_NOENV,
      "overwrite an existing checkpoint"},
+    {"tokenizer", AFD_OPT_BOOL, "true", O(tokenizer), 0, 0, AFD_OPT_NOENV,
+     "write tokenizer.json (a BPE trained on a bundled sample) and tokenizer_config.json"},
     AFD_OPTS_END};
 #undef O
 
@@ -389,6 +397,89 @@ static afd_status_t write_config(const char *dir, const mk_shape_t *s, const cha
     return st;
 }
 
+/* The special tokens, in id order from 0 (bos_token_id 0 and eos_token_id 1, as the
+ * config says); <think> and </think> are added tokens that decode as text. */
+static const tok_special_t mk_specials[] = {
+    {"<｜begin▁of▁sentence｜>", 1},
+    {"<｜end▁of▁sentence｜>", 1},
+    {"<｜▁pad▁｜>", 1},
+    {"<|BOT|>", 1},
+    {"<|EOT|>", 1},
+    {"<think>", 0},
+    {"</think>", 0},
+};
+
+/* Step3's chat format: the system prompt after the BOS, each other turn as
+ * <|BOT|>role\ncontent<|EOT|>, and the generation prompt opening the assistant's turn;
+ * content is a string or a list of text parts (render_content). */
+static const char mk_chat_template[] =
+    "{%- macro render_content(content) -%}\n"
+    "{%- if content is string -%}{{- content -}}\n"
+    "{%- elif content is mapping -%}{{- content['text'] -}}\n"
+    "{%- else -%}{%- for part in content -%}{%- if part['type'] == 'text' -%}"
+    "{{- part['text'] -}}{%- endif -%}{%- endfor -%}\n"
+    "{%- endif -%}\n"
+    "{%- endmacro -%}\n"
+    "{{- bos_token -}}\n"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{{- render_content(messages[0]['content']) -}}{%- endif -%}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] == 'system' -%}\n"
+    "{%- if not loop.first -%}"
+    "{{- '<|BOT|>system\\n' + render_content(message['content']) + '<|EOT|>' -}}"
+    "{%- endif -%}\n"
+    "{%- elif message['role'] == 'user' -%}\n"
+    "{{- '<|BOT|>user\\n' + render_content(message['content']) + '<|EOT|>' -}}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n"
+    "{{- '<|BOT|>assistant\\n' + (render_content(message['content']) if message['content'] "
+    "else '') + '<|EOT|>' -}}\n"
+    "{%- else -%}{{- raise_exception('unknown role: ' ~ message['role']) -}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}{{- '<|BOT|>assistant\\n<think>\\n' -}}{%- endif -%}";
+
+static afd_status_t write_tokenizer(const char *dir, int vocab, int max_pos)
+{
+    char path[4096];
+    size_t n;
+    const char *text = tok_sample_text(&n);
+    int nspecial = (int)(sizeof(mk_specials) / sizeof(*mk_specials)), nmerges = 0;
+    snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
+    afd_status_t st = tok_train_write(text, n, vocab, mk_specials, nspecial, path, &nmerges);
+    if (st) return st;
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddBoolToObject(c, "add_bos_token", 1);
+    cJSON_AddBoolToObject(c, "add_eos_token", 0);
+    cJSON_AddStringToObject(c, "bos_token", mk_specials[0].content);
+    cJSON_AddStringToObject(c, "eos_token", mk_specials[1].content);
+    cJSON_AddStringToObject(c, "pad_token", mk_specials[2].content);
+    cJSON_AddBoolToObject(c, "clean_up_tokenization_spaces", 0);
+    cJSON_AddBoolToObject(c, "legacy", 1);
+    cJSON_AddNumberToObject(c, "model_max_length", max_pos);
+    cJSON_AddStringToObject(c, "tokenizer_class", "LlamaTokenizerFast");
+    cJSON_AddStringToObject(c, "chat_template", mk_chat_template);
+    char *txt = cJSON_Print(c);
+    cJSON_Delete(c);
+    snprintf(path, sizeof(path), "%s/tokenizer_config.json", dir);
+    FILE *f = fopen(path, "w");
+    st = AFD_OK;
+    if (!txt || !f || fputs(txt, f) < 0 || fputc('\n', f) < 0) {
+        afd_error("%s: %m", path);
+        st = AFD_ERR_IO;
+    }
+    if (f && fclose(f)) st = AFD_ERR_IO;
+    free(txt);
+    /* check both load as the coordinator will load them */
+    tok_t *t;
+    tok_chat_t chat;
+    if (!st && !(st = tok_chat_load(path, &chat))) tok_chat_fini(&chat);
+    snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
+    if (!st && !(st = tok_load(path, &t))) tok_free(t);
+    if (!st)
+        printf("tokenizer: %d ids (%d special, 256 bytes, %d merges)\n", vocab, nspecial, nmerges);
+    return st;
+}
+
 int main(int argc, char **argv)
 {
     afd_log_init(argv[0]);
@@ -486,6 +577,7 @@ int main(int argc, char **argv)
     unlink(path); /* an interrupted rewrite must not look complete */
     if ((st = write_config(o.out, &s, moe_enum, fp8, o.norm_expert_weight, o.plain_config)))
         return 1;
+    if (o.tokenizer && write_tokenizer(o.out, s.vocab, s.max_pos)) return 1;
 
     mk_plan_t plan = {0};
     build_plan(&s, is_moe, fp8, o.vision_stub && !o.plain_config, &plan);

@@ -2,7 +2,8 @@
  * afd_run: the single-process runner. Loads a checkpoint directory, runs prefill
  * and decode for a batch of token-id prompts with the same kernels the daemons
  * use, and prints the tokens, log-probabilities and timing (--json for tools).
- * It is the monolithic baseline the AFD cluster is compared with.
+ * It is the monolithic baseline the AFD cluster is compared with. When the checkpoint
+ * has a tokenizer.json, --prompt-text takes text prompts and the output shows text too.
  */
 #define _GNU_SOURCE
 #include "afd_log.h"
@@ -12,6 +13,7 @@
 #include "mdl_model.h"
 #include "mdl_runner.h"
 #include "mdl_sampler.h"
+#include "tok.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -22,7 +24,7 @@
 
 typedef struct run_opts {
     char *model, *backend, *kv_dtype, *a2f_dtype, *f2a_dtype, *stop_ids;
-    afd_strlist_t prompts;
+    afd_strlist_t prompts, texts;
     long max_tokens, top_k, seed, logprobs, threads, kv_block, kv_budget_mb, prefill_chunk, repeat;
     double temperature, top_p;
     int json, ignore_eos, progress;
@@ -33,6 +35,9 @@ static const afd_opt_t run_table[] = {
     {"model", AFD_OPT_STRING, NULL, O(model), 0, 0, 0, "checkpoint directory (required)"},
     {"prompt", AFD_OPT_LIST, NULL, O(prompts), 0, 0, 0,
      "a prompt as comma-separated token ids; prompts run together as one batch"},
+    {"prompt-text", AFD_OPT_LIST, NULL, O(texts), 0, 0, 0,
+     "a text prompt, encoded with the checkpoint's tokenizer.json (bos first when its "
+     "tokenizer_config.json asks); runs in the batch after the --prompt ones"},
     {"repeat", AFD_OPT_INT, "1", O(repeat), 1, 65536, 0,
      "run each prompt this many times in the batch (seed + i for copy i)"},
     {"max-tokens", AFD_OPT_INT, "16", O(max_tokens), 1, 1 << 20, 0, "tokens to generate"},
@@ -117,8 +122,8 @@ int main(int argc, char **argv)
         afd_error("--model DIR is required");
         return 2;
     }
-    if (o.prompts.n == 0) {
-        afd_error("at least one --prompt is required");
+    if (o.prompts.n + o.texts.n == 0) {
+        afd_error("at least one --prompt or --prompt-text is required");
         return 2;
     }
     afd_dtype_t kvdt = afd_dtype_parse(o.kv_dtype), a2f = afd_dtype_parse(o.a2f_dtype),
@@ -159,15 +164,58 @@ int main(int argc, char **argv)
     mdl_kv_t *kv = NULL;
     mdl_sampler_t *smp = NULL;
     mdl_runner_t run = {0};
-    int nseq = o.prompts.n * (int)o.repeat;
+    tok_t *tk = NULL;
+    int32_t bos = -1;
+    int nseq = (o.prompts.n + o.texts.n) * (int)o.repeat;
     run_seq_t *seqs = calloc((size_t)nseq, sizeof(*seqs));
     if (!seqs) goto out;
     if (mdl_config_load(o.model, &cfg)) goto out;
+    {
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/tokenizer.json", o.model);
+        if (access(path, F_OK) == 0) {
+            if (tok_load(path, &tk)) goto out;
+            tok_chat_t chat;
+            snprintf(path, sizeof(path), "%s/tokenizer_config.json", o.model);
+            if (access(path, F_OK) == 0 && tok_chat_load(path, &chat) == AFD_OK) {
+                if (chat.add_bos_token && chat.bos_token) bos = tok_token_id(tk, chat.bos_token);
+                tok_chat_fini(&chat);
+            }
+        } else if (o.texts.n) {
+            afd_error("--prompt-text: %s has no tokenizer.json", o.model);
+            goto out;
+        }
+    }
     for (int i = 0; i < nseq; i++) {
         run_seq_t *s = &seqs[i];
         int *ids, n;
-        const char *ptxt = o.prompts.v[i / o.repeat];
-        if (afd_parse_int_list(ptxt, 0, cfg.vocab_size - 1, &ids, &n) || n == 0) {
+        int k = i / (int)o.repeat;
+        if (k >= o.prompts.n) { /* a text prompt */
+            const char *t = o.texts.v[k - o.prompts.n];
+            tok_ids_t enc = {0};
+            if (tok_encode(tk, t, strlen(t), &enc)) {
+                tok_ids_free(&enc);
+                goto out;
+            }
+            n = (int)enc.n + (bos >= 0);
+            ids = malloc(sizeof(int) * (size_t)(n ? n : 1));
+            if (!ids) {
+                tok_ids_free(&enc);
+                goto out;
+            }
+            if (bos >= 0) ids[0] = bos;
+            for (size_t j = 0; j < enc.n; j++)
+                ids[j + (bos >= 0)] = enc.v[j];
+            tok_ids_free(&enc);
+            if (n == 0 || tok_vocab_size(tk) > cfg.vocab_size) {
+                afd_error("--prompt-text '%.60s': no tokens, or a tokenizer larger than the "
+                          "model's vocabulary",
+                          t);
+                free(ids);
+                goto out;
+            }
+        } else if (afd_parse_int_list(o.prompts.v[k], 0, cfg.vocab_size - 1, &ids, &n) || n == 0) {
+            const char *ptxt = o.prompts.v[k];
             afd_error("--prompt '%.60s': not a non-empty comma list of token ids below %d", ptxt,
                       cfg.vocab_size);
             goto out;
@@ -333,6 +381,14 @@ int main(int argc, char **argv)
                 }
             }
             cJSON_AddStringToObject(e, "finish_reason", s->finish ? s->finish : "length");
+            if (tk) {
+                tok_buf_t raw = {0}, text = {0};
+                if (tok_decode(tk, s->tokens + s->prompt_len, (size_t)s->ngen, 1, &raw) == AFD_OK &&
+                    tok_utf8_clean(raw.p, raw.len, &text) == AFD_OK)
+                    cJSON_AddStringToObject(e, "text", text.p);
+                tok_buf_free(&raw);
+                tok_buf_free(&text);
+            }
             cJSON_AddItemToArray(outs, e);
         }
         cJSON *tm = cJSON_AddObjectToObject(root, "timing");
@@ -362,6 +418,14 @@ int main(int argc, char **argv)
             for (int g = 0; g < s->ngen; g++)
                 printf(" %d", s->tokens[s->prompt_len + g]);
             printf("  (%s)\n", s->finish ? s->finish : "length");
+            if (tk) {
+                tok_buf_t raw = {0}, text = {0};
+                if (tok_decode(tk, s->tokens + s->prompt_len, (size_t)s->ngen, 1, &raw) == AFD_OK &&
+                    tok_utf8_clean(raw.p, raw.len, &text) == AFD_OK)
+                    printf("    text: %s\n", text.p);
+                tok_buf_free(&raw);
+                tok_buf_free(&text);
+            }
         }
         printf("load %.2f s, prefill %ld tokens in %.3f s, decode %ld tokens in %.3f s "
                "(%.1f tokens/s, batch %d, %d threads)\n",
@@ -388,6 +452,7 @@ out:
     }
     free(seqs);
     free(stop);
+    tok_free(tk);
     mdl_sampler_destroy(smp);
     mdl_kv_destroy(kv);
     mdl_model_free(m);

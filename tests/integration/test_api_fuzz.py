@@ -27,7 +27,13 @@ VALID = {
                              "top_logprobs": 2},
     "/v1/messages": {"model": "step3", "max_tokens": 3,
                      "messages": [{"role": "user", "content": [5, 6]}]},
+    # text in (the fixtures have a tokenizer and a chat template)
+    "/tokenize": {"model": "step3", "prompt": "Hello, world", "add_special_tokens": True},
+    "/detokenize": {"model": "step3", "tokens": [5, 6, 300]},
 }
+TEXT_CHAT = {"model": "step3", "max_tokens": 3, "temperature": 0, "stop": ["\n", "ab"],
+             "messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
 ODD = [None, True, False, -1, 0, 1.5, 2**63, -2**63, 1e308, "", "x" * 300, [], {}, [[[]]],
        {"a": {"b": {"c": [1, {"d": None}]}}}, [1] * 5000, "token_id:5"]
 
@@ -64,8 +70,9 @@ with LocalUp(model, 1, 1, 2) as c:
     st, before = post(c.url, "/v1/completions", VALID["/v1/completions"])
     codes, bad = {}, []
     for i in range(600):
-        path = rng.choice(list(VALID))
-        raw = mutate(VALID[path])
+        path = rng.choice(list(VALID) + ["text-chat"])
+        raw = mutate(VALID.get(path, TEXT_CHAT))
+        path = "/v1/chat/completions" if path == "text-chat" else path
         req = urllib.request.Request(c.url + path, data=raw, method="POST",
                                      headers={"Content-Type": "application/json"})
         try:

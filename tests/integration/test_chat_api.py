@@ -1,8 +1,9 @@
 """OpenAI /v1/chat/completions and Anthropic /v1/messages on a real 1A1F cluster.
 
 The request bodies are the JSON the official OpenAI Python client and Anthropic Python
-SDK send (written out literally), with token ids as content since no tokenizer is
-loaded. Greedy answers must equal /v1/completions on the concatenated prompt (same ids,
+SDK send (written out literally), with token ids as content: the coordinator runs with
+its tokenizer off (AFD_TOKENIZER=none), so this covers the token-id path and the
+"needs a tokenizer" refusals (test_tokenizer.py covers text). Greedy answers must equal /v1/completions on the concatenated prompt (same ids,
 log-probs within 1e-4), whole or streamed; the shapes are each API's own (chat.completion,
 chat.completion.chunk SSE with role first, finish_reason last, usage when asked, [DONE];
 Anthropic's message object and its named events); refused requests get 400 in each
@@ -18,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from cluster import Checks, LocalUp, get, post, stream  # noqa: E402
 
 MODELS = os.environ.get("MODELS", "build/models")
+os.environ["AFD_TOKENIZER"] = "none"  # the coordinator's --tokenizer, for the daemons started
 model = os.path.join(MODELS, "tiny-bf16")
 TOL = 1e-4
 ck = Checks()
