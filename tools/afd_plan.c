@@ -239,8 +239,10 @@ static void fit(const meas_t *ms, int n, int ffn, double *c0, double *c1)
         double a = (n * sbt - sb * st) / den, z = (st - a * sb) / n;
         if (a >= 0 && z >= 0)
             *c0 = z, *c1 = a;
-        else if (a < 0)
-            *c0 = st / n, *c1 = 0; /* flat: the fixed part dominates */
+        else if (a < 0 && ffn)
+            *c0 = st / n, *c1 = 0; /* flat: reading the weights dominates */
+        /* attention falling with the batch is noise: keep the proportional fit (its cost
+         * per sequence must stay above 0 for the planner) */
     }
 }
 
