@@ -167,7 +167,8 @@ typedef struct attn_node {
     float *logits;
     int logits_cap;
     /* stats */
-    uint64_t attn_us, wait_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens, preemptions;
+    uint64_t attn_us, wait_us, idle_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens,
+        preemptions;
 } attn_node_t;
 
 static volatile sig_atomic_t g_stop;
@@ -966,6 +967,7 @@ static void send_heartbeat(attn_node_t *a)
     Afd__StageTimes busy = AFD__STAGE_TIMES__INIT;
     busy.attn_us = a->attn_us;
     busy.wait_us = a->wait_us;
+    busy.other_us = a->idle_us;
     busy.xfer_us = a->xfer_us;
     busy.step_us = a->step_us;
     ns.busy = &busy;
@@ -1097,6 +1099,7 @@ int main(int argc, char **argv)
     hello.kv_blocks = (uint64_t)a.kv->store.num_blocks;
     hello.kv_block_size = (uint32_t)a.o.kv_block;
     hello.max_batch_tokens = (uint32_t)a.o.max_batch_tokens;
+    hello.max_seqs = (uint32_t)a.o.max_seqs;
     if (attn_join(&a, &hello)) return 1;
     a.lim = (net_wire_limits_t){.hidden = (uint32_t)a.cfg.hidden_size,
                                 .topk = (uint32_t)a.cfg.top_k,
@@ -1167,6 +1170,7 @@ int main(int argc, char **argv)
         int inflight = !all_idle(&a);
         uint64_t t0 = net_now_us();
         net_node_wait(&a.ctl, a.ucx, inflight ? (int)a.o.busy_poll_us : 0, inflight ? 5 : 100);
+        if (!inflight) a.idle_us += net_now_us() - t0; /* no step to run: no plan yet */
         if (inflight) {
             a.wait_us += net_now_us() - t0;
             for (int i = 0; i < ATTN_MAX_MB; i++)

@@ -921,6 +921,7 @@ static cJSON *times_json(const Afd__StageTimes *t)
     cJSON_AddNumberToObject(o, "wait_us", (double)t->wait_us);
     cJSON_AddNumberToObject(o, "xfer_us", (double)t->xfer_us);
     cJSON_AddNumberToObject(o, "step_us", (double)t->step_us);
+    cJSON_AddNumberToObject(o, "idle_us", (double)t->other_us);
     return o;
 }
 

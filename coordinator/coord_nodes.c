@@ -152,6 +152,7 @@ static void on_hello(coord_node_t *n, const Afd__Hello *h)
     n->kv_blocks = h->kv_blocks;
     n->kv_block_size = h->kv_block_size;
     n->max_batch_tokens = h->max_batch_tokens;
+    n->max_seqs = h->max_seqs;
     n->kv_reserved = 0;
     n->running = 0;
     n->member = 0;

@@ -163,7 +163,8 @@ static void send_plan(coord_t *c)
             uint64_t fr = budget > n->kv_reserved ? budget - n->kv_reserved : 0;
             if ((uint64_t)blocks_needed(n, tokens) <= fr &&
                 (uint64_t)blocks_needed(n, tokens) <= n->kv_blocks &&
-                n->running < c->o.max_running && (best < 0 || fr > best_free)) {
+                n->running < c->o.max_running && (!n->max_seqs || n->running < (int)n->max_seqs) &&
+                (best < 0 || fr > best_free)) {
                 best = i;
                 best_free = fr;
             }

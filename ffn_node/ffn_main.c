@@ -85,7 +85,7 @@ typedef struct ffn_node {
     int32_t *ids;
     int cap;
     /* stats */
-    uint64_t ffn_us, wait_us, steps, a2f_bytes, f2a_bytes, tokens, errors;
+    uint64_t ffn_us, wait_us, idle_us, steps, a2f_bytes, f2a_bytes, tokens, errors;
 } ffn_node_t;
 
 static volatile sig_atomic_t g_stop;
@@ -294,6 +294,7 @@ static void send_heartbeat(ffn_node_t *f)
     Afd__StageTimes busy = AFD__STAGE_TIMES__INIT;
     busy.ffn_us = f->ffn_us;
     busy.wait_us = f->wait_us;
+    busy.other_us = f->idle_us;
     ns.busy = &busy;
     ns.steps = f->steps;
     ns.a2f_bytes = f->a2f_bytes;
@@ -487,7 +488,10 @@ int main(int argc, char **argv)
             for (int i = 0; i < FFN_MAX_SLOTS; i++)
                 inflight |= f.slots[i].used;
             net_node_wait(&f.ctl, f.ucx, inflight ? (int)f.o.busy_poll_us : 0, 100);
-            if (inflight) f.wait_us += net_now_us() - tw;
+            if (inflight)
+                f.wait_us += net_now_us() - tw;
+            else
+                f.idle_us += net_now_us() - tw; /* nothing from any attention node */
         }
     }
     afd_info("stopping");
