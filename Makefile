@@ -190,6 +190,73 @@ $(BUILD)/tests/cuda_bench: $(BUILD)/obj/tests/cuda/cuda_bench.o $(LIBCOMMON) $(C
 	$(Q)$(CC) $(LDFLAGS) $^ -Wl,-rpath,'$$ORIGIN/../lib' $(CUDA_LIBS) $(LDLIBS) -o $@
 endif
 
+# ---- fuzz targets (docs/fuzzing.md): libFuzzer + ASan + UBSan with clang, in $(BUILD)/fuzz.
+# make fuzz-build builds them; make fuzz runs each for FUZZ_SECONDS (FUZZ_JOBS at a time) on
+# a corpus kept in $(BUILD)/fuzz/corpus. The common code they reach is compiled again with clang and
+# -fsanitize=fuzzer-no-link (coverage); coord_main.c without its main, for its option table.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 600
+FUZZ_JOBS ?= 1
+FUZZ_DIR := $(BUILD)/fuzz
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_CFLAGS := -std=c11 -Wall -Wextra -O1 -g -MMD -MP -pthread $(FUZZ_SAN) \
+	-fsanitize=fuzzer-no-link $(INCLUDES) -Icoordinator -Itests/fuzz
+FUZZ_BINS := $(patsubst tests/fuzz/%.c,$(FUZZ_DIR)/%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_HELPERS := $(patsubst %.c,$(FUZZ_DIR)/obj/%.o,$(wildcard tests/fuzz/fz_*.c))
+FUZZ_LIB_SRC := $(wildcard common/util/*.c common/net/*.c common/tok/*.c) \
+	common/model/mdl_config.c common/model/mdl_st.c \
+	$(filter-out coordinator/afdctl.c,$(wildcard coordinator/*.c))
+FUZZ_LIB_OBJ := $(FUZZ_LIB_SRC:%.c=$(FUZZ_DIR)/obj/%.o) \
+	$(PROTO_C:$(BUILD)/proto/%.c=$(FUZZ_DIR)/obj/proto/%.o) \
+	$(LLHTTP_OBJ:$(BUILD)/obj/%=$(FUZZ_DIR)/obj/%)
+
+$(FUZZ_DIR)/obj/tests/fuzz/%.o: tests/fuzz/%.c | $(PROTO_H)
+	$(call msg,FUZZCC,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(FUZZ_CC) $(FUZZ_CFLAGS) -Werror -c $< -o $@
+
+$(FUZZ_DIR)/obj/%.o: %.c | $(PROTO_H)
+	$(call msg,FUZZCC,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_XFLAGS) -c $< -o $@
+
+$(FUZZ_DIR)/obj/coordinator/coord_main.o: FUZZ_XFLAGS := -Dmain=coord_main_unused
+
+$(FUZZ_DIR)/obj/proto/%.o: $(BUILD)/proto/%.c
+	$(call msg,FUZZCC,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(FUZZ_CC) $(FUZZ_CFLAGS) -Wno-missing-braces -c $< -o $@
+
+$(FUZZ_DIR)/obj/llhttp/%.o: $(LLHTTP_DIR)/%.c
+	$(call msg,FUZZCC,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(FUZZ_CC) $(FUZZ_CFLAGS) -Wno-unused-parameter -c $< -o $@
+
+$(FUZZ_DIR)/libafdfuzz.a: $(FUZZ_LIB_OBJ)
+	$(call msg,AR,$@)
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(FUZZ_BINS): $(FUZZ_DIR)/%: $(FUZZ_DIR)/obj/tests/fuzz/%.o $(FUZZ_HELPERS) $(FUZZ_DIR)/libafdfuzz.a
+	$(call msg,LD,$@)
+	$(Q)$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer -pthread $^ $(LDLIBS) -o $@
+
+fuzz-build: $(FUZZ_BINS)
+
+# the binary seeds (frames, data-plane messages, safetensors files), with the daemons' encoders
+$(FUZZ_DIR)/mkseeds: $(BUILD)/obj/tests/fuzz/mkseeds.o $(LIBCOMMON)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+fuzz-seeds: $(FUZZ_DIR)/mkseeds
+	$(Q)$< tests/fuzz/corpus
+
+fuzz: fuzz-build
+	@tests/fuzz/run.sh --build $(BUILD) --seconds $(FUZZ_SECONDS) --jobs $(FUZZ_JOBS)
+
+.PHONY: fuzz fuzz-build fuzz-seeds
+-include $(shell find $(FUZZ_DIR)/obj -name '*.d' 2>/dev/null)
+
 deps:
 	@scripts/deps.sh
 

@@ -4,7 +4,8 @@
 set -e
 PKGS="build-essential pkg-config libucx-dev ucx-utils libuv1-dev libprotobuf-c-dev
 protobuf-c-compiler libcjson-dev libopenblas-dev libpcre2-dev libcmocka-dev node-llhttp
-python3 python3-numpy prometheus"
+python3 python3-numpy prometheus
+clang libclang-rt-14-dev"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

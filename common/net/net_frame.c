@@ -47,6 +47,35 @@ afd_status_t net_frame_reader_feed(net_frame_reader_t *r, const void *data, size
     return AFD_OK;
 }
 
+/* protobuf-c accepts field number 0 (never valid) when its tag takes more than one byte,
+ * keeps it as an unknown field and writes it back as a one-byte tag that it refuses: a
+ * frame holding one, at any depth, is malformed. */
+static int frame_tags_ok(const ProtobufCMessage *m, int depth)
+{
+    if (depth > 16) return 0;
+    for (unsigned i = 0; i < m->n_unknown_fields; i++)
+        if (m->unknown_fields[i].tag == 0) return 0;
+    const ProtobufCMessageDescriptor *d = m->descriptor;
+    for (unsigned i = 0; i < d->n_fields; i++) {
+        const ProtobufCFieldDescriptor *fd = &d->fields[i];
+        if (fd->type != PROTOBUF_C_TYPE_MESSAGE) continue;
+        const char *field = (const char *)m + fd->offset;
+        if (fd->label == PROTOBUF_C_LABEL_REPEATED) {
+            size_t n = *(const size_t *)(const void *)((const char *)m + fd->quantifier_offset);
+            ProtobufCMessage *const *v = *(ProtobufCMessage *const *const *)(const void *)field;
+            for (size_t k = 0; k < n; k++)
+                if (!frame_tags_ok(v[k], depth + 1)) return 0;
+            continue;
+        }
+        if ((fd->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) &&
+            *(const uint32_t *)(const void *)((const char *)m + fd->quantifier_offset) != fd->id)
+            continue;
+        const ProtobufCMessage *sub = *(ProtobufCMessage *const *)(const void *)field;
+        if (sub && !frame_tags_ok(sub, depth + 1)) return 0;
+    }
+    return 1;
+}
+
 afd_status_t net_frame_reader_next(net_frame_reader_t *r, Afd__Frame **out)
 {
     if (r->len < 4) return AFD_INPROGRESS;
@@ -58,7 +87,8 @@ afd_status_t net_frame_reader_next(net_frame_reader_t *r, Afd__Frame **out)
     memmove(r->buf, r->buf + 4 + n, r->len - 4 - n);
     r->len -= 4 + n;
     if (!f) return AFD_ERR_FORMAT;
-    if (f->version != NET_FRAME_VERSION || f->body_case == AFD__FRAME__BODY__NOT_SET) {
+    if (f->version != NET_FRAME_VERSION || f->body_case == AFD__FRAME__BODY__NOT_SET ||
+        !frame_tags_ok(&f->base, 0)) {
         afd__frame__free_unpacked(f, NULL);
         return AFD_ERR_FORMAT;
     }
