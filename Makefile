@@ -1,7 +1,8 @@
 # AFD: a disaggregated Attention/FFN decode cluster for Step3.
 # make            build everything into build/bin (CUDA parts when nvcc is found)
 # make deps       install the Debian packages the build and tests need
-# make test       deps + build + every test suite; ends with "N passed, N failed"
+# make test       deps + build + every test suite, then again under the sanitizers;
+#                 each pass ends with "N passed, N failed" (FAST=1: the first pass only)
 # make demo       deps + build + the main job on the embedded tiny model
 # make bench      deps + build + the CPU benchmarks on the mini model
 # options: V=1 (show commands), SANITIZE=1 (ASan+UBSan, build in build/san),
@@ -13,6 +14,7 @@ V ?= 0
 SANITIZE ?= 0
 CUDA ?= auto
 DEBUG ?= 0
+FAST ?= 0
 Q := $(if $(filter 1,$(V)),,@)
 msg = $(if $(filter 1,$(V)),,@printf '  %-6s %s\n' $(1) $(2))
 
@@ -260,9 +262,16 @@ fuzz: fuzz-build
 deps:
 	@scripts/deps.sh
 
+# make test: every suite, then (unless SANITIZE=1 or FAST=1) the same suites again under
+# ASan+UBSan+LSan in build/san (without CUDA, which cannot run here, and without the fuzz
+# test, whose targets are sanitizer builds already)
 test: deps
 	@$(MAKE) --no-print-directory all tests
-	@BUILD=$(BUILD) tests/run_all.sh
+	@BUILD=$(BUILD) TESTS_SKIP=$(if $(filter 1,$(SANITIZE)),test_fuzz,) tests/run_all.sh
+ifeq ($(SANITIZE)$(FAST),00)
+	@echo "=== the same suites under ASan+UBSan+LSan (build/san; FAST=1 skips this pass) ==="
+	@$(MAKE) --no-print-directory SANITIZE=1 CUDA=0 test
+endif
 
 demo: deps
 	@$(MAKE) --no-print-directory all
