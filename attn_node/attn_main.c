@@ -1000,30 +1000,21 @@ static afd_status_t apply_peers(attn_node_t *a, const Afd__PeerTable *pt)
     return AFD_OK;
 }
 
-/*
- * Joins the coordinator and announces this node ready, trying again (backing off to 5 s)
- * while the coordinator cannot be reached, for at most --coordinator-wait-s. A refusal
- * (bad token, cluster full) ends it at once.
- */
+/* Joins the coordinator (trying again for --coordinator-wait-s) and announces this node
+ * ready once UCX is up; a coordinator gone again before Ready is joined again. */
 static afd_status_t attn_join(attn_node_t *a, Afd__Hello *hello)
 {
-    uint64_t until = net_now_us() + (uint64_t)a->o.coordinator_wait_s * 1000000;
-    int delay_ms = 200;
     for (;;) {
         Afd__Welcome *w;
-        afd_status_t st = net_node_join(&a->ctl, a->o.coordinator, hello, 10000, &w);
-        if (st == AFD_OK) {
-            afd_info("joined as node %u: %d KV blocks of %ld tokens", w->node_id,
-                     a->kv->store.num_blocks, a->o.kv_block);
-            afd__welcome__free_unpacked(w, NULL);
-            if (!a->ucx) return AFD_OK; /* first join: Ready follows once UCX is up */
-            if ((st = net_node_send_ready(&a->ctl, a->ucx)) == AFD_OK) return AFD_OK;
-        }
-        if (st == AFD_ERR_AUTH || g_stop || net_now_us() + (uint64_t)delay_ms * 1000 > until)
-            return st ? st : AFD_ERR_SHUTDOWN;
-        if (st != AFD_ERR_PEER) afd_info("coordinator not reachable; trying again");
-        usleep((useconds_t)delay_ms * 1000);
-        delay_ms = delay_ms * 2 > 5000 ? 5000 : delay_ms * 2;
+        afd_status_t st = net_node_join_wait(&a->ctl, a->o.coordinator, hello,
+                                             a->o.coordinator_wait_s, &g_stop, &w);
+        if (st) return st;
+        afd_info("joined as node %u: %d KV blocks of %ld tokens", w->node_id,
+                 a->kv->store.num_blocks, a->o.kv_block);
+        afd__welcome__free_unpacked(w, NULL);
+        if (!a->ucx) return AFD_OK; /* first join: Ready follows once UCX is up */
+        if (net_node_send_ready(&a->ctl, a->ucx) == AFD_OK) return AFD_OK;
+        net_node_close(&a->ctl);
     }
 }
 

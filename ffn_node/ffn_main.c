@@ -336,31 +336,19 @@ static afd_status_t apply_peers(ffn_node_t *f, const Afd__PeerTable *pt)
     return AFD_OK;
 }
 
-/*
- * Joins the coordinator, trying again (backing off to 5 s) while it cannot be reached,
- * for at most --coordinator-wait-s; a refusal ends it at once. The welcome names the
- * expert share this node is to hold.
- */
+/* Joins the coordinator (trying again for --coordinator-wait-s); the welcome names the
+ * expert share this node is to hold. */
 static afd_status_t ffn_join(ffn_node_t *f, Afd__Hello *hello, mdl_role_t *role)
 {
-    uint64_t until = net_now_us() + (uint64_t)f->o.coordinator_wait_s * 1000000;
-    int delay_ms = 200;
-    for (;;) {
-        Afd__Welcome *w;
-        afd_status_t st = net_node_join(&f->ctl, f->o.coordinator, hello, 10000, &w);
-        if (st == AFD_OK) {
-            afd_info("joined as node %u: FFN share %u of %u (experts %u..%u)", w->node_id,
-                     w->ffn_index, w->ffn_count, w->expert_begin, w->expert_end);
-            *role = (mdl_role_t){
-                .ffn = 1, .ffn_index = (int)w->ffn_index, .ffn_count = (int)w->ffn_count};
-            afd__welcome__free_unpacked(w, NULL);
-            return AFD_OK;
-        }
-        if (st == AFD_ERR_AUTH || g_stop || net_now_us() + (uint64_t)delay_ms * 1000 > until)
-            return st;
-        usleep((useconds_t)delay_ms * 1000);
-        delay_ms = delay_ms * 2 > 5000 ? 5000 : delay_ms * 2;
-    }
+    Afd__Welcome *w;
+    afd_status_t st =
+        net_node_join_wait(&f->ctl, f->o.coordinator, hello, f->o.coordinator_wait_s, &g_stop, &w);
+    if (st) return st;
+    afd_info("joined as node %u: FFN share %u of %u (experts %u..%u)", w->node_id, w->ffn_index,
+             w->ffn_count, w->expert_begin, w->expert_end);
+    *role = (mdl_role_t){.ffn = 1, .ffn_index = (int)w->ffn_index, .ffn_count = (int)w->ffn_count};
+    afd__welcome__free_unpacked(w, NULL);
+    return AFD_OK;
 }
 
 int main(int argc, char **argv)

@@ -68,6 +68,23 @@ err:
     return st;
 }
 
+afd_status_t net_node_join_wait(net_node_t *n, const char *coord, Afd__Hello *hello, long wait_s,
+                                const volatile sig_atomic_t *stop, Afd__Welcome **welcome)
+{
+    uint64_t until = net_now_us() + (uint64_t)(wait_s > 0 ? wait_s : 0) * 1000000;
+    int delay_ms = 200;
+    for (int tries = 0;; tries++) {
+        afd_status_t st = net_node_join(n, coord, hello, 10000, welcome);
+        if (st == AFD_OK) return AFD_OK;
+        if (st == AFD_ERR_AUTH || (stop && *stop) ||
+            net_now_us() + (uint64_t)delay_ms * 1000 > until)
+            return st;
+        if (!tries) afd_info("coordinator %s: trying again for up to %ld s", coord, wait_s);
+        usleep((useconds_t)delay_ms * 1000);
+        delay_ms = delay_ms * 2 > 5000 ? 5000 : delay_ms * 2;
+    }
+}
+
 void net_node_close(net_node_t *n)
 {
     if (n->fd >= 0) close(n->fd);

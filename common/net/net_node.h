@@ -10,6 +10,8 @@
 #include "net_frame.h"
 #include "net_ucx.h"
 
+#include <signal.h>
+
 typedef struct net_node {
     int fd;
     net_frame_reader_t rd;
@@ -22,6 +24,11 @@ typedef struct net_node {
  * error (AFD_ERR_AUTH for a bad token) with the coordinator's reason logged. */
 afd_status_t net_node_join(net_node_t *n, const char *coord, Afd__Hello *hello, int timeout_ms,
                            Afd__Welcome **welcome);
+/* net_node_join, tried again (backing off from 200 ms to 5 s) while the coordinator cannot
+ * be reached or drops the connection, for at most wait_s seconds or until *stop is set; a
+ * refusal for a bad token ends it at once. */
+afd_status_t net_node_join_wait(net_node_t *n, const char *coord, Afd__Hello *hello, long wait_s,
+                                const volatile sig_atomic_t *stop, Afd__Welcome **welcome);
 void net_node_close(net_node_t *n);
 afd_status_t net_node_send(net_node_t *n, Afd__Frame *f);
 /* Next frame already received (AFD_INPROGRESS when none; AFD_ERR_PEER when the

@@ -59,6 +59,70 @@ class LocalUp:
         self.stop()
 
 
+class Daemons:
+    """A cluster of daemons started one by one (each logs to TMP/NAME.log), for tests that
+    kill, stop and restart them singly. stop() ends them all and prints their log tails."""
+
+    def __init__(self, model, token, attn, ffn, coord_args=(), node_args=(), attn_args=()):
+        self.model, self.token, self.attn, self.ffn = model, token, attn, ffn
+        self.port, self.ctrl, self.admin_port = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        self.coord_args, self.node_args = list(coord_args), list(node_args)
+        self.attn_args = list(attn_args)
+        self.procs = {}
+
+    def start(self, name, argv):
+        """argv[0] is a binary in BIN, or a path"""
+        exe = argv[0] if os.sep in argv[0] else os.path.join(BIN, argv[0])
+        with open(os.path.join(TMP, name + ".log"), "a") as log:
+            self.procs[name] = subprocess.Popen([exe] + list(argv[1:]), stdout=log,
+                                                stderr=subprocess.STDOUT)
+
+    def coordinator(self, name="coordinator"):
+        self.start(name, ["afd_coordinator", "--model", self.model, "--cluster-token", self.token,
+                          "--port", str(self.port), "--ctrl-port", str(self.ctrl),
+                          "--admin-port", str(self.admin_port), "--attn", str(self.attn),
+                          "--ffn", str(self.ffn)] + self.coord_args)
+
+    def node(self, name, kind):
+        self.start(name, [kind, "--model", self.model, "--coordinator", f"127.0.0.1:{self.ctrl}",
+                          "--cluster-token", self.token, "--name", name, "--busy-poll-us", "0"] +
+                   self.node_args + (self.attn_args if kind == "attn_node" else []))
+
+    def wait_ready(self, want=True, timeout=30):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                if (get(self.url, "/ready")[0] == 200) == want:
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.1)
+        return False
+
+    def alive(self, *names):
+        return all(self.procs[n].poll() is None for n in names)
+
+    def log(self, name):
+        with open(os.path.join(TMP, name + ".log")) as f:
+            return f.read()
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)  # a test may have stopped it
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for name in self.procs:
+            print(f"--- {name} log tail\n{self.log(name)[-600:]}")
+
+
 def post(url, path, body, timeout=60, headers=None):
     data = json.dumps(body).encode() if not isinstance(body, (bytes, str)) else (
         body.encode() if isinstance(body, str) else body)

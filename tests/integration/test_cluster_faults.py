@@ -22,50 +22,17 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cluster import BIN, TMP, Checks, free_port, get, post  # noqa: E402
+from cluster import BIN, Checks, Daemons, get, post  # noqa: E402
 
 MODELS = os.environ.get("MODELS", "build/models")
 model = os.path.join(MODELS, "tiny-bf16")
 ck = Checks()
-port, ctrl, admin_port = free_port(), free_port(), free_port()
-url = f"http://127.0.0.1:{port}"
-admin = f"http://127.0.0.1:{admin_port}"
 TOKEN = "faults-test-token"
-procs = {}
-
-
-def start(name, args):
-    log = open(os.path.join(TMP, name + ".log"), "w")
-    procs[name] = subprocess.Popen([os.path.join(BIN, args[0])] + args[1:], stdout=log,
-                                   stderr=subprocess.STDOUT)
-
-
-def node(name, kind, token=TOKEN):
-    start(name, [kind, "--model", model, "--coordinator", f"127.0.0.1:{ctrl}",
-                 "--cluster-token", token, "--name", name, "--busy-poll-us", "0"] +
-          (["--step-deadline-ms", "3000"] if kind == "attn_node" else []))
-
-
-def wait_ready(want=True, timeout=30):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            if (get(url, "/ready")[0] == 200) == want:
-                return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
-
-
-def alive(name):
-    return procs[name].poll() is None
-
-
-start("coordinator", ["afd_coordinator", "--model", model, "--cluster-token", TOKEN,
-                      "--port", str(port), "--ctrl-port", str(ctrl),
-                      "--admin-port", str(admin_port), "--attn", "1", "--ffn",
-                      "2", "--node-timeout-ms", "5000", "--recovery-timeout-s", "5"])
+d = Daemons(model, TOKEN, 1, 2, attn_args=["--step-deadline-ms", "3000"],
+            coord_args=["--node-timeout-ms", "5000", "--recovery-timeout-s", "5"])
+url, admin, ctrl, procs = d.url, d.admin, d.ctrl, d.procs
+node, wait_ready, alive = d.node, d.wait_ready, d.alive
+d.coordinator()
 time.sleep(0.3)
 node("ffn-0", "ffn_node")
 node("ffn-1", "ffn_node")
@@ -240,15 +207,5 @@ try:
              st == 200 and after["choices"][0]["token_ids"] == before["choices"][0]["token_ids"],
              str(after)[:200])
 finally:
-    for name, p in procs.items():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for name, p in procs.items():
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    for name in procs:
-        print(f"--- {name} log tail")
-        print(open(os.path.join(TMP, name + ".log")).read()[-600:])
+    d.stop()
 sys.exit(ck.done())

@@ -12,63 +12,22 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cluster import BIN, TMP, Checks, free_port, get, post  # noqa: E402
+from cluster import Checks, Daemons, get, post  # noqa: E402
 
 MODELS = os.environ.get("MODELS", "build/models")
 model = os.path.join(MODELS, "tiny-bf16")
 ck = Checks()
-port, ctrl, admin_port = free_port(), free_port(), free_port()
-url = f"http://127.0.0.1:{port}"
-admin = f"http://127.0.0.1:{admin_port}"
 TOKEN = "restart-test-token"
-procs = {}
-
-
-def start(name, args):
-    log = open(os.path.join(TMP, name + ".log"), "a")
-    procs[name] = subprocess.Popen([os.path.join(BIN, args[0])] + args[1:], stdout=log,
-                                   stderr=subprocess.STDOUT)
-
-
-def coordinator(name):
-    start(name, ["afd_coordinator", "--model", model, "--cluster-token", TOKEN,
-                 "--port", str(port), "--ctrl-port", str(ctrl), "--admin-port", str(admin_port),
-                 "--attn", "2", "--ffn", "2", "--node-timeout-ms", "5000"])
-
-
-def node(name, kind):
-    start(name, [kind, "--model", model, "--coordinator", f"127.0.0.1:{ctrl}",
-                 "--cluster-token", TOKEN, "--name", name, "--busy-poll-us", "0",
-                 "--coordinator-wait-s", "60"] +
-          (["--step-deadline-ms", "3000"] if kind == "attn_node" else []))
-
-
-def wait_ready(want=True, timeout=30):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            if (get(url, "/ready")[0] == 200) == want:
-                return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
-
-
-def alive(*names):
-    return all(procs[n].poll() is None for n in names)
-
-
-def log(name):
-    with open(os.path.join(TMP, name + ".log")) as f:
-        return f.read()
+d = Daemons(model, TOKEN, 2, 2, coord_args=["--node-timeout-ms", "5000"],
+            node_args=["--coordinator-wait-s", "60"], attn_args=["--step-deadline-ms", "3000"])
+url, admin, procs = d.url, d.admin, d.procs
+node, wait_ready, alive, log = d.node, d.wait_ready, d.alive, d.log
 
 
 def stream(body, out):
@@ -99,7 +58,7 @@ def tokens(out):
                if isinstance(e, dict) and e.get("choices"))
 
 
-coordinator("coordinator")
+d.coordinator()
 time.sleep(0.3)
 for n in ("ffn-0", "ffn-1"):
     node(n, "ffn_node")
@@ -164,7 +123,7 @@ try:
     time.sleep(1.0)
     ck.check("every node stays up without the coordinator",
              alive("ffn-0", "ffn-1", "attn-0", "attn-1b"))
-    coordinator("coordinator-2")
+    d.coordinator("coordinator-2")
     ok = wait_ready(True, 40)
     ck.check("a coordinator started again gets every node back", ok)
     st, again = post(url, "/v1/completions", req) if ok else (None, None)
@@ -177,15 +136,5 @@ try:
     ck.check("the attention nodes rejoined without restarting",
              "rejoining" in log("attn-0") and "rejoining" in log("attn-1b"))
 finally:
-    for name, p in procs.items():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for name, p in procs.items():
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    for name in procs:
-        print(f"--- {name} log tail")
-        print(log(name)[-600:])
+    d.stop()
 sys.exit(ck.done())

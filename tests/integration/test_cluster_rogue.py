@@ -7,61 +7,28 @@ the cluster goes on with the real attention node, and another one can join it.
 """
 import os
 import signal
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cluster import BIN, TMP, Checks, free_port, get, post  # noqa: E402
+from cluster import Checks, Daemons, post  # noqa: E402
 
 BUILD = os.environ.get("BUILD", "build")
 ROGUE = os.path.join(os.environ.get("ROOT", os.getcwd()), BUILD, "tests", "rogue_node")
 MODELS = os.environ.get("MODELS", "build/models")
 model = os.path.join(MODELS, "tiny-bf16")
 ck = Checks()
-port, ctrl = free_port(), free_port()
-url = f"http://127.0.0.1:{port}"
 TOKEN = "rogue-test-token"
-procs = {}
-
-
-def start(name, argv):
-    log = open(os.path.join(TMP, name + ".log"), "w")
-    procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-
-
-def node(name, kind):
-    start(name, [os.path.join(BIN, kind), "--model", model, "--coordinator",
-                 f"127.0.0.1:{ctrl}", "--cluster-token", TOKEN, "--name", name,
-                 "--busy-poll-us", "0"] +
-          (["--step-deadline-ms", "2000"] if kind == "attn_node" else []))
-
-
-def wait_ready(want=True, timeout=30):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            if (get(url, "/ready")[0] == 200) == want:
-                return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
-
-
-def log(name):
-    return open(os.path.join(TMP, name + ".log")).read()
-
-
-start("coordinator", [os.path.join(BIN, "afd_coordinator"), "--model", model, "--cluster-token",
-                      TOKEN, "--port", str(port), "--ctrl-port", str(ctrl), "--attn", "2",
-                      "--admin-port", str(free_port()),
-                      "--ffn", "1", "--micro-batches", "1"])
+d = Daemons(model, TOKEN, 2, 1, coord_args=["--micro-batches", "1"],
+            attn_args=["--step-deadline-ms", "2000"])
+url, ctrl, procs = d.url, d.ctrl, d.procs
+node, wait_ready, log = d.node, d.wait_ready, d.log
+d.coordinator()
 time.sleep(0.3)
 node("ffn-0", "ffn_node")
 node("attn-0", "attn_node")
-start("rogue", [ROGUE, "--coordinator", f"127.0.0.1:{ctrl}", "--cluster-token", TOKEN,
-                "--layers", "4", "--hidden", "320", "--topk", "3", "--moe-layer", "1"])
+d.start("rogue", [ROGUE, "--coordinator", f"127.0.0.1:{ctrl}", "--cluster-token", TOKEN,
+                  "--layers", "4", "--hidden", "320", "--topk", "3", "--moe-layer", "1"])
 try:
     ck.check("the cluster with the rogue as its second attention node becomes ready",
              wait_ready())
@@ -95,14 +62,5 @@ try:
     ck.check("and it serves again", st == 200 and len(body["choices"][0]["token_ids"]) == 4,
              str(body)[:160])
 finally:
-    for p in procs.values():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs.values():
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    for n in procs:
-        print(f"--- {n} log tail\n{log(n)[-500:]}")
+    d.stop()
 sys.exit(ck.done())

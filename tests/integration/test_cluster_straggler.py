@@ -18,41 +18,17 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cluster import BIN, TMP, Checks, free_port, get, post  # noqa: E402
+from cluster import BIN, Checks, Daemons, get, post  # noqa: E402
 
 MODELS = os.environ.get("MODELS", "build/models")
 model = os.path.join(MODELS, "tiny-bf16")
 ck = Checks()
-port, ctrl, admin_port = free_port(), free_port(), free_port()
-url = f"http://127.0.0.1:{port}"
-admin = f"http://127.0.0.1:{admin_port}"
 TOKEN = "straggler-test-token"
-procs = {}
-
-
-def start(name, args):
-    log = open(os.path.join(TMP, name + ".log"), "w")
-    procs[name] = subprocess.Popen([os.path.join(BIN, args[0])] + args[1:], stdout=log,
-                                   stderr=subprocess.STDOUT)
-
-
-def node(name, kind):
-    start(name, [kind, "--model", model, "--coordinator", f"127.0.0.1:{ctrl}",
-                 "--cluster-token", TOKEN, "--name", name, "--busy-poll-us", "0",
-                 "--heartbeat-ms", "200"] +
-          (["--step-deadline-ms", "2000"] if kind == "attn_node" else []))
-
-
-def wait_ready(want=True, timeout=30):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            if (get(url, "/ready")[0] == 200) == want:
-                return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
+d = Daemons(model, TOKEN, 1, 2, coord_args=["--node-timeout-ms", "4000",
+                                             "--recovery-timeout-s", "2"],
+            node_args=["--heartbeat-ms", "200"], attn_args=["--step-deadline-ms", "2000"])
+url, admin, procs = d.url, d.admin, d.procs
+node, wait_ready = d.node, d.wait_ready
 
 
 def stream(body, out):
@@ -72,10 +48,7 @@ def node_id(name):
     return next(n["id"] for n in s["nodes"] if n.get("name") == name)
 
 
-start("coordinator", ["afd_coordinator", "--model", model, "--cluster-token", TOKEN,
-                      "--port", str(port), "--ctrl-port", str(ctrl), "--admin-port",
-                      str(admin_port), "--attn", "1", "--ffn", "2", "--node-timeout-ms", "4000",
-                      "--recovery-timeout-s", "2"])
+d.coordinator()
 time.sleep(0.3)
 for n in ("ffn-0", "ffn-1"):
     node(n, "ffn_node")
@@ -150,17 +123,5 @@ try:
              st == 200 and after["choices"][0]["token_ids"] == before["choices"][0]["token_ids"],
              str(after)[:200])
 finally:
-    for name, p in procs.items():
-        if p.poll() is None:
-            p.send_signal(signal.SIGCONT)
-            p.send_signal(signal.SIGTERM)
-    for name, p in procs.items():
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    for name in procs:
-        print(f"--- {name} log tail")
-        with open(os.path.join(TMP, name + ".log")) as f:
-            print(f.read()[-600:])
+    d.stop()
 sys.exit(ck.done())
