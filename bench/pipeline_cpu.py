@@ -96,15 +96,6 @@ if a.ceilings and (os.cpu_count() or 1) >= 2:
               f"tokens/s; perfect 2-stage overlap of it: {2 * mt / base_tps:.2f}x", flush=True)
 
 
-def node_busy(admin_url):
-    out = {}
-    for n in get(admin_url, "/admin/status")[1]["nodes"]:
-        b = n.get("busy", {})
-        out[n["role"]] = (n.get("steps", 0), b.get("attn_us", 0), b.get("ffn_us", 0),
-                          b.get("step_us", 0))
-    return out
-
-
 def poll(admin_url):
     st = get(admin_url, "/admin/status")[1]
     busy = {}

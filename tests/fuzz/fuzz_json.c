@@ -22,15 +22,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* the tiny preset of afd_mkmodel: vocabulary 1024, context 4096 */
-static const char tiny_config[] =
-    "{\"hidden_size\":320,\"intermediate_size\":384,\"num_attention_heads\":4,"
-    "\"num_attention_groups\":1,\"num_hidden_layers\":4,\"vocab_size\":1024,"
-    "\"rms_norm_eps\":1e-05,\"moe_intermediate_size\":192,\"moe_num_experts\":8,\"moe_top_k\":3,"
-    "\"rope_theta\":500000,\"max_position_embedding\":4096,\"share_expert_dim\":192,"
-    "\"share_q_dim\":160,\"head_dim\":64,\"norm_expert_weight\":false,\"moe_layers_enum\":\"1,2\","
-    "\"bos_token_id\":0,\"eos_token_id\":1}";
-
 extern const afd_opt_t coord_table[];
 
 static coord_t g_c;
@@ -55,7 +46,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     char *args[] = {"fuzz_json", NULL};
     int first;
     if (afd_opts_parse(coord_table, &g_c.o, 1, args, "", &first)) abort();
-    if (mdl_config_parse(tiny_config, "tiny config", &g_c.cfg)) abort();
+    if (mdl_config_parse(fz_tiny_config, "tiny config", &g_c.cfg)) abort();
     coord_metrics_init(&g_c.metrics);
     g_c.bos_id = -1;
     g_c.micro_batches = 1;

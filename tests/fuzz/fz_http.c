@@ -149,3 +149,11 @@ afd_status_t fz_http_exchange(fz_http_t *h, const uint8_t *data, size_t len, siz
     fz_conns_finish(&h->loop, &fd, 1, h->base_handles, stuck, arg);
     return AFD_OK;
 }
+
+const char fz_tiny_config[] =
+    "{\"hidden_size\":320,\"intermediate_size\":384,\"num_attention_heads\":4,"
+    "\"num_attention_groups\":1,\"num_hidden_layers\":4,\"vocab_size\":1024,"
+    "\"rms_norm_eps\":1e-05,\"moe_intermediate_size\":192,\"moe_num_experts\":8,\"moe_top_k\":3,"
+    "\"rope_theta\":500000,\"max_position_embedding\":4096,\"share_expert_dim\":192,"
+    "\"share_q_dim\":160,\"head_dim\":64,\"norm_expert_weight\":false,\"moe_layers_enum\":\"1,2\","
+    "\"bos_token_id\":0,\"eos_token_id\":1}";

@@ -59,4 +59,8 @@ void fz_http_mark(fz_http_t *h);
 afd_status_t fz_http_exchange(fz_http_t *h, const uint8_t *data, size_t len, size_t piece,
                               void (*stuck)(void *), void *arg);
 
+/* config.json of afd_mkmodel's tiny preset (vocabulary 1024, context 4096), for the
+ * targets that set up a coordinator */
+extern const char fz_tiny_config[];
+
 #endif
