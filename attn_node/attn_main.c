@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include "afd_log.h"
 #include "afd_opts.h"
+#include "afd_trace.h"
 #include "mdl_kv.h"
 #include "mdl_model.h"
 #include "mdl_sampler.h"
@@ -28,9 +29,10 @@
 #define ATTN_MAX_MB  NET_WIRE_MAX_MB
 
 typedef struct attn_opts {
-    char *coordinator, *cluster_token, *model, *backend, *name, *kv_dtype, *a2f_dtype, *f2a_dtype;
-    long threads, cpu, kv_block, kv_budget_mb, max_batch_tokens, busy_poll_us, step_deadline_ms,
-        coordinator_wait_s, heartbeat_ms, max_seqs, metrics_port;
+    char *coordinator, *cluster_token, *model, *backend, *name, *kv_dtype, *a2f_dtype, *f2a_dtype,
+        *trace_file;
+    long trace_events, threads, cpu, kv_block, kv_budget_mb, max_batch_tokens, busy_poll_us,
+        step_deadline_ms, coordinator_wait_s, heartbeat_ms, max_seqs, metrics_port;
     int ucx_peer_errors;
 } attn_opts_t;
 
@@ -67,6 +69,10 @@ static const afd_opt_t attn_table[] = {
     {"coordinator-wait-s", AFD_OPT_INT, "300", O(coordinator_wait_s), 0, 86400, 0,
      "how long to keep trying to reach the coordinator, at start and after losing it "
      "(then the node rejoins, keeping its weights; 0: exit at once)"},
+    {"trace-file", AFD_OPT_STRING, NULL, O(trace_file), 0, 0, 0,
+     "write a timeline of the pipeline (Chrome trace JSON) here at exit"},
+    {"trace-events", AFD_OPT_INT, "262144", O(trace_events), 1, AFD_TRACE_MAX_EVENTS, 0,
+     "spans the timeline keeps (the latest ones; 48 bytes each)"},
     AFD_OPTS_END};
 #undef O
 
@@ -166,6 +172,7 @@ typedef struct attn_node {
     attn_tx_t *retired;             /* A2F buffers of failed steps, sends still in flight */
     float *logits;
     int logits_cap;
+    afd_trace_t *trace; /* --trace-file: the pipeline's timeline */
     /* stats */
     uint64_t attn_us, wait_us, idle_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens,
         preemptions;
@@ -533,6 +540,7 @@ static void add_f2a(attn_node_t *a, attn_mb_t *mb)
 static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
 {
     attn_mb_t *mb = &a->mb[i];
+    uint64_t t0 = net_now_us();
     if (mb->ntok) {
         mdl_batch_t b = {
             .nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos, .seqs = mb->ks};
@@ -540,7 +548,10 @@ static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
     }
     uint64_t t1 = net_now_us();
     afd_status_t st = send_a2f(a, mb, i, layer);
-    a->xfer_us += net_now_us() - t1;
+    uint64_t t2 = net_now_us();
+    a->xfer_us += t2 - t1;
+    afd_trace_span(a->trace, "attention", t0, t1, mb->step, layer, i, mb->ntok);
+    afd_trace_span(a->trace, "a2f send", t1, t2, mb->step, layer, i, mb->ntok);
     return st;
 }
 
@@ -664,6 +675,7 @@ static afd_status_t mb_start(attn_node_t *a, int i, attn_plan_t *p)
 {
     const Afd__StepPlan *plan = p->f->plan;
     attn_mb_t *mb = &a->mb[i];
+    uint64_t t0 = net_now_us();
     if (!p->applied) plan_apply(a, p);
     p->started |= 1u << i;
     acc_get(a, plan->step, (int)plan->micro_batches);
@@ -757,6 +769,7 @@ static afd_status_t mb_start(attn_node_t *a, int i, attn_plan_t *p)
         mdl_embed(a->m, &mb->ws, &b, mb->x);
     }
     plans_gc(a);
+    afd_trace_span(a->trace, "schedule+embed", t0, net_now_us(), mb->step, -1, i, mb->ntok);
     return mb_layer(a, i, 0);
 }
 
@@ -934,7 +947,16 @@ static int pipeline_run(attn_node_t *a)
         st = mb_start(a, best, bplan);
     } else {
         add_f2a(a, mb);
-        st = blayer < L ? mb_layer(a, best, blayer) : mb_finish(a, best);
+        afd_trace_span(a->trace, "f2a add", t0, net_now_us(), mb->step, blayer - 1, best, mb->ntok);
+        if (blayer < L) {
+            st = mb_layer(a, best, blayer);
+        } else {
+            uint64_t t1 = net_now_us();
+            uint64_t step = mb->step;
+            int rows = mb->nrows;
+            st = mb_finish(a, best);
+            afd_trace_span(a->trace, "lm_head+sample", t1, net_now_us(), step, -1, best, rows);
+        }
     }
     a->attn_us += net_now_us() - t0;
     if (st) pipeline_fail(a, st, NULL);
@@ -1091,6 +1113,9 @@ int main(int argc, char **argv)
     hello.kv_block_size = (uint32_t)a.o.kv_block;
     hello.max_batch_tokens = (uint32_t)a.o.max_batch_tokens;
     hello.max_seqs = (uint32_t)a.o.max_seqs;
+    if (a.o.trace_file && afd_trace_open(&a.trace, a.o.trace_file, (size_t)a.o.trace_events,
+                                         hello.name, (uint32_t)getpid()))
+        return 1;
     if (attn_join(&a, &hello)) return 1;
     a.lim = (net_wire_limits_t){.hidden = (uint32_t)a.cfg.hidden_size,
                                 .topk = (uint32_t)a.cfg.top_k,
@@ -1163,7 +1188,9 @@ int main(int argc, char **argv)
         net_node_wait(&a.ctl, a.ucx, inflight ? (int)a.o.busy_poll_us : 0, inflight ? 5 : 100);
         if (!inflight) a.idle_us += net_now_us() - t0; /* no step to run: no plan yet */
         if (inflight) {
-            a.wait_us += net_now_us() - t0;
+            uint64_t t1 = net_now_us();
+            a.wait_us += t1 - t0;
+            afd_trace_span(a.trace, "wait", t0, t1, AFD_TRACE_NO_STEP, -1, -1, -1);
             for (int i = 0; i < ATTN_MAX_MB; i++)
                 if (a.mb[i].busy && net_now_us() > a.mb[i].deadline_us) {
                     pipeline_fail(&a, AFD_ERR_TIMEOUT,
@@ -1197,6 +1224,11 @@ int main(int argc, char **argv)
         a.retired = t->next;
         free(t->buf.p);
         free(t);
+    }
+    if (a.trace) {
+        afd_info("trace: %llu spans to %s", (unsigned long long)afd_trace_count(a.trace),
+                 a.o.trace_file);
+        afd_trace_close(a.trace);
     }
     mdl_sampler_destroy(a.smp);
     mdl_kv_destroy(a.kv);

@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -88,7 +89,7 @@ static int http_get(const char *url, const char *path, int timeout_ms, int *stat
 
 typedef struct up_opts {
     char *model, *micro_batches, *cluster_token, *api_key, *a2f_dtype, *f2a_dtype, *kv_dtype,
-        *backend, *log_dir;
+        *backend, *log_dir, *trace_dir;
     long attn, ffn, port, ctrl_port, threads, kv_budget_mb, ready_timeout_s, busy_poll_us,
         max_batch_tokens, admin_port;
     char *admin_token;
@@ -127,6 +128,9 @@ static const afd_opt_t up_table[] = {
      "give up when not ready by then"},
     {"log-dir", AFD_OPT_STRING, NULL, O(log_dir), 0, 0, 0,
      "write each daemon's log to DIR/NAME.log (default: inherit stderr)"},
+    {"trace-dir", AFD_OPT_STRING, NULL, O(trace_dir), 0, 0, 0,
+     "each node writes its pipeline timeline to DIR/NAME.trace.json when it stops "
+     "(merge them with afdctl trace-merge)"},
     AFD_OPTS_END};
 #undef O
 
@@ -253,6 +257,13 @@ static int cmd_local_up(int argc, char **argv)
     }
     char dir[PATH_MAX], bin[PATH_MAX + 32];
     bin_dir(dir, sizeof(dir));
+    const char *dirs[2] = {o.log_dir, o.trace_dir};
+    for (int i = 0; i < 2; i++) { /* made when missing (one level), so children can write */
+        if (dirs[i] && mkdir(dirs[i], 0755) != 0 && errno != EEXIST) {
+            afd_error("%s: cannot create the directory: %s", dirs[i], strerror(errno));
+            return 1;
+        }
+    }
     char token[64];
     if (!o.cluster_token) {
         FILE *ur = fopen("/dev/urandom", "rb");
@@ -345,6 +356,12 @@ static int cmd_local_up(int argc, char **argv)
                 snprintf(scpu, sizeof(scpu), "%d", cpu++);
                 nargv[j++] = "--cpu";
                 nargv[j++] = strdup(scpu);
+            }
+            char trace[PATH_MAX];
+            if (o.trace_dir) {
+                snprintf(trace, sizeof(trace), "%s/%s.trace.json", o.trace_dir, name);
+                nargv[j++] = "--trace-file";
+                nargv[j++] = trace;
             }
             if (role == 1) {
                 nargv[j++] = "--a2f-dtype";
@@ -660,15 +677,129 @@ static int cmd_admin(const char *cmd, int argc, char **argv)
     return EXIT_OK;
 }
 
+/* ---- trace-merge ---- */
+
+#define TRACE_MAX_FILE   (1ull << 30)
+#define TRACE_MAX_INPUTS 256
+#define TRACE_MAX_NAMES  32
+
+static char *read_file(const char *path, size_t max, size_t *len)
+{
+    FILE *fp = fopen(path, "rb");
+    if (!fp) return NULL;
+    char *buf = NULL;
+    if (fseek(fp, 0, SEEK_END) == 0) {
+        long n = ftell(fp);
+        if (n >= 0 && (unsigned long)n <= max && fseek(fp, 0, SEEK_SET) == 0 &&
+            (buf = malloc((size_t)n + 1))) {
+            if (fread(buf, 1, (size_t)n, fp) != (size_t)n) {
+                free(buf);
+                buf = NULL;
+            } else {
+                buf[n] = 0;
+                *len = (size_t)n;
+            }
+        }
+    }
+    fclose(fp);
+    return buf;
+}
+
+/* Merges the nodes' timelines into one Chrome trace and prints, per node, the time its
+ * spans cover by name over the span of its timeline. */
+static int cmd_trace_merge(int argc, char **argv)
+{
+    const char *out = NULL;
+    const char *in[TRACE_MAX_INPUTS];
+    int nin = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "-o") && i + 1 < argc) {
+            out = argv[++i];
+        } else if (!strcmp(argv[i], "--help")) {
+            printf("usage: afdctl trace-merge -o OUT.json NODE.trace.json...\n  %s\n",
+                   "one Chrome trace of the nodes' timelines (--trace-file, local-up "
+                   "--trace-dir), and each node's time by span");
+            return EXIT_OK;
+        } else if (argv[i][0] == '-' || nin == TRACE_MAX_INPUTS) {
+            afd_error("trace-merge: unexpected '%s' (at most %d inputs)", argv[i],
+                      TRACE_MAX_INPUTS);
+            return EXIT_USAGE;
+        } else {
+            in[nin++] = argv[i];
+        }
+    }
+    if (!out || !nin) {
+        afd_error("usage: afdctl trace-merge -o OUT.json NODE.trace.json...");
+        return EXIT_USAGE;
+    }
+    cJSON *all = cJSON_CreateObject(), *evs = cJSON_AddArrayToObject(all, "traceEvents");
+    if (!all || !evs) return EXIT_FAIL;
+    cJSON_AddStringToObject(all, "displayTimeUnit", "ms");
+    int rc = EXIT_OK;
+    for (int f = 0; f < nin; f++) {
+        size_t len = 0;
+        char *text = read_file(in[f], TRACE_MAX_FILE, &len);
+        cJSON *root = text ? cJSON_ParseWithLength(text, len) : NULL;
+        free(text);
+        cJSON *list = root ? cJSON_GetObjectItem(root, "traceEvents") : NULL;
+        if (!cJSON_IsArray(list)) {
+            afd_error("%s: not a trace file (unreadable, over 1 GiB, or no traceEvents)", in[f]);
+            cJSON_Delete(root);
+            rc = EXIT_FAIL;
+            continue;
+        }
+        const char *names[TRACE_MAX_NAMES];
+        double tot[TRACE_MAX_NAMES] = {0}, lo = -1, hi = -1;
+        int nn = 0;
+        const char *proc = in[f];
+        cJSON *e;
+        while ((e = cJSON_DetachItemFromArray(list, 0))) {
+            const cJSON *ph = cJSON_GetObjectItem(e, "ph"), *nm = cJSON_GetObjectItem(e, "name");
+            const cJSON *ts = cJSON_GetObjectItem(e, "ts"), *du = cJSON_GetObjectItem(e, "dur");
+            if (cJSON_IsString(ph) && !strcmp(ph->valuestring, "M")) {
+                const cJSON *args = cJSON_GetObjectItem(e, "args");
+                const cJSON *pn = args ? cJSON_GetObjectItem(args, "name") : NULL;
+                if (cJSON_IsString(pn)) proc = pn->valuestring;
+            } else if (cJSON_IsString(ph) && !strcmp(ph->valuestring, "X") && cJSON_IsString(nm) &&
+                       cJSON_IsNumber(ts) && cJSON_IsNumber(du)) {
+                int k = 0;
+                while (k < nn && strcmp(names[k], nm->valuestring))
+                    k++;
+                if (k == nn && nn < TRACE_MAX_NAMES) names[nn++] = nm->valuestring;
+                if (k < nn) tot[k] += du->valuedouble;
+                if (lo < 0 || ts->valuedouble < lo) lo = ts->valuedouble;
+                if (ts->valuedouble + du->valuedouble > hi) hi = ts->valuedouble + du->valuedouble;
+            }
+            cJSON_AddItemToArray(evs, e); /* names stay valid: the item moved, not copied */
+        }
+        double span = hi > lo ? hi - lo : 0;
+        printf("%s (%s): %.3f s of timeline\n", proc, in[f], span / 1e6);
+        for (int k = 0; k < nn; k++)
+            printf("  %-16s %10.3f s  %5.1f%%\n", names[k], tot[k] / 1e6,
+                   span > 0 ? 100 * tot[k] / span : 0);
+        cJSON_Delete(root);
+    }
+    char *txt = cJSON_PrintUnformatted(all);
+    FILE *fp = txt ? fopen(out, "w") : NULL;
+    if (!fp || fputs(txt, fp) < 0 || fclose(fp) != 0) {
+        afd_error("%s: cannot write", out);
+        rc = EXIT_FAIL;
+    }
+    free(txt);
+    cJSON_Delete(all);
+    return rc;
+}
+
 static void usage(FILE *f)
 {
     fprintf(f, "usage: afdctl COMMAND [options]   (afdctl COMMAND --help for each)\n\n"
                "commands:\n"
-               "  local-up   start a whole cluster on loopback\n");
+               "  local-up     start a whole cluster on loopback\n"
+               "  trace-merge  one timeline from the nodes' trace files\n");
     static const char *cmds[] = {"status", "nodes",   "placement", "requests",
                                  "drain",  "metrics", "config"};
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
-        fprintf(f, "  %-10s %s\n", cmds[i], cmd_help(cmds[i]));
+        fprintf(f, "  %-12s %s\n", cmds[i], cmd_help(cmds[i]));
     fprintf(f,
             "exit codes: 0 ok, 1 failure, 2 usage, 3 coordinator unreachable, 4 token refused\n");
 }
@@ -681,6 +812,7 @@ int main(int argc, char **argv)
         return EXIT_USAGE;
     }
     if (!strcmp(argv[1], "local-up")) return cmd_local_up(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "trace-merge")) return cmd_trace_merge(argc - 1, argv + 1);
     if (cmd_help(argv[1])) return cmd_admin(argv[1], argc - 1, argv + 1);
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
         usage(stdout);

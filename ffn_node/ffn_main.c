@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include "afd_log.h"
 #include "afd_opts.h"
+#include "afd_trace.h"
 #include "mdl_model.h"
 #include "net_metrics.h"
 #include "net_node.h"
@@ -26,8 +27,9 @@
 #define FFN_MAX_SLOTS 32
 
 typedef struct ffn_opts {
-    char *coordinator, *cluster_token, *model, *backend, *name;
-    long threads, busy_poll_us, max_tokens, cpu, heartbeat_ms, metrics_port, coordinator_wait_s;
+    char *coordinator, *cluster_token, *model, *backend, *name, *trace_file;
+    long trace_events, threads, busy_poll_us, max_tokens, cpu, heartbeat_ms, metrics_port,
+        coordinator_wait_s;
     int ucx_peer_errors;
 } ffn_opts_t;
 
@@ -54,6 +56,10 @@ static const afd_opt_t ffn_table[] = {
     {"coordinator-wait-s", AFD_OPT_INT, "300", O(coordinator_wait_s), 0, 86400, 0,
      "how long to keep trying to reach the coordinator, at start and after losing it "
      "(then the node rejoins, keeping its weights; 0: exit at once)"},
+    {"trace-file", AFD_OPT_STRING, NULL, O(trace_file), 0, 0, 0,
+     "write a timeline of the pipeline (Chrome trace JSON) here at exit"},
+    {"trace-events", AFD_OPT_INT, "262144", O(trace_events), 1, AFD_TRACE_MAX_EVENTS, 0,
+     "spans the timeline keeps (the latest ones; 48 bytes each)"},
     AFD_OPTS_END};
 #undef O
 
@@ -84,6 +90,7 @@ typedef struct ffn_node {
     float *g, *out, *wts;
     int32_t *ids;
     int cap;
+    afd_trace_t *trace; /* --trace-file: the pipeline's timeline */
     /* stats */
     uint64_t ffn_us, wait_us, idle_us, steps, a2f_bytes, f2a_bytes, tokens, errors;
 } ffn_node_t;
@@ -249,7 +256,9 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         s->used = 0;
         return;
     }
+    uint64_t t1 = net_now_us();
     if (n > 0) mdl_ffn(f->m, &f->ws, layer, f->g, n, f->ids, f->wts, f->out);
+    uint64_t t2 = net_now_us();
     f->tokens += (uint64_t)n;
     off = 0;
     for (int a = 0; a < f->attn.n; a++) {
@@ -282,7 +291,11 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         f->f2a_bytes += bytes;
     }
     /* ffn_us: the FFN stage's busy time, unpacking, compute, packing and sending */
-    f->ffn_us += net_now_us() - t0;
+    uint64_t t3 = net_now_us();
+    f->ffn_us += t3 - t0;
+    afd_trace_span(f->trace, "a2f unpack", t0, t1, s->key.step, layer, s->key.mb, n);
+    afd_trace_span(f->trace, "ffn", t1, t2, s->key.step, layer, s->key.mb, n);
+    afd_trace_span(f->trace, "f2a send", t2, t3, s->key.step, layer, s->key.mb, n);
     if (layer == c->num_layers - 1 && s->key.mb == s->key.nmb - 1) f->steps++;
     s->complete = 0;
     s->have = -1; /* processed: freed once the sends complete */
@@ -380,6 +393,9 @@ int main(int argc, char **argv)
     hello.name = f.o.name ? f.o.name : name;
     hello.model_id = f.o.model;
     hello.pid = (uint32_t)getpid();
+    if (f.o.trace_file && afd_trace_open(&f.trace, f.o.trace_file, (size_t)f.o.trace_events,
+                                         hello.name, (uint32_t)getpid()))
+        return 1;
     mdl_role_t role;
     if (ffn_join(&f, &hello, &role)) return 1;
     kn_backend_t *be;
@@ -476,9 +492,11 @@ int main(int argc, char **argv)
             for (int i = 0; i < FFN_MAX_SLOTS; i++)
                 inflight |= f.slots[i].used;
             net_node_wait(&f.ctl, f.ucx, inflight ? (int)f.o.busy_poll_us : 0, 100);
-            if (inflight)
-                f.wait_us += net_now_us() - tw;
-            else
+            if (inflight) {
+                uint64_t t1 = net_now_us();
+                f.wait_us += t1 - tw;
+                afd_trace_span(f.trace, "wait", tw, t1, AFD_TRACE_NO_STEP, -1, -1, -1);
+            } else
                 f.idle_us += net_now_us() - tw; /* nothing from any attention node */
         }
     }
@@ -495,6 +513,11 @@ int main(int argc, char **argv)
     if (f.m) mdl_ws_free(f.m, &f.ws);
     mdl_model_free(f.m);
     mdl_ckpt_close(ck);
+    if (f.trace) {
+        afd_info("trace: %llu spans to %s", (unsigned long long)afd_trace_count(f.trace),
+                 f.o.trace_file);
+        afd_trace_close(f.trace);
+    }
     be->ops->destroy(be);
     afd_opts_free(ffn_table, &f.o);
     return rc;
