@@ -101,7 +101,6 @@ typedef struct coord_req {
     char *stops[TOK_MAX_STOPS]; /* stop strings */
     int nstops;
     int stop_pending; /* a sequence met a stop string: end it outside the token callback */
-    int stop_abort;   /* ended by stop strings, not by the client */
     uint64_t created, t_arrival_us, t_first_us;
     struct coord_req *next;
 } coord_req_t;
@@ -164,6 +163,8 @@ void coord_sched_kick(coord_t *c);
 void coord_sched_on_result(coord_t *c, coord_node_t *n, const Afd__StepResult *r);
 void coord_sched_node_lost(coord_t *c, coord_node_t *n, const char *why);
 void coord_sched_abort_req(coord_t *c, coord_req_t *r);
+/* Ends one running or waiting sequence at once with `finish` (a static string). */
+void coord_sched_abort_seq(coord_t *c, coord_seq_t *s, const char *finish);
 /* Ends every live request with an explicit error (drain timeout, shutdown). */
 void coord_sched_abort_all(coord_t *c, const char *why);
 /* Ends the requests older than the per-request timeout. */

@@ -108,26 +108,21 @@ void coord_api_token_text(const coord_t *c, int32_t id, char *buf, size_t len)
 
 /* ---- text of the generated tokens ---- */
 
-/* Ends the requests whose every running sequence met a stop string: called from the loop,
- * never from the scheduler's token callback (the abort frees what that callback holds). */
+/* Ends the sequences that met a stop string, each at once (the other sequences of its
+ * request go on): called from the loop, never from the scheduler's token callback (the
+ * abort frees what that callback holds). */
 static void on_stop_timer(uv_timer_t *t)
 {
     coord_t *c = t->data;
 again:
     for (coord_req_t *r = c->reqs; r; r = r->next) {
         if (!r->stop_pending || r->finished) continue;
-        int open = 0, stopped = 0;
         for (int i = 0; i < r->nseq; i++)
-            if (!r->seqs[i].done) {
-                open++;
-                stopped += r->seqs[i].stop_hit;
+            if (r->seqs[i].stop_hit && !r->seqs[i].done) {
+                coord_sched_abort_seq(c, &r->seqs[i], "stop");
+                goto again; /* the request may be gone, the list changed */
             }
-        if (open && open == stopped) {
-            r->stop_pending = 0;
-            r->stop_abort = 1;
-            coord_sched_abort_req(c, r);
-            goto again; /* the list may have changed */
-        }
+        r->stop_pending = 0;
     }
 }
 
@@ -309,8 +304,6 @@ void coord_api_sse(net_http_req_t *http, cJSON *j)
 
 void coord_api_token(coord_t *c, coord_req_t *r, coord_seq_t *s)
 {
-    /* another sequence of a request with a stopped one ends: the rest may all be stopped */
-    if (r->stop_pending && s->finish) uv_timer_start(&c->stop_timer, on_stop_timer, 0, 0);
     if (s->stop_hit) return; /* its text ended at a stop string */
     const char *delta;
     size_t dlen;
@@ -367,7 +360,7 @@ void coord_api_finish(coord_t *c, coord_req_t *r)
     }
     if (r->failed)
         c->req_err++;
-    else if (!r->aborted || r->stop_abort)
+    else if (!r->aborted)
         c->req_ok++;
     if (!r->http) return;
     net_http_req_t *http = r->http;

@@ -329,24 +329,36 @@ void coord_sched_on_result(coord_t *c, coord_node_t *n, const Afd__StepResult *r
     coord_sched_kick(c);
 }
 
+/* Ends one sequence: its attention node drops it with the next plan, or it leaves the
+ * queue. The caller reaps and kicks. */
+static void seq_abort(coord_t *c, coord_seq_t *s, const char *finish)
+{
+    if (s->done) return;
+    if (s->node >= 0) {
+        int nd = s->node;
+        uint64_t *na = realloc(c->aborts[nd], sizeof(uint64_t) * (size_t)(c->naborts[nd] + 1));
+        if (na) {
+            c->aborts[nd] = na;
+            c->aborts[nd][c->naborts[nd]++] = s->id;
+        }
+    } else {
+        wait_remove(c, s);
+    }
+    seq_finish(c, s, finish, NULL);
+}
+
+void coord_sched_abort_seq(coord_t *c, coord_seq_t *s, const char *finish)
+{
+    seq_abort(c, s, finish);
+    coord_sched_reap(c);
+    coord_sched_kick(c);
+}
+
 void coord_sched_abort_req(coord_t *c, coord_req_t *r)
 {
     r->aborted = 1;
-    for (int i = 0; i < r->nseq; i++) {
-        coord_seq_t *s = &r->seqs[i];
-        if (s->done) continue;
-        if (s->node >= 0) {
-            int nd = s->node;
-            uint64_t *na = realloc(c->aborts[nd], sizeof(uint64_t) * (size_t)(c->naborts[nd] + 1));
-            if (na) {
-                c->aborts[nd] = na;
-                c->aborts[nd][c->naborts[nd]++] = s->id;
-            }
-        } else {
-            wait_remove(c, s);
-        }
-        seq_finish(c, s, "abort", NULL);
-    }
+    for (int i = 0; i < r->nseq; i++)
+        seq_abort(c, &r->seqs[i], "abort");
     coord_sched_reap(c);
     coord_sched_kick(c);
 }

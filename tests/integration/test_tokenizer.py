@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cluster import BIN, TMP, Checks, LocalUp, post, stream  # noqa: E402
+from cluster import BIN, TMP, Checks, LocalUp, get, post, stream  # noqa: E402
 
 ROOT = os.environ.get("ROOT", os.getcwd())
 ck = Checks()
@@ -205,6 +205,36 @@ with LocalUp(model, 1, 1, 2) as c:
         ck.check("two prompts, one stop string: each choice cut (or not) on its own",
                  st == 200 and st2 == 200 and got2 == want2 and len(got2) == 2,
                  f"{got2} vs {want2}")
+        # a choice cut by its stop string stops generating at once, while the other runs on
+        # to max_tokens: the coordinator counts the tokens the nodes generated
+        long = dict(two, max_tokens=96)
+        st, lfull = post(c.url, "/v1/completions", long)
+        texts = [ch["text"] for ch in lfull.get("choices", [])] if st == 200 else ["", ""]
+        ids0 = lfull["choices"][0]["token_ids"] if st == 200 else []
+        lstop = None
+        for k in range(1, 8):  # a stop string early in choice 0's text, absent from choice 1's
+            cut0 = len(dec(ids0[:k]))
+            cand = texts[0][max(0, cut0 - 2):cut0 + 1]
+            if len(cand) >= 2 and cand not in texts[1] and texts[0].find(cand) >= 0:
+                lstop = cand
+                break
+        if lstop is None:
+            ck.check("a stop string early in one choice and absent from the other", False,
+                     repr(texts))
+        else:
+            before = get(c.admin, "/admin/status")[1]["cluster"]["tokens_generated"]
+            st, b3 = post(c.url, "/v1/completions", dict(long, stop=[lstop]))
+            after = get(c.admin, "/admin/status")[1]["cluster"]["tokens_generated"]
+            chs = b3.get("choices", []) if st == 200 else []
+            fins = [ch["finish_reason"] for ch in chs]
+            n0 = next((k for k in range(1, len(ids0) + 1)
+                       if lstop in dec(ids0[:k])), len(ids0))
+            # choice 1 makes 96 tokens; choice 0 the tokens up to its stop string, plus those
+            # of the steps already planned when it was cut (a few)
+            ck.check(f"a choice cut by a stop string ({lstop!r}) stops generating at once: "
+                     f"{after - before} tokens for {n0} + 96",
+                     fins == ["stop", "length"] and n0 + 96 <= after - before <= n0 + 96 + 8,
+                     str(fins))
         anth = {"model": "step3", "max_tokens": 16, "temperature": 0, "ignore_eos": True,
                 "system": "You are brief.",
                 "messages": [{"role": "user", "content": [
