@@ -1,5 +1,5 @@
 #!/bin/bash
-# The CPU benchmarks (`make bench`, about 6 minutes on 2 cores): GEMM of the cpu backend
+# The CPU benchmarks (`make bench`, about 30 minutes on 2 cores): GEMM of the cpu backend
 # against raw OpenBLAS at the model's shapes; decode throughput of the single-process runner
 # on the mini model; the data-plane transfer rate next to ucx_perftest; and the AFD pipeline
 # (1A1F, a core each) against the single-process runner on one core.
@@ -37,7 +37,8 @@ if want xfer; then
 fi
 if want pipeline; then
     echo "=== AFD pipeline: 1A1F pinned against afd_run on one core ==="
-    /usr/bin/python3 bench/pipeline_cpu.py --batch 512 --tokens 32 --micro-batches 2 3
+    # batch 3072, m = 3 and 2, three rounds each against afd_run, with the two ceilings
+    /usr/bin/python3 bench/pipeline_cpu.py
     echo
 fi
 if want tok; then
