@@ -1,6 +1,6 @@
 #!/bin/sh
 # afd-drain: the AFD pods' lifecycle hooks (installed as /usr/local/bin/afd-drain; the
-# Kubernetes manifests call it as preStop and postStart hooks). It talks to the
+# Kubernetes manifests call it as preStop hooks; operators may run it too). It talks to the
 # coordinator's admin API with afdctl (AFD_ADMIN_URL, AFD_ADMIN_TOKEN).
 #   afd-drain cluster      stop admitting requests (afdctl drain --all --timeout T) and
 #                          wait until none is running or waiting

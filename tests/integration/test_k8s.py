@@ -357,6 +357,10 @@ def check_overlay(overlay, objs):
                 continue
             if cmd[0] not in image_cmds or len(cmd) < 2 or cmd[1] not in HOOK_CMDS:
                 errs.append(f"{wname}: {hook} {cmd} is not an afd-drain command of the image")
+            # an FFN pod that stops or starts must not drain the cluster, nor undo a drain
+            # an operator made: the coordinator recomputes what was in flight instead
+            if p.daemon == "ffn_node" and len(cmd) > 1 and cmd[1] in ("cluster", "undrain"):
+                errs.append(f"{wname}: an FFN pod's {hook} hook runs afd-drain {cmd[1]}")
         if lc.get("preStop"):
             t = int(env.get("AFD_DRAIN_TIMEOUT_S", "30"))
             drain[wname] = t
@@ -399,6 +403,20 @@ for ov in overlays:
         ck.check(f"{ov}: flags, config files, variables, probes, ports, hooks match the binaries", not errs,
                  "; ".join(errs))
         rendered[ov] = (objs, pods, eff)
+
+# the hook rule can fail: an FFN pod given the old cluster-wide drain hooks is refused
+if "gpu-2a2f" in rendered:
+    import copy
+    objs = copy.deepcopy(rendered["gpu-2a2f"][0])
+    for o in objs:
+        c = o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0]
+        if o["kind"] == "StatefulSet" and c.get("args", [""])[0] == "ffn_node":
+            c["lifecycle"] = {"preStop": {"exec": {"command": ["afd-drain", "cluster"]}},
+                              "postStart": {"exec": {"command": ["afd-drain", "undrain"]}}}
+    errs = check_overlay("gpu-2a2f", objs)[0]
+    ck.check("an FFN pod with cluster drain/undrain hooks is refused",
+             any("preStop hook runs afd-drain cluster" in e for e in errs) and
+             any("postStart hook runs afd-drain undrain" in e for e in errs), "; ".join(errs))
 
 # ---- the entrypoint refuses the placeholder secrets ----
 with open(os.path.join(TMP, "keys"), "w") as f:
@@ -574,8 +592,11 @@ def demo():
     r = hook(cp_name, "preStop")
     ck.check("cpu-demo: the coordinator's preStop hook drains the cluster (/ready 503)",
              r.returncode == 0 and http(api + "/ready")[0] == 503, r.stderr)
-    r = hook(ffn, "postStart")
-    ck.check("cpu-demo: an FFN node's postStart hook admits requests again (/ready 200)",
+    ck.check("cpu-demo: FFN pods have no lifecycle hook (a restart is recomputed, not drained)",
+             not envs[ffn][1].c.get("lifecycle"), str(envs[ffn][1].c.get("lifecycle")))
+    r = subprocess.run(["afd-drain", "undrain"], env=cenv, capture_output=True, text=True,
+                       timeout=60)
+    ck.check("cpu-demo: afd-drain undrain (the operator's) admits requests again (/ready 200)",
              r.returncode == 0 and wait_for(lambda: http(api + "/ready")[0] == 200, 10), r.stderr)
     r = hook(attn, "preStop")
     ctl = subprocess.run(["afdctl", "nodes"], env=envs[attn][0], capture_output=True, text=True)
