@@ -453,7 +453,7 @@ void afd_fp8_quantize_rows(const float *x, size_t rows, size_t dim, uint8_t *q, 
             const float *xr = x + r * dim;
             float amax = 0;
             for (size_t c = c0; c < c1; c++)
-                amax = fmaxf(amax, fabsf(xr[c]));
+                amax = afd_maxf(amax, fabsf(xr[c]));
             float scale = amax > 0 ? amax / AFD_E4M3_MAX : 1.0f;
             float inv = 1.0f / scale;
             for (size_t c = c0; c < c1; c++)
@@ -481,7 +481,7 @@ void afd_fp8_round_rows(float *x, size_t rows, size_t dim)
             size_t c1 = c0 + AFD_FP8_GROUP < dim ? c0 + AFD_FP8_GROUP : dim;
             float amax = 0;
             for (size_t c = c0; c < c1; c++)
-                amax = fmaxf(amax, fabsf(xr[c]));
+                amax = afd_maxf(amax, fabsf(xr[c]));
             float scale = amax > 0 ? amax / AFD_E4M3_MAX : 1.0f;
             float inv = 1.0f / scale;
             for (size_t c = c0; c < c1; c++)

@@ -34,6 +34,13 @@ afd_dtype_t afd_dtype_parse(const char *s);
 afd_dtype_t afd_dtype_from_safetensors(const char *s);
 const char *afd_dtype_safetensors_name(afd_dtype_t dt);
 
+/* max(m, v) for running maxima that start from a number: a NaN v leaves m, as fmaxf
+ * does, but this inlines (fmaxf is a libm call without -ffast-math). */
+static inline float afd_maxf(float m, float v)
+{
+    return v > m ? v : m;
+}
+
 static inline float afd_bf16_to_f32(uint16_t h)
 {
     union {

@@ -271,7 +271,7 @@ static void kv_store(const kn_kv_t *kv, void *base, float *scales, size_t tok, c
     if (kv->dtype == AFD_DTYPE_E4M3) {
         float amax = 0;
         for (size_t j = 0; j < hd; j++)
-            amax = fmaxf(amax, fabsf(x[j]));
+            amax = afd_maxf(amax, fabsf(x[j]));
         float s = amax > 0 ? amax / AFD_E4M3_MAX : 1.0f;
         uint8_t *d = (uint8_t *)base + tok * hd;
         for (size_t j = 0; j < hd; j++)
@@ -351,7 +351,7 @@ static void cpu_attention(kn_backend_t *be, const kn_kv_t *kv, int layer, const 
                 float *s = S + ((size_t)t * nheads + h) * kmax;
                 float mx = -INFINITY;
                 for (int j = 0; j < visible; j++)
-                    mx = fmaxf(mx, s[j]);
+                    mx = afd_maxf(mx, s[j]);
                 float sum = 0;
                 for (int j = 0; j < visible; j++)
                     sum += (s[j] = expf(s[j] - mx));
