@@ -14,6 +14,8 @@
 #include "afd_opts.h"
 #include "tok.h"
 
+#include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -174,9 +176,13 @@ int main(int argc, char **argv)
                                      &first);
     if (st == AFD_ERR_CANCELED) return 0;
     if (st) return 2;
-    char dir[] = "/tmp/afd_tok_bench.XXXXXX", path[256];
+    /* the trained tokenizer goes to a directory under $TMPDIR, removed on every exit */
+    char dir[PATH_MAX], path[PATH_MAX + 32];
+    const char *tmp = getenv("TMPDIR");
+    snprintf(dir, sizeof(dir), "%s/afd_tok_bench.XXXXXX", tmp && *tmp ? tmp : "/tmp");
     const char *file = o.tokenizer;
-    int trained = 0;
+    int trained = 0, rc = 1;
+    tok_t *t = NULL;
     if (!file) {
         static const tok_special_t sp[] = {{"<｜begin▁of▁sentence｜>", 1},
                                            {"<｜end▁of▁sentence｜>", 1},
@@ -185,16 +191,18 @@ int main(int argc, char **argv)
         size_t n;
         const char *s = tok_sample_text(&n);
         int nm;
-        if (!mkdtemp(dir)) return 1;
-        snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
-        if (tok_train_write(s, n, (int)o.vocab, sp, 4, path, &nm)) return 1;
-        file = path;
+        if (!mkdtemp(dir)) {
+            afd_error("%s: %s", dir, strerror(errno));
+            goto out;
+        }
         trained = 1;
+        snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
+        if (tok_train_write(s, n, (int)o.vocab, sp, 4, path, &nm)) goto out;
+        file = path;
         printf("tokenizer: trained over the bundled sample, %ld ids (%d merges)\n", o.vocab, nm);
     }
-    tok_t *t;
     double t0 = now_s();
-    if (tok_load(file, &t)) return 1;
+    if (tok_load(file, &t)) goto out;
     printf("tokenizer: %s, %d ids, loaded in %.1f ms\n", file, tok_vocab_size(t),
            (now_s() - t0) * 1e3);
     size_t n = (size_t)(o.mb * 1e6);
@@ -208,23 +216,29 @@ int main(int argc, char **argv)
                  {"fresh", NULL}};
     for (size_t k = 0; k < sizeof(kinds) / sizeof(*kinds); k++) {
         tok_buf_t text = {0};
-        int rc = kinds[k].keep ? build_kind(&text, n, kinds[k].keep) : build_fresh(&text, n);
-        if (rc) {
+        int bad = kinds[k].keep ? build_kind(&text, n, kinds[k].keep) : build_fresh(&text, n);
+        if (bad) {
             afd_error("%s: no text", kinds[k].name);
-            return 1;
+            tok_buf_free(&text);
+            goto out;
         }
         /* a fresh tokenizer per kind: the first pass starts with an empty word cache */
         tok_t *tk;
-        if (tok_load(file, &tk)) return 1;
+        if (tok_load(file, &tk)) {
+            tok_buf_free(&text);
+            goto out;
+        }
         run_kind(tk, kinds[k].name, &text, o.reps);
         tok_free(tk);
         tok_buf_free(&text);
     }
-    tok_free(t);
+    rc = 0;
+out:
+    if (t) tok_free(t);
     if (trained) {
         unlink(path);
         rmdir(dir);
     }
     afd_opts_free(bench_table, &o);
-    return 0;
+    return rc;
 }
