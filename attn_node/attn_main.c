@@ -1129,6 +1129,10 @@ int main(int argc, char **argv)
                          .err_cb = attn_peer_err,
                          .arg = &a};
     if (net_ucx_create(&uo, &a.ucx)) return 1;
+    if (!be->ops->host_memory)
+        afd_info("data plane: A2F/F2A staged through registered host buffers (this UCX %s "
+                 "CUDA memory)",
+                 net_ucx_cuda_memory(a.ucx) ? "also moves" : "does not move");
     if (a.o.metrics_port >= 0) {
         if (net_metrics_start("0.0.0.0", (int)a.o.metrics_port, &a.metrics)) return 1;
         afd_info("metrics on port %d", net_metrics_port(a.metrics));

@@ -417,6 +417,10 @@ int main(int argc, char **argv)
                          .err_cb = ffn_peer_err,
                          .arg = &f};
     if (net_ucx_create(&uo, &f.ucx)) return 1;
+    if (!be->ops->host_memory)
+        afd_info("data plane: A2F/F2A staged through registered host buffers (this UCX %s "
+                 "CUDA memory)",
+                 net_ucx_cuda_memory(f.ucx) ? "also moves" : "does not move");
     if (f.o.metrics_port >= 0) {
         if (net_metrics_start("0.0.0.0", (int)f.o.metrics_port, &f.metrics)) return 1;
         afd_info("metrics on port %d", net_metrics_port(f.metrics));

@@ -138,6 +138,7 @@ struct net_ucx {
     uint32_t last_err_peer;  /* last logged send failure, to log a burst once */
     ucs_status_t last_err_status;
     unsigned char *hdr_buf; /* aligned copy of an eager message's header */
+    int cuda_memory;        /* the context's transports move CUDA device memory */
     net_ucx_stats_t st;
 };
 
@@ -406,6 +407,11 @@ afd_status_t net_ucx_create(const net_ucx_opts_t *opts, net_ucx_t **out)
         st = ucx_status(s);
         goto err_free;
     }
+    /* which memory the loaded transports can move: a UCX built with CUDA (cuda_copy,
+     * cuda_ipc, gdr_copy) lists CUDA memory; Debian's does not */
+    ucp_context_attr_t ca = {.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES};
+    if (ucp_context_query(u->ctx, &ca) == UCS_OK)
+        u->cuda_memory = (ca.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
 
     ucp_worker_params_t wp = {
         .field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE | UCP_WORKER_PARAM_FIELD_EVENTS,
@@ -942,6 +948,11 @@ afd_status_t net_ucx_send(net_ucx_peer_t *p, const void *hdr, size_t hdr_len, co
         return AFD_ERR_PEER;
     }
     return AFD_OK;
+}
+
+int net_ucx_cuda_memory(const net_ucx_t *u)
+{
+    return u->cuda_memory;
 }
 
 void net_ucx_get_stats(net_ucx_t *u, net_ucx_stats_t *st)

@@ -101,4 +101,9 @@ typedef struct net_ucx_stats {
 } net_ucx_stats_t;
 void net_ucx_get_stats(net_ucx_t *u, net_ucx_stats_t *st);
 
+/* 1 when the UCX in use can move CUDA device memory (its context lists the CUDA memory
+ * type: a build with cuda_copy, cuda_ipc or gdr_copy), else 0. The nodes stage A2F/F2A
+ * through registered host buffers either way; this says whether a device path could. */
+int net_ucx_cuda_memory(const net_ucx_t *u);
+
 #endif

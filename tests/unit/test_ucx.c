@@ -887,6 +887,30 @@ static void test_idle_alone(void **state)
     t_destroy(a.u);
 }
 
+/* Whether this UCX moves CUDA memory agrees with ucx_info, an independent view of the same
+ * installation: a CUDA memory domain (cuda_cpy, cuda_ipc, gdr_copy) in `ucx_info -d`. */
+static void test_cuda_memory(void **state)
+{
+    (void)state;
+    use_tls(0);
+    FILE *p = popen("ucx_info -d 2>/dev/null", "r");
+    if (!p) skip();
+    char line[512];
+    int lines = 0, cuda_md = 0;
+    while (fgets(line, sizeof(line), p)) {
+        lines++;
+        if (strstr(line, "Memory domain:") && (strstr(line, "cuda") || strstr(line, "gdr")))
+            cuda_md = 1;
+    }
+    if (pclose(p) != 0 || lines == 0) skip(); /* no ucx_info here */
+    side_t a = {0};
+    net_ucx_opts_t o = t_opts(&a, 0, 64, MiB);
+    assert_int_equal(net_ucx_create(&o, &a.u), AFD_OK);
+    track(a.u);
+    assert_int_equal(net_ucx_cuda_memory(a.u), cuda_md);
+    t_destroy(a.u);
+}
+
 int main(void)
 {
     const char *t = getenv("UCX_TLS"), *dv = getenv("UCX_NET_DEVICES");
@@ -895,6 +919,7 @@ int main(void)
     for_each_task(note_foreign, NULL);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_idle_alone, teardown),
+        cmocka_unit_test_teardown(test_cuda_memory, teardown),
         cmocka_unit_test_teardown(test_two_workers, teardown),
         cmocka_unit_test_teardown(test_destroy_midway, teardown),
         cmocka_unit_test_teardown(test_sizes_default, teardown),
