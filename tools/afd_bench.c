@@ -1064,7 +1064,7 @@ out:
 typedef struct node_sample {
     int id, attn;
     double steps, busy; /* the node's own stage: attn_us or ffn_us */
-    double xfer, wait;
+    double xfer, wait, idle;
 } node_sample_t;
 
 typedef struct sample {
@@ -1154,9 +1154,11 @@ static void poll_done(void *ud, afd_status_t st, const char *why)
         const cJSON *b = cJSON_GetObjectItemCaseSensitive(busy, ns->attn ? "attn_us" : "ffn_us");
         const cJSON *x = cJSON_GetObjectItemCaseSensitive(busy, "xfer_us");
         const cJSON *w = cJSON_GetObjectItemCaseSensitive(busy, "wait_us");
+        const cJSON *id_ = cJSON_GetObjectItemCaseSensitive(busy, "idle_us");
         ns->busy = cJSON_IsNumber(b) ? b->valuedouble : 0;
         ns->xfer = cJSON_IsNumber(x) ? x->valuedouble : 0;
         ns->wait = cJSON_IsNumber(w) ? w->valuedouble : 0;
+        ns->idle = cJSON_IsNumber(id_) ? id_->valuedouble : 0;
     }
     cJSON_Delete(j);
 }
@@ -1173,7 +1175,7 @@ static void poll_tick(void *ud)
 
 typedef struct node_fig {
     int id, attn;
-    double busy_frac, xfer_frac; /* of the achieved step time */
+    double busy_frac, xfer_frac; /* of the node's own time over the window */
     double busy_ms_step;
 } node_fig_t;
 
@@ -1319,10 +1321,14 @@ static afd_status_t decode_measure(const decode_opts_t *o, const char *url, cons
             f->busy_ms_step = NAN;
             continue;
         }
-        /* busy time per step against the achieved time per step */
-        f->busy_ms_step = (n1->busy - n0->busy) / dsteps / 1e3;
-        f->busy_frac = f->busy_ms_step / r->step_ms;
-        f->xfer_frac = (n1->xfer - n0->xfer) / dsteps / 1e3 / r->step_ms;
+        /* busy time per step; the busy fraction is of the node's own clock over the same
+         * heartbeats (busy + waiting + idle), so steps that straddle the window's ends do
+         * not bend it */
+        double db = n1->busy - n0->busy, dt = db + (n1->wait - n0->wait) + (n1->idle - n0->idle);
+        f->busy_ms_step = db / dsteps / 1e3;
+        f->busy_frac = dt > 0 ? db / dt : NAN;
+        f->xfer_frac = dt > 0 ? (n1->xfer - n0->xfer) / dt : NAN;
+        if (isnan(f->busy_frac)) continue;
         if (f->busy_frac > r->efficiency) r->efficiency = f->busy_frac;
         if (n1->attn && dsteps > r->steps) r->steps = dsteps;
     }
