@@ -122,7 +122,7 @@ def steady(trace_files):
     if len(run) < 3 or run[-1] + 1 not in start:
         return None
     lo, hi = start[run[0]], start[run[-1] + 1]
-    n = run[-1] + 1 - run[0]
+    n = len(run)  # consecutive steps
     stages = {}
     for name, ev in nodes.items():
         tot = {}

@@ -9,6 +9,7 @@
  * Exit codes: 0 success, 1 failure, 2 usage error, 3 cluster unreachable.
  */
 #define _GNU_SOURCE
+#include "afd_file.h"
 #include "afd_log.h"
 #include "afd_opts.h"
 #include "net_frame.h"
@@ -683,28 +684,6 @@ static int cmd_admin(const char *cmd, int argc, char **argv)
 #define TRACE_MAX_INPUTS 256
 #define TRACE_MAX_NAMES  32
 
-static char *read_file(const char *path, size_t max, size_t *len)
-{
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return NULL;
-    char *buf = NULL;
-    if (fseek(fp, 0, SEEK_END) == 0) {
-        long n = ftell(fp);
-        if (n >= 0 && (unsigned long)n <= max && fseek(fp, 0, SEEK_SET) == 0 &&
-            (buf = malloc((size_t)n + 1))) {
-            if (fread(buf, 1, (size_t)n, fp) != (size_t)n) {
-                free(buf);
-                buf = NULL;
-            } else {
-                buf[n] = 0;
-                *len = (size_t)n;
-            }
-        }
-    }
-    fclose(fp);
-    return buf;
-}
-
 /* Merges the nodes' timelines into one Chrome trace and prints, per node, the time its
  * spans cover by name over the span of its timeline. */
 static int cmd_trace_merge(int argc, char **argv)
@@ -738,8 +717,10 @@ static int cmd_trace_merge(int argc, char **argv)
     int rc = EXIT_OK;
     for (int f = 0; f < nin; f++) {
         size_t len = 0;
-        char *text = read_file(in[f], TRACE_MAX_FILE, &len);
-        cJSON *root = text ? cJSON_ParseWithLength(text, len) : NULL;
+        char *text = NULL;
+        cJSON *root = afd_read_file(in[f], TRACE_MAX_FILE, &text, &len) == AFD_OK
+                          ? cJSON_ParseWithLength(text, len)
+                          : NULL;
         free(text);
         cJSON *list = root ? cJSON_GetObjectItem(root, "traceEvents") : NULL;
         if (!cJSON_IsArray(list)) {
@@ -781,7 +762,9 @@ static int cmd_trace_merge(int argc, char **argv)
     }
     char *txt = cJSON_PrintUnformatted(all);
     FILE *fp = txt ? fopen(out, "w") : NULL;
-    if (!fp || fputs(txt, fp) < 0 || fclose(fp) != 0) {
+    int bad = !fp || fputs(txt, fp) < 0;
+    if (fp && fclose(fp) != 0) bad = 1;
+    if (bad) {
         afd_error("%s: cannot write", out);
         rc = EXIT_FAIL;
     }

@@ -329,9 +329,9 @@ void coord_sched_on_result(coord_t *c, coord_node_t *n, const Afd__StepResult *r
     coord_sched_kick(c);
 }
 
-/* Ends one sequence: its attention node drops it with the next plan, or it leaves the
- * queue. The caller reaps and kicks. */
-static void seq_abort(coord_t *c, coord_seq_t *s, const char *finish)
+/* Ends one sequence with `finish` (and `error`, or NULL): its attention node drops it with
+ * the next plan, or it leaves the queue. The caller reaps and kicks. */
+static void seq_drop(coord_t *c, coord_seq_t *s, const char *finish, const char *error)
 {
     if (s->done) return;
     if (s->node >= 0) {
@@ -344,12 +344,12 @@ static void seq_abort(coord_t *c, coord_seq_t *s, const char *finish)
     } else {
         wait_remove(c, s);
     }
-    seq_finish(c, s, finish, NULL);
+    seq_finish(c, s, finish, error);
 }
 
 void coord_sched_abort_seq(coord_t *c, coord_seq_t *s, const char *finish)
 {
-    seq_abort(c, s, finish);
+    seq_drop(c, s, finish, NULL);
     coord_sched_reap(c);
     coord_sched_kick(c);
 }
@@ -358,7 +358,7 @@ void coord_sched_abort_req(coord_t *c, coord_req_t *r)
 {
     r->aborted = 1;
     for (int i = 0; i < r->nseq; i++)
-        seq_abort(c, &r->seqs[i], "abort");
+        seq_drop(c, &r->seqs[i], "abort", NULL);
     coord_sched_reap(c);
     coord_sched_kick(c);
 }
@@ -417,27 +417,11 @@ void coord_sched_node_lost(coord_t *c, coord_node_t *n, const char *why)
     }
 }
 
-static void seq_fail(coord_t *c, coord_seq_t *s, const char *why)
-{
-    if (s->done) return;
-    if (s->node >= 0) {
-        int nd = s->node;
-        uint64_t *na = realloc(c->aborts[nd], sizeof(uint64_t) * (size_t)(c->naborts[nd] + 1));
-        if (na) {
-            c->aborts[nd] = na;
-            c->aborts[nd][c->naborts[nd]++] = s->id;
-        }
-    } else {
-        wait_remove(c, s);
-    }
-    seq_finish(c, s, "error", why);
-}
-
 void coord_sched_abort_all(coord_t *c, const char *why)
 {
     for (coord_req_t *r = c->reqs; r; r = r->next)
         for (int i = 0; i < r->nseq; i++)
-            seq_fail(c, &r->seqs[i], why);
+            seq_drop(c, &r->seqs[i], "error", why);
     coord_sched_reap(c);
     coord_sched_kick(c);
 }
@@ -479,7 +463,7 @@ void coord_sched_expire(coord_t *c)
         if (!r->finished && now - r->t_arrival_us > lim)
             for (int i = 0; i < r->nseq; i++)
                 if (!r->seqs[i].done) {
-                    seq_fail(c, &r->seqs[i], why);
+                    seq_drop(c, &r->seqs[i], "error", why);
                     any = 1;
                 }
     if (any) {

@@ -12,9 +12,9 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "tok.h"
 #include "tok_int.h"
+#include "afd_file.h"
 #include "afd_log.h"
 
-#include <errno.h>
 #include <pcre2.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -624,54 +624,11 @@ err_json:
     return st;
 }
 
-afd_status_t tok_read_file(const char *path, char **text, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        afd_error("%s: %m", path);
-        return errno == ENOENT ? AFD_ERR_NOT_FOUND : AFD_ERR_IO;
-    }
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    afd_status_t st = AFD_OK;
-    while (buf) {
-        if (n + 1 >= cap) {
-            if (cap >= TOK_MAX_FILE) {
-                afd_error("%s: larger than %u MB", path, TOK_MAX_FILE >> 20);
-                st = AFD_ERR_RANGE;
-                break;
-            }
-            char *p = realloc(buf, cap * 2);
-            if (!p) break;
-            buf = p, cap *= 2;
-        }
-        size_t k = fread(buf + n, 1, cap - 1 - n, f);
-        n += k;
-        if (k == 0) {
-            if (ferror(f)) {
-                afd_error("%s: %m", path);
-                st = AFD_ERR_IO;
-            }
-            break;
-        }
-    }
-    fclose(f);
-    if (!buf) return AFD_ERR_NOMEM;
-    if (st) {
-        free(buf);
-        return st;
-    }
-    buf[n] = 0;
-    *text = buf;
-    *len = n;
-    return AFD_OK;
-}
-
 afd_status_t tok_load(const char *path, tok_t **out)
 {
     char *text;
     size_t len;
-    afd_status_t st = tok_read_file(path, &text, &len);
+    afd_status_t st = afd_read_file(path, TOK_MAX_FILE, &text, &len);
     if (st) return st;
     st = tok_load_json(text, len, out);
     free(text);

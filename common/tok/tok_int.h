@@ -77,7 +77,6 @@ struct tok {
 };
 
 uint64_t tok_hash(const void *p, size_t n);
-afd_status_t tok_read_file(const char *path, char **text, size_t *len);
 /* Splits text with the Split stages into t->pieces[t->cur][0..*n). */
 afd_status_t tok_pretokenize(tok_t *t, const char *text, size_t len, size_t *n);
 /* The bytes of one token (0 when unknown). */

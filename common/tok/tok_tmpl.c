@@ -15,6 +15,7 @@
  */
 #define _GNU_SOURCE
 #include "tok_int.h"
+#include "afd_file.h"
 #include "afd_log.h"
 
 #include <ctype.h>
@@ -1515,7 +1516,7 @@ afd_status_t tok_chat_load(const char *config_path, tok_chat_t *out)
     char *text;
     size_t len;
     memset(out, 0, sizeof(*out));
-    afd_status_t st = tok_read_file(config_path, &text, &len);
+    afd_status_t st = afd_read_file(config_path, TOK_MAX_FILE, &text, &len);
     if (st) return st;
     cJSON *root = cJSON_ParseWithLength(text, len);
     free(text);

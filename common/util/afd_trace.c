@@ -22,6 +22,14 @@ struct afd_trace {
     uint64_t n; /* spans recorded; the ring holds the latest min(n, cap) */
 };
 
+static void trace_free(afd_trace_t *t)
+{
+    free(t->ev);
+    free(t->path);
+    free(t->process);
+    free(t);
+}
+
 afd_status_t afd_trace_open(afd_trace_t **out, const char *path, size_t max_events,
                             const char *process, uint32_t pid)
 {
@@ -33,7 +41,7 @@ afd_status_t afd_trace_open(afd_trace_t **out, const char *path, size_t max_even
     t->process = strdup(process ? process : "node");
     t->ev = malloc(sizeof(*t->ev) * max_events);
     if (!t->path || !t->process || !t->ev) {
-        afd_trace_close(t);
+        trace_free(t);
         return AFD_ERR_NOMEM;
     }
     t->cap = max_events;
@@ -42,9 +50,7 @@ afd_status_t afd_trace_open(afd_trace_t **out, const char *path, size_t max_even
     FILE *fp = fopen(path, "w");
     if (!fp) {
         afd_error("trace file %s: cannot write", path);
-        free(t->ev);
-        t->ev = NULL;
-        afd_trace_close(t);
+        trace_free(t);
         return AFD_ERR_IO;
     }
     fputs("{\"traceEvents\":[]}\n", fp);
@@ -89,7 +95,7 @@ static void put_str(FILE *fp, const char *s)
 
 afd_status_t afd_trace_write(const afd_trace_t *t)
 {
-    if (!t || !t->ev) return AFD_ERR_INVALID;
+    if (!t) return AFD_ERR_INVALID;
     size_t plen = strlen(t->path) + 8;
     char *tmp = malloc(plen);
     if (!tmp) return AFD_ERR_NOMEM;
@@ -146,10 +152,7 @@ afd_status_t afd_trace_write(const afd_trace_t *t)
 afd_status_t afd_trace_close(afd_trace_t *t)
 {
     if (!t) return AFD_OK;
-    afd_status_t st = t->ev ? afd_trace_write(t) : AFD_OK;
-    free(t->ev);
-    free(t->path);
-    free(t->process);
-    free(t);
+    afd_status_t st = afd_trace_write(t);
+    trace_free(t);
     return st;
 }

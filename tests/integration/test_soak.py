@@ -61,13 +61,13 @@ def daemons(root_pid):
                 kids[int(d)] = (int(parts[1]), f.read().strip())
         except (OSError, IndexError, ValueError):
             continue
-    out, todo = {}, [root_pid]
-    while todo:
-        p = todo.pop()
+    out, stack = {}, [root_pid]
+    while stack:
+        p = stack.pop()
         for pid, (ppid, name) in kids.items():
             if ppid == p and pid not in out:
                 out[pid] = name
-                todo.append(pid)
+                stack.append(pid)
     return out
 
 
