@@ -125,6 +125,16 @@ afd_status_t kn_cpu_create(int threads, kn_backend_t **out);
 /* Creates a backend by name ("cpu", "cuda"); cuda fails with UNSUPPORTED in a CPU build. */
 afd_status_t kn_backend_create(const char *name, int threads, kn_backend_t **out);
 
+/*
+ * The routed rows of a MoE layer grouped by local expert (tokens sorted by expert), so each
+ * expert's rows are one contiguous segment: from ids/weights (n, k) keeps the slots whose
+ * expert is in [e0, e1) and sorts them by expert, stable in token order. offsets[0..ne]
+ * (ne = e1 - e0) are the segment starts, rows[i] the token of sorted slot i, rw[i] its
+ * routing weight; rows and rw hold n * k. AFD_ERR_RANGE for an id outside [0, nexp).
+ */
+afd_status_t kn_moe_group(const int32_t *ids, const float *weights, int n, int k, int nexp, int e0,
+                          int e1, int32_t *offsets, int32_t *rows, float *rw);
+
 /* The float32 value of element (r, c) of a checkpoint slice, for reference code and tests. */
 float kn_src_get(const kn_src_t *src, int64_t r, int64_t c);
 /* Dequantises a whole slice into dst (rows, cols) float32 on the host. */

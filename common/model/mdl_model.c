@@ -4,6 +4,7 @@
 #include "afd_log.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,16 @@ void mdl_role_slice(int dim, int i, int n, int *d0, int *d1)
 {
     *d0 = (int)((long)i * dim / n);
     *d1 = (int)((long)(i + 1) * dim / n);
+}
+
+void mdl_role_slice_aligned(int dim, int i, int n, int align, int *d0, int *d1)
+{
+    if (align > 0 && dim % align == 0 && dim / align >= n) {
+        mdl_role_slice(dim / align, i, n, d0, d1);
+        *d0 *= align;
+        *d1 *= align;
+    } else
+        mdl_role_slice(dim, i, n, d0, d1);
 }
 
 /* ---- loading ---- */
@@ -214,6 +225,13 @@ static afd_status_t load_ffn_layer(loader_t *ld, int l)
     int inter = f->is_moe ? c->share_expert_dim : c->dense_inter;
     const char *pre = f->is_moe ? "share_expert" : "mlp";
     mdl_role_slice(inter, m->role.ffn_index, m->role.ffn_count, &f->i0, &f->i1);
+    if (m->role.tp_count > 1) { /* this rank's part of the node's slice */
+        int t0, t1;
+        mdl_role_slice_aligned(f->i1 - f->i0, m->role.tp_index, m->role.tp_count, AFD_FP8_BLOCK,
+                               &t0, &t1);
+        f->i1 = f->i0 + t1;
+        f->i0 += t0;
+    }
     int64_t ni = f->i1 - f->i0;
     if (inter > 0) {
         snprintf(n, sizeof(n), "model.layers.%d.%s.gate_proj.weight", l, pre);
@@ -226,6 +244,12 @@ static afd_status_t load_ffn_layer(loader_t *ld, int l)
     if (!f->is_moe) return AFD_OK;
     mdl_role_experts(c, m->role.ffn_index, m->role.ffn_count, &f->e0, &f->e1);
     int ne = f->e1 - f->e0, I = c->moe_inter, E = c->num_experts;
+    f->ei0 = 0;
+    f->ei1 = I;
+    if (m->role.tp_count > 1)
+        mdl_role_slice_aligned(I, m->role.tp_index, m->role.tp_count, AFD_FP8_BLOCK, &f->ei0,
+                               &f->ei1);
+    int EI = f->ei1 - f->ei0;
     f->egate = calloc((size_t)(ne ? ne : 1), sizeof(kn_weight_t));
     f->eup = calloc((size_t)(ne ? ne : 1), sizeof(kn_weight_t));
     f->edown = calloc((size_t)(ne ? ne : 1), sizeof(kn_weight_t));
@@ -233,11 +257,11 @@ static afd_status_t load_ffn_layer(loader_t *ld, int l)
     for (int e = 0; e < ne; e++) {
         int ge = f->e0 + e;
         snprintf(n, sizeof(n), "model.layers.%d.moe.gate_proj.weight", l);
-        if ((st = load_w(ld, n, E, ge, I, H, 0, I, 0, H, &f->egate[e]))) return st;
+        if ((st = load_w(ld, n, E, ge, I, H, f->ei0, EI, 0, H, &f->egate[e]))) return st;
         snprintf(n, sizeof(n), "model.layers.%d.moe.up_proj.weight", l);
-        if ((st = load_w(ld, n, E, ge, I, H, 0, I, 0, H, &f->eup[e]))) return st;
+        if ((st = load_w(ld, n, E, ge, I, H, f->ei0, EI, 0, H, &f->eup[e]))) return st;
         snprintf(n, sizeof(n), "model.layers.%d.moe.down_proj.weight", l);
-        if ((st = load_w(ld, n, E, ge, H, I, 0, H, 0, I, &f->edown[e]))) return st;
+        if ((st = load_w(ld, n, E, ge, H, I, 0, H, f->ei0, EI, &f->edown[e]))) return st;
     }
     return AFD_OK;
 }
@@ -246,7 +270,7 @@ static uint64_t role_bytes(const mdl_ckpt_t *ck, const mdl_config_t *c, const md
 {
     uint64_t b = 0;
     char n[256];
-    double share = r->ffn ? 1.0 / r->ffn_count : 0;
+    double share = r->ffn ? 1.0 / r->ffn_count / (r->tp_count > 1 ? r->tp_count : 1) : 0;
     if (r->attn) {
         b += bytes_of(ck, "model.embed_tokens.weight", 1) + bytes_of(ck, "lm_head.weight", 1);
         for (int l = 0; l < c->num_layers; l++) {
@@ -291,12 +315,31 @@ afd_status_t mdl_model_load(const mdl_ckpt_t *ck, const mdl_config_t *cfg, kn_ba
                   role->ffn_count, cfg->num_experts);
         return AFD_ERR_RANGE;
     }
+    if (role->ffn && role->tp_count > 1) {
+        /* every rank needs a non-empty part of every intermediate slice it splits: all of
+         * moe_inter, the node's 1/ffn_count of the shared expert and dense MLP */
+        int dmin = cfg->moe_inter > 0 ? cfg->moe_inter : INT32_MAX;
+        if (cfg->share_expert_dim > 0 && cfg->share_expert_dim / role->ffn_count < dmin)
+            dmin = cfg->share_expert_dim / role->ffn_count;
+        if (cfg->dense_inter > 0 && cfg->dense_inter / role->ffn_count < dmin)
+            dmin = cfg->dense_inter / role->ffn_count;
+        if (role->tp_index < 0 || role->tp_index >= role->tp_count || role->tp_count > dmin) {
+            afd_error("tensor-parallel rank %d of %d: needs 0 <= i < n <= %d (the smallest "
+                      "intermediate slice)",
+                      role->tp_index, role->tp_count, dmin);
+            return AFD_ERR_RANGE;
+        }
+    }
     mdl_model_t *m = calloc(1, sizeof(*m));
     if (!m) return AFD_ERR_NOMEM;
     m->cfg = *cfg;
     m->be = be;
     m->role = *role;
     if (!role->ffn) m->role.ffn_count = 1;
+    if (m->role.tp_count < 1) {
+        m->role.tp_count = 1;
+        m->role.tp_index = 0;
+    }
     loader_t ld = {.ck = ck, .m = m, .progress = progress, .total = role_bytes(ck, cfg, role)};
     int64_t H = cfg->hidden_size, V = cfg->vocab_size;
     if (role->attn) {
@@ -370,12 +413,16 @@ void mdl_model_free(mdl_model_t *m)
 
 /* ---- workspace ---- */
 
-static int ws_inter_max(const mdl_config_t *c)
+/* The widest intermediate slice this model's FFN share runs (its expert work buffers). */
+static int ws_inter_max(const mdl_model_t *m)
 {
-    int m = c->dense_inter;
-    if (c->share_expert_dim > m) m = c->share_expert_dim;
-    if (c->moe_inter > m) m = c->moe_inter;
-    return m;
+    int w = 1;
+    for (int l = 0; m->ffn && l < m->cfg.num_layers; l++) {
+        const mdl_ffn_layer_t *f = &m->ffn[l];
+        if (f->i1 - f->i0 > w) w = f->i1 - f->i0;
+        if (f->is_moe && f->e1 > f->e0 && f->ei1 - f->ei0 > w) w = f->ei1 - f->ei0;
+    }
+    return w;
 }
 
 void mdl_ws_free(const mdl_model_t *m, mdl_ws_t *ws)
@@ -391,12 +438,10 @@ void mdl_ws_free(const mdl_model_t *m, mdl_ws_t *ws)
     }
     free(ws->h_rows);
     free(ws->h_w);
-    free(ws->h_ids);
-    free(ws->h_wts);
+    free(ws->h_off);
     ws->h_rows = NULL;
     ws->h_w = NULL;
-    ws->h_ids = NULL;
-    ws->h_wts = NULL;
+    ws->h_off = NULL;
     ws->cap = 0;
 }
 
@@ -407,23 +452,36 @@ afd_status_t mdl_ws_reserve(const mdl_model_t *m, mdl_ws_t *ws, int ntok)
     const mdl_config_t *c = &m->cfg;
     kn_backend_t *be = m->be;
     size_t n = (size_t)ntok, H = (size_t)c->hidden_size, QH = (size_t)c->num_heads * c->head_dim;
-    size_t I = (size_t)ws_inter_max(c), k = (size_t)(c->top_k > 0 ? c->top_k : 1);
+    size_t k = (size_t)(c->top_k > 0 ? c->top_k : 1);
     size_t E = (size_t)(c->num_experts > 0 ? c->num_experts : 1);
-    /* expert work buffers hold every routed row at once (n * k) */
-    size_t nk = n * k;
-#define A(p, bytes) (((p) = be->ops->alloc(be, (bytes))) != NULL)
-    int ok = A(ws->h, 4 * n * H) && A(ws->ql, 4 * n * (size_t)c->share_q_dim) &&
-             A(ws->q, 4 * n * QH) && A(ws->k, 4 * n * (size_t)c->head_dim) &&
-             A(ws->v, 4 * n * (size_t)c->head_dim) && A(ws->o, 4 * n * QH) &&
-             A(ws->logits_r, 4 * n * E) && A(ws->xe, 4 * nk * H) && A(ws->ge, 4 * nk * I) &&
-             A(ws->ue, 4 * nk * I) && A(ws->ye, 4 * nk * H) && A(ws->rows, 4 * nk) &&
-             A(ws->pos, 4 * n) && A(ws->rw, 4 * nk);
+    /* expert work buffers hold every routed row at once (n * k), plus the shared expert's
+     * or dense MLP's n rows in ge/ue */
+    size_t nk = n * k, I = (size_t)ws_inter_max(m);
+    int ok = 1;
+#define A(p, bytes) (ok = ok && ((p) = be->ops->alloc(be, (bytes))) != NULL)
+    A(ws->rows, 4 * (nk > n ? nk : n));
+    if (m->role.attn) {
+        A(ws->h, 4 * n * H);
+        A(ws->ql, 4 * n * (size_t)c->share_q_dim);
+        A(ws->q, 4 * n * QH);
+        A(ws->k, 4 * n * (size_t)c->head_dim);
+        A(ws->v, 4 * n * (size_t)c->head_dim);
+        A(ws->o, 4 * n * QH);
+        A(ws->logits_r, 4 * n * E);
+        A(ws->pos, 4 * n);
+    }
+    if (m->role.ffn) {
+        A(ws->xe, 4 * nk * H);
+        A(ws->ge, 4 * nk * I);
+        A(ws->ue, 4 * nk * I);
+        A(ws->ye, 4 * nk * H);
+        A(ws->rw, 4 * nk);
+    }
 #undef A
     ws->h_rows = malloc(4 * nk);
     ws->h_w = malloc(4 * nk);
-    ws->h_ids = malloc(4 * nk);
-    ws->h_wts = malloc(4 * nk);
-    if (!ok || !ws->h_rows || !ws->h_w || !ws->h_ids || !ws->h_wts) {
+    ws->h_off = malloc(4 * (E + 1));
+    if (!ok || !ws->h_rows || !ws->h_w || !ws->h_off) {
         mdl_ws_free(m, ws);
         return AFD_ERR_NOMEM;
     }
@@ -478,16 +536,16 @@ void mdl_attn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const kn_kv_t *kv,
     }
 }
 
-/* out (+)= down(silu(gate x) * up x) over n rows */
-static void mlp(const mdl_model_t *m, mdl_ws_t *ws, const kn_weight_t *gate, const kn_weight_t *up,
-                const kn_weight_t *down, const float *x, int n, float *out, int accumulate)
+/* out (+)= down(silu(gate x) * up x) over n rows; ge, ue: (n, gate rows) scratch */
+static void mlp(kn_backend_t *be, const kn_weight_t *gate, const kn_weight_t *up,
+                const kn_weight_t *down, const float *x, int n, float *ge, float *ue, float *out,
+                int accumulate)
 {
-    kn_backend_t *be = m->be;
     size_t ni = (size_t)gate->rows;
-    be->ops->matmul(be, x, n, gate, ws->ge, 0);
-    be->ops->matmul(be, x, n, up, ws->ue, 0);
-    be->ops->swiglu(be, ws->ge, ws->ue, (size_t)n * ni, ws->ge);
-    be->ops->matmul(be, ws->ge, n, down, out, accumulate);
+    be->ops->matmul(be, x, n, gate, ge, 0);
+    be->ops->matmul(be, x, n, up, ue, 0);
+    be->ops->swiglu(be, ge, ue, (size_t)n * ni, ge);
+    be->ops->matmul(be, ge, n, down, out, accumulate);
 }
 
 void mdl_ffn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const float *g, int n,
@@ -500,29 +558,31 @@ void mdl_ffn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const float *g, int 
     AFD_ASSERT(n <= ws->cap);
     if (n == 0) return;
     if (f->i1 > f->i0)
-        mlp(m, ws, &f->gate, &f->up, &f->down, g, n, out, 0);
+        mlp(be, &f->gate, &f->up, &f->down, g, n, ws->ge, ws->ue, out, 0);
     else
         be->ops->zero(be, out, sizeof(float) * (size_t)n * H);
-    if (!f->is_moe) return;
-    int k = c->top_k;
-    /* group routed rows by local expert: one GEMM batch per expert */
-    for (int e = f->e0; e < f->e1; e++) {
-        int cnt = 0;
-        for (int i = 0; i < n; i++)
-            for (int j = 0; j < k; j++)
-                if (ids[(size_t)i * k + j] == e) {
-                    ws->h_rows[cnt] = i;
-                    ws->h_w[cnt] = weights[(size_t)i * k + j];
-                    cnt++;
-                }
+    if (!f->is_moe || f->e1 <= f->e0) return;
+    /* the routed rows sorted by local expert: one upload, one gather and one scatter for
+     * the layer, and each expert's GEMMs over its contiguous segment. ids were checked
+     * against num_experts by whoever produced them (the router, the A2F unpacking). */
+    int ne = f->e1 - f->e0;
+    afd_status_t st = kn_moe_group(ids, weights, n, c->top_k, c->num_experts, f->e0, f->e1,
+                                   ws->h_off, ws->h_rows, ws->h_w);
+    AFD_ASSERT(st == AFD_OK);
+    int total = ws->h_off[ne];
+    if (!total) return;
+    be->ops->upload(be, ws->rows, ws->h_rows, sizeof(int32_t) * (size_t)total);
+    be->ops->upload(be, ws->rw, ws->h_w, sizeof(float) * (size_t)total);
+    be->ops->gather(be, g, H, ws->rows, total, ws->xe);
+    size_t ni = (size_t)(f->ei1 - f->ei0);
+    for (int e = 0; e < ne; e++) {
+        size_t o = (size_t)ws->h_off[e];
+        int cnt = ws->h_off[e + 1] - ws->h_off[e];
         if (!cnt) continue;
-        be->ops->upload(be, ws->rows, ws->h_rows, sizeof(int32_t) * (size_t)cnt);
-        be->ops->upload(be, ws->rw, ws->h_w, sizeof(float) * (size_t)cnt);
-        be->ops->gather(be, g, H, ws->rows, cnt, ws->xe);
-        int le = e - f->e0;
-        mlp(m, ws, &f->egate[le], &f->eup[le], &f->edown[le], ws->xe, cnt, ws->ye, 0);
-        be->ops->scatter_add(be, out, H, ws->rows, ws->rw, cnt, ws->ye);
+        mlp(be, &f->egate[e], &f->eup[e], &f->edown[e], ws->xe + o * H, cnt, ws->ge + o * ni,
+            ws->ue + o * ni, ws->ye + o * H, 0);
     }
+    be->ops->scatter_add(be, out, H, ws->rows, ws->rw, total, ws->ye);
 }
 
 void mdl_final(const mdl_model_t *m, mdl_ws_t *ws, const float *x, const int32_t *rows, int nrows,

@@ -19,6 +19,11 @@ typedef struct mdl_role {
     int ffn;
     int ffn_index; /* this FFN node's share i of ffn_count */
     int ffn_count;
+    /* tensor parallel inside the node: this rank holds the intermediate slice tp_index of
+     * tp_count of every expert, shared expert and dense MLP of the share (0: one rank).
+     * The ranks' outputs sum to the share's output. */
+    int tp_index;
+    int tp_count;
 } mdl_role_t;
 
 typedef struct mdl_attn_layer {
@@ -40,10 +45,12 @@ typedef struct mdl_ffn_layer {
     int i0, i1;
     kn_weight_t gate, up; /* [i1 - i0, H] */
     kn_weight_t down;     /* [H, i1 - i0] */
-    /* local experts [e0, e1) of MoE layers */
+    /* local experts [e0, e1) of MoE layers, their intermediate slice [ei0, ei1) (all of
+     * moe_inter unless tensor parallel) */
     int e0, e1;
-    kn_weight_t *egate, *eup; /* [moe_inter, H] each */
-    kn_weight_t *edown;       /* [H, moe_inter] each */
+    int ei0, ei1;
+    kn_weight_t *egate, *eup; /* [ei1 - ei0, H] each */
+    kn_weight_t *edown;       /* [H, ei1 - ei0] each */
 } mdl_ffn_layer_t;
 
 typedef struct mdl_model {
@@ -61,6 +68,9 @@ typedef struct mdl_model {
 /* The expert range [e0, e1) and intermediate slice of share i of n. */
 void mdl_role_experts(const mdl_config_t *cfg, int i, int n, int *e0, int *e1);
 void mdl_role_slice(int dim, int i, int n, int *d0, int *d1);
+/* Like mdl_role_slice, in whole units of `align` when dim is made of at least n of them
+ * (tensor-parallel slices keep fp8 128x128 blocks whole). */
+void mdl_role_slice_aligned(int dim, int i, int n, int align, int *d0, int *d1);
 
 /*
  * Loads the tensors the role needs from ck into be: only those bytes are read (fused
@@ -72,17 +82,17 @@ afd_status_t mdl_model_load(const mdl_ckpt_t *ck, const mdl_config_t *cfg, kn_ba
                             const mdl_role_t *role, int progress, mdl_model_t **out);
 void mdl_model_free(mdl_model_t *m);
 
-/* Scratch space for the forward pieces, grown to the largest batch seen. */
+/* Scratch space for the forward pieces, grown to the largest batch seen; only the
+ * buffers of the model's role are allocated. */
 typedef struct mdl_ws {
     int cap;                                  /* tokens */
     float *h, *ql, *q, *k, *v, *o, *logits_r; /* attention side */
-    float *xe, *ge, *ue, *ye;                 /* FFN side: gathered rows, expert work */
-    int32_t *rows, *pos;                      /* backend copies of indices */
-    float *rw;                                /* routing weights per gathered row */
-    int32_t *h_rows;                          /* host scratch for grouping */
+    float *xe, *ge, *ue, *ye; /* FFN side: routed rows sorted by expert, expert work */
+    int32_t *rows, *pos;      /* backend copies of indices */
+    float *rw;                /* routing weight of each sorted row */
+    int32_t *h_rows;          /* host: the sorted rows, their weights, expert offsets */
     float *h_w;
-    int32_t *h_ids;
-    float *h_wts;
+    int32_t *h_off;
 } mdl_ws_t;
 
 afd_status_t mdl_ws_reserve(const mdl_model_t *m, mdl_ws_t *ws, int ntok);

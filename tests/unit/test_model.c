@@ -7,8 +7,9 @@
  * Tolerances:
  *   - sliced weights (FFN shares vs the full model, and vs the raw checkpoint bytes):
  *     exact (bit-identical floats).
- *   - partial sums: the sum over shares of mdl_ffn outputs for F = 2, 3 equals mdl_ffn of
- *     F = 1 to max|sum - ref| <= 1e-4 * max|ref| (relative to the largest output element).
+ *   - partial sums: the sum over shares (and over the tensor-parallel ranks of each share)
+ *     of mdl_ffn outputs for F x T = 2x1, 3x1, 1x2, 2x2, 1x3 equals mdl_ffn of F = 1 to
+ *     max|sum - ref| <= 1e-4 * max|ref| (relative to the largest output element).
  *   - runner: batched vs alone logits agree to max|a - b| <= 1e-4 * max(1, max|alone|).
  */
 #define _GNU_SOURCE
@@ -117,6 +118,15 @@ static mdl_model_t *load_role(const ck_t *c, int attn, int ffn, int i, int n)
     return m;
 }
 
+static mdl_model_t *load_ffn_tp(const ck_t *c, int i, int n, int t, int tn)
+{
+    mdl_role_t r = {.ffn = 1, .ffn_index = i, .ffn_count = n, .tp_index = t, .tp_count = tn};
+    mdl_model_t *m = NULL;
+    assert_int_equal(mdl_model_load(c->ck, &c->cfg, g_be, &r, 0, &m), AFD_OK);
+    assert_non_null(m);
+    return m;
+}
+
 static mdl_model_t *load_ffn(const ck_t *c, int i, int n)
 {
     return load_role(c, 0, 1, i, n);
@@ -219,7 +229,7 @@ static uint64_t ffn_bytes_expected(const ck_t *c, const mdl_model_t *m)
         if (!f->is_moe) continue;
         snprintf(n, sizeof(n), "model.layers.%d.moe.gate_proj.weight", l);
         assert_non_null(t = mdl_ckpt_find(c->ck, n));
-        b += 3 * (uint64_t)(f->e1 - f->e0) * (uint64_t)cfg->moe_inter * (uint64_t)H *
+        b += 3 * (uint64_t)(f->e1 - f->e0) * (uint64_t)(f->ei1 - f->ei0) * (uint64_t)H *
              afd_dtype_size(t->dtype);
     }
     return b;
@@ -341,6 +351,64 @@ static void test_role_loading(void **state)
         }
         assert_int_equal(sum, ffn_total);
     }
+    /* tensor-parallel ranks inside a share: their slices tile the share's slice of the
+     * shared expert / dense MLP and all of moe_inter, and their bytes sum to the share's */
+    for (int T = 2; T <= 3; T++) {
+        int F = 2;
+        uint64_t total = 0;
+        for (int i = 0; i < F; i++) {
+            mdl_model_t *share = load_ffn(&c, i, F);
+            int prev_i1[MDL_MAX_LAYERS], prev_ei1[MDL_MAX_LAYERS] = {0};
+            for (int l = 0; l < L; l++)
+                prev_i1[l] = share->ffn[l].i0;
+            for (int t = 0; t < T; t++) {
+                mdl_model_t *m = load_ffn_tp(&c, i, F, t, T);
+                for (int l = 0; l < L; l++) {
+                    const mdl_ffn_layer_t *f = &m->ffn[l], *g = &full->ffn[l],
+                                          *s = &share->ffn[l];
+                    assert_int_equal(f->i0, prev_i1[l]);
+                    assert_true(f->i1 > f->i0);
+                    prev_i1[l] = f->i1;
+                    if (t == T - 1) assert_int_equal(f->i1, s->i1);
+                    assert_rows_of(&f->gate, &g->gate, f->i0);
+                    assert_rows_of(&f->up, &g->up, f->i0);
+                    assert_cols_of(&f->down, &g->down, f->i0);
+                    if (!f->is_moe) continue;
+                    assert_int_equal(f->e0, s->e0);
+                    assert_int_equal(f->e1, s->e1);
+                    assert_int_equal(f->ei0, prev_ei1[l]);
+                    assert_true(f->ei1 > f->ei0);
+                    prev_ei1[l] = f->ei1;
+                    if (t == T - 1) assert_int_equal(f->ei1, cfg->moe_inter);
+                    for (int e = f->e0; e < f->e1; e++) {
+                        assert_int_equal(f->egate[e - f->e0].rows, f->ei1 - f->ei0);
+                        assert_int_equal(f->edown[e - f->e0].cols, f->ei1 - f->ei0);
+                        assert_rows_of(&f->egate[e - f->e0], &g->egate[e], f->ei0);
+                        assert_rows_of(&f->eup[e - f->e0], &g->eup[e], f->ei0);
+                        assert_cols_of(&f->edown[e - f->e0], &g->edown[e], f->ei0);
+                    }
+                }
+                assert_int_equal(m->bytes_loaded, ffn_bytes_expected(&c, m));
+                total += m->bytes_loaded;
+                mdl_model_free(m);
+            }
+            mdl_model_free(share);
+        }
+        assert_int_equal(total, ffn_total);
+    }
+    /* whole 128-column units when the dimension has enough of them */
+    int d0, d1;
+    mdl_role_slice_aligned(5120, 3, 8, 128, &d0, &d1);
+    assert_int_equal(d0, 1920);
+    assert_int_equal(d1, 2560);
+    mdl_role_slice_aligned(5120, 7, 8, 128, &d0, &d1);
+    assert_int_equal(d1, 5120);
+    mdl_role_slice_aligned(192, 1, 2, 128, &d0, &d1); /* 1.5 units: plain halves */
+    assert_int_equal(d0, 96);
+    assert_int_equal(d1, 192);
+    mdl_role_slice_aligned(1280, 1, 3, 128, &d0, &d1); /* 10 units over 3 ranks */
+    assert_int_equal(d0, 384);
+    assert_int_equal(d1, 768);
     mdl_model_free(full);
     mdl_model_free(a);
     ck_close(&c);
@@ -540,11 +608,14 @@ static void test_partial_sums(void **state)
     const mdl_config_t *cfg = &c.cfg;
     int H = cfg->hidden_size, E = cfg->num_experts, K = cfg->top_k;
     mdl_model_t *attn = load_role(&c, 1, 0, 0, 0);
-    mdl_model_t *sh[4][3] = {{NULL}};
-    for (int F = 1; F <= 3; F++)
-        for (int i = 0; i < F; i++)
-            sh[F][i] = load_ffn(&c, i, F);
-
+    /* (F shares) x (T tensor-parallel ranks each); configuration 0 is the reference */
+    static const int FT[][2] = {{1, 1}, {2, 1}, {3, 1}, {1, 2}, {2, 2}, {1, 3}};
+    enum { NCONF = sizeof(FT) / sizeof(FT[0]), MAXR = 4 };
+    mdl_model_t *sh[NCONF][MAXR] = {{NULL}};
+    for (int q = 0; q < NCONF; q++)
+        for (int i = 0; i < FT[q][0]; i++)
+            for (int t = 0; t < FT[q][1]; t++)
+                sh[q][i * FT[q][1] + t] = load_ffn_tp(&c, i, FT[q][0], t, FT[q][1]);
     float *g = malloc(sizeof(float) * NTOK * (size_t)H);
     float *logits = malloc(sizeof(float) * NTOK * (size_t)E);
     float *ref = malloc(sizeof(float) * NTOK * (size_t)H);
@@ -588,19 +659,20 @@ static void test_partial_sums(void **state)
             for (int t = 0; t < NTOK && cfg->is_moe[l]; t++)
                 for (int j = 0; j < K; j++)
                     assert_true(ids[t * K + j] >= 0 && ids[t * K + j] < E);
-            ffn_sum(sh[1], 1, l, g, ids, wts, ref);
+            ffn_sum(sh[0], 1, l, g, ids, wts, ref);
             double scale = max_abs(ref, NTOK * (size_t)H);
             assert_true(scale > 0 && isfinite(scale));
-            for (int F = 2; F <= 3; F++) {
-                ffn_sum(sh[F], F, l, g, ids, wts, sum);
+            for (int q = 1; q < NCONF; q++) {
+                int F = FT[q][0], T = FT[q][1];
+                ffn_sum(sh[q], F * T, l, g, ids, wts, sum);
                 double err = 0;
                 for (size_t k = 0; k < NTOK * (size_t)H; k++)
                     err = fmax(err, fabs((double)sum[k] - ref[k]));
                 if (!(err <= 1e-4 * scale))
-                    fail_msg("%s layer %d (%s, %s routing): sum of %d shares differs from F=1 "
-                             "by %.3g (max |ref| %.3g, tolerance 1e-4 relative)",
+                    fail_msg("%s layer %d (%s, %s routing): sum of %d shares x %d ranks differs "
+                             "from F=1 by %.3g (max |ref| %.3g, tolerance 1e-4 relative)",
                              dt_names[dt], l, cfg->is_moe[l] ? "MoE" : "dense",
-                             rep ? "random" : "router", F, err, scale);
+                             rep ? "random" : "router", F, T, err, scale);
             }
         }
     }
@@ -608,9 +680,9 @@ static void test_partial_sums(void **state)
     free(logits);
     free(ref);
     free(sum);
-    for (int F = 1; F <= 3; F++)
-        for (int i = 0; i < F; i++)
-            mdl_model_free(sh[F][i]);
+    for (int q = 0; q < NCONF; q++)
+        for (int r = 0; r < MAXR; r++)
+            mdl_model_free(sh[q][r]);
     mdl_model_free(attn);
     ck_close(&c);
 }
@@ -899,6 +971,19 @@ static void test_bad_roles(void **state)
     assert_int_not_equal(mdl_runner_init(&run, a, AFD_DTYPE_F32, AFD_DTYPE_F32), AFD_OK);
     mdl_runner_fini(&run);
     mdl_model_free(a);
+    /* tensor-parallel ranks: in range, and no more than the smallest slice has columns */
+    static const int badtp[][2] = {{2, 2}, {-1, 2}, {0, 97}, {5, 3}, {0, 0x7fffffff}};
+    for (size_t k = 0; k < sizeof(badtp) / sizeof(badtp[0]); k++) {
+        mdl_role_t rt = {.ffn = 1, .ffn_index = 0, .ffn_count = 2, .tp_index = badtp[k][0],
+                         .tp_count = badtp[k][1]};
+        m = NULL;
+        if (mdl_model_load(c.ck, &c.cfg, g_be, &rt, 0, &m) == AFD_OK)
+            fail_msg("tensor-parallel rank %d of %d was accepted", badtp[k][0], badtp[k][1]);
+        assert_null(m);
+    }
+    mdl_role_t rt = {.ffn = 1, .ffn_index = 1, .ffn_count = 2, .tp_index = 95, .tp_count = 96};
+    assert_int_equal(mdl_model_load(c.ck, &c.cfg, g_be, &rt, 0, &m), AFD_OK); /* 1 column */
+    mdl_model_free(m);
     /* an attention-only role ignores the (meaningless) share fields */
     mdl_role_t ra = {.attn = 1, .ffn = 0, .ffn_index = 5, .ffn_count = 0};
     assert_int_equal(mdl_model_load(c.ck, &c.cfg, g_be, &ra, 0, &m), AFD_OK);

@@ -28,16 +28,7 @@ afd_status_t kn_arena_take(kn_arena_t *a, size_t bytes, size_t align, size_t *of
 /* Forgets everything handed out (the next step reuses the region). */
 void kn_arena_reset(kn_arena_t *a);
 
-/* ---- experts: routed rows grouped by local expert (tokens sorted by expert) ---- */
-
-/*
- * From ids/weights (n, k) keeps the slots whose expert is in [e0, e1) and sorts them by
- * expert, stable in token order: offsets[0..ne] (ne = e1 - e0) are the segment starts,
- * rows[i] the token of sorted slot i, rw[i] its routing weight. rows and rw hold n * k.
- * Returns AFD_ERR_RANGE for an id outside [0, nexp) (ids come from a peer).
- */
-afd_status_t kn_moe_group(const int32_t *ids, const float *weights, int n, int k, int nexp, int e0,
-                          int e1, int32_t *offsets, int32_t *rows, float *rw);
+/* (the routed rows grouped by expert, kn_moe_group, are in kn_ops.h) */
 
 /* ---- fp8 block scales in cuBLASLt's layouts ---- */
 
