@@ -364,8 +364,7 @@ static void test_role_loading(void **state)
             for (int t = 0; t < T; t++) {
                 mdl_model_t *m = load_ffn_tp(&c, i, F, t, T);
                 for (int l = 0; l < L; l++) {
-                    const mdl_ffn_layer_t *f = &m->ffn[l], *g = &full->ffn[l],
-                                          *s = &share->ffn[l];
+                    const mdl_ffn_layer_t *f = &m->ffn[l], *g = &full->ffn[l], *s = &share->ffn[l];
                     assert_int_equal(f->i0, prev_i1[l]);
                     assert_true(f->i1 > f->i0);
                     prev_i1[l] = f->i1;
@@ -974,7 +973,10 @@ static void test_bad_roles(void **state)
     /* tensor-parallel ranks: in range, and no more than the smallest slice has columns */
     static const int badtp[][2] = {{2, 2}, {-1, 2}, {0, 97}, {5, 3}, {0, 0x7fffffff}};
     for (size_t k = 0; k < sizeof(badtp) / sizeof(badtp[0]); k++) {
-        mdl_role_t rt = {.ffn = 1, .ffn_index = 0, .ffn_count = 2, .tp_index = badtp[k][0],
+        mdl_role_t rt = {.ffn = 1,
+                         .ffn_index = 0,
+                         .ffn_count = 2,
+                         .tp_index = badtp[k][0],
                          .tp_count = badtp[k][1]};
         m = NULL;
         if (mdl_model_load(c.ck, &c.cfg, g_be, &rt, 0, &m) == AFD_OK)
