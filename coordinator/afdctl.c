@@ -90,8 +90,8 @@ static int http_get(const char *url, const char *path, int timeout_ms, int *stat
 
 typedef struct up_opts {
     char *model, *micro_batches, *cluster_token, *api_key, *a2f_dtype, *f2a_dtype, *kv_dtype,
-        *backend, *log_dir, *trace_dir;
-    long attn, ffn, port, ctrl_port, threads, kv_budget_mb, ready_timeout_s, busy_poll_us,
+        *backend, *log_dir, *trace_dir, *ffn_devices;
+    long attn, ffn, ffn_tp, port, ctrl_port, threads, kv_budget_mb, ready_timeout_s, busy_poll_us,
         max_batch_tokens, admin_port;
     char *admin_token;
     int pin;
@@ -102,6 +102,10 @@ static const afd_opt_t up_table[] = {
     {"model", AFD_OPT_STRING, NULL, O(model), 0, 0, 0, "checkpoint directory (required)"},
     {"attn", AFD_OPT_INT, "1", O(attn), 1, 64, 0, "attention nodes"},
     {"ffn", AFD_OPT_INT, "1", O(ffn), 1, 64, 0, "FFN nodes"},
+    {"ffn-tp", AFD_OPT_INT, "1", O(ffn_tp), 1, 16, 0,
+     "tensor-parallel ranks per FFN node (ffn_node --tp; cuda: GPUs 0.. each)"},
+    {"ffn-devices", AFD_OPT_STRING, NULL, O(ffn_devices), 0, 0, 0,
+     "the devices of every FFN node's ranks, comma-separated (ffn_node --devices)"},
     {"port", AFD_OPT_INT, "8000", O(port), 1, 65535, 0, "HTTP API port"},
     {"admin-port", AFD_OPT_INT, "0", O(admin_port), 0, 65535, 0, "admin API port (0: --port + 1)"},
     {"admin-token", AFD_OPT_STRING, NULL, O(admin_token), 0, 0, AFD_OPT_SECRET,
@@ -363,6 +367,16 @@ static int cmd_local_up(int argc, char **argv)
                 snprintf(trace, sizeof(trace), "%s/%s.trace.json", o.trace_dir, name);
                 nargv[j++] = "--trace-file";
                 nargv[j++] = trace;
+            }
+            char stp[24];
+            if (role == 0 && o.ffn_tp > 1) {
+                snprintf(stp, sizeof(stp), "%ld", o.ffn_tp);
+                nargv[j++] = "--tp";
+                nargv[j++] = stp;
+            }
+            if (role == 0 && o.ffn_devices) {
+                nargv[j++] = "--devices";
+                nargv[j++] = o.ffn_devices;
             }
             if (role == 1) {
                 nargv[j++] = "--a2f-dtype";

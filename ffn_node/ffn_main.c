@@ -3,12 +3,14 @@
  * layer and a 1/F slice of the shared expert and of the dense MLPs. For every
  * (step, layer, micro-batch) it waits for one A2F slice from each attention node
  * (possibly empty), runs its share over the union as one batch, and returns each
- * attention node its rows of the partial output (F2A).
+ * attention node its rows of the partial output (F2A). With --tp N the share runs on N
+ * tensor-parallel ranks (GPUs) whose outputs are summed in the node (ffn_exec).
  */
 #define _GNU_SOURCE
 #include "afd_log.h"
 #include "afd_opts.h"
 #include "afd_trace.h"
+#include "ffn_exec.h"
 #include "mdl_model.h"
 #include "net_metrics.h"
 #include "net_node.h"
@@ -27,8 +29,8 @@
 #define FFN_MAX_SLOTS 32
 
 typedef struct ffn_opts {
-    char *coordinator, *cluster_token, *model, *backend, *name, *trace_file;
-    long trace_events, threads, busy_poll_us, max_tokens, cpu, heartbeat_ms, metrics_port,
+    char *coordinator, *cluster_token, *model, *backend, *name, *trace_file, *devices;
+    long trace_events, threads, tp, busy_poll_us, max_tokens, cpu, heartbeat_ms, metrics_port,
         coordinator_wait_s;
     int ucx_peer_errors;
 } ffn_opts_t;
@@ -42,7 +44,13 @@ static const afd_opt_t ffn_table[] = {
     {"model", AFD_OPT_STRING, NULL, O(model), 0, 0, 0, "checkpoint directory (required)"},
     {"backend", AFD_OPT_STRING, "cpu", O(backend), 0, 0, 0, "cpu or cuda"},
     {"name", AFD_OPT_STRING, NULL, O(name), 0, 0, 0, "node name (default host:pid)"},
-    {"threads", AFD_OPT_INT, "1", O(threads), 0, 1024, 0, "GEMM threads"},
+    {"threads", AFD_OPT_INT, "1", O(threads), 0, 1024, 0, "GEMM threads (per rank)"},
+    {"tp", AFD_OPT_INT, "1", O(tp), 1, KN_GROUP_MAX, 0,
+     "tensor-parallel ranks: the share's expert, shared-expert and dense-MLP intermediate "
+     "dimensions split this many ways, one GPU each (cuda), outputs summed in the node"},
+    {"devices", AFD_OPT_STRING, NULL, O(devices), 0, 0, 0,
+     "the ranks' devices, comma-separated (default: AFD_CUDA_DEVICE or 0, and the ones "
+     "after it)"},
     {"cpu", AFD_OPT_INT, "-1", O(cpu), -1, 4095, 0, "pin the process to this CPU (-1: no)"},
     {"busy-poll-us", AFD_OPT_INT, "200", O(busy_poll_us), 0, 1000000, 0,
      "spin this long for data-plane messages before sleeping on the event fd"},
@@ -78,8 +86,7 @@ typedef struct ffn_slot {
 typedef struct ffn_node {
     ffn_opts_t o;
     mdl_config_t cfg;
-    mdl_model_t *m;
-    mdl_ws_t ws;
+    ffn_exec_t x; /* the share on its ranks */
     net_node_t ctl;
     net_ucx_t *ucx;
     uint32_t epoch;
@@ -87,9 +94,6 @@ typedef struct ffn_node {
     ffn_slot_t slots[FFN_MAX_SLOTS];
     net_metrics_server_t *metrics;
     net_wire_limits_t lim;
-    float *g, *out, *wts;
-    int32_t *ids;
-    int cap;
     afd_trace_t *trace; /* --trace-file: the pipeline's timeline */
     /* stats */
     uint64_t ffn_us, wait_us, idle_us, steps, a2f_bytes, f2a_bytes, tokens, errors;
@@ -199,25 +203,6 @@ static void ffn_peer_err(void *arg, uint32_t peer, afd_status_t status)
     f->errors++;
 }
 
-static afd_status_t ensure_cap(ffn_node_t *f, int n)
-{
-    if (n <= f->cap) return AFD_OK;
-    size_t H = (size_t)f->cfg.hidden_size, k = (size_t)(f->cfg.top_k ? f->cfg.top_k : 1);
-    kn_backend_t *be = f->m->be;
-    if (f->g) be->ops->free(be, f->g);
-    if (f->out) be->ops->free(be, f->out);
-    free(f->ids);
-    free(f->wts);
-    f->g = be->ops->alloc(be, 4 * (size_t)n * H);
-    f->out = be->ops->alloc(be, 4 * (size_t)n * H);
-    f->ids = malloc(4 * (size_t)n * k);
-    f->wts = malloc(4 * (size_t)n * k);
-    f->cap = 0;
-    if (!f->g || !f->out || !f->ids || !f->wts) return AFD_ERR_NOMEM;
-    f->cap = n;
-    return mdl_ws_reserve(f->m, &f->ws, n);
-}
-
 /* Runs one complete (step, layer, micro-batch) and answers every attention node. */
 static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
 {
@@ -227,7 +212,7 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
     int k = c->is_moe[layer] ? c->top_k : 0;
     for (int a = 0; a < f->attn.n; a++)
         if (s->arrived[a]) n += (int)s->hdr[a].ntok;
-    if (ensure_cap(f, n > 0 ? n : 1)) {
+    if (ffn_exec_reserve(&f->x, n > 0 ? n : 1)) {
         afd_error("out of memory for %d tokens", n);
         s->used = 0;
         return;
@@ -242,9 +227,10 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
             bad = 1;
             break;
         }
-        if (h->ntok && net_wire_unpack_a2f(s->rx[a].p, h->ntok, (uint32_t)H, h->dtype, h->topk,
-                                           (uint32_t)c->num_experts, f->g + (size_t)off * H,
-                                           f->ids + (size_t)off * k, f->wts + (size_t)off * k)) {
+        if (h->ntok &&
+            net_wire_unpack_a2f(s->rx[a].p, h->ntok, (uint32_t)H, h->dtype, h->topk,
+                                (uint32_t)c->num_experts, f->x.h_g + (size_t)off * H,
+                                f->x.ids + (size_t)off * k, f->x.wts + (size_t)off * k)) {
             afd_error("A2F from node %u: expert id or weight out of range", h->src);
             bad = 1;
             break;
@@ -257,7 +243,7 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         return;
     }
     uint64_t t1 = net_now_us();
-    if (n > 0) mdl_ffn(f->m, &f->ws, layer, f->g, n, f->ids, f->wts, f->out);
+    const float *out = n > 0 ? ffn_exec_run(&f->x, layer, n) : NULL;
     uint64_t t2 = net_now_us();
     f->tokens += (uint64_t)n;
     off = 0;
@@ -271,7 +257,7 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
             continue;
         }
         if (h->ntok)
-            net_wire_pack_rows(f->out + (size_t)off * H, (size_t)h->ntok * H, rdt, s->tx[a].p);
+            net_wire_pack_rows(out + (size_t)off * H, (size_t)h->ntok * H, rdt, s->tx[a].p);
         off += (int)h->ntok;
         net_wire_hdr_t *r = &s->txh[a];
         *r = *h;
@@ -396,13 +382,25 @@ int main(int argc, char **argv)
     if (f.o.trace_file && afd_trace_open(&f.trace, f.o.trace_file, (size_t)f.o.trace_events,
                                          hello.name, (uint32_t)getpid()))
         return 1;
+    int devices[KN_GROUP_MAX], ndev = 0;
+    if (f.o.devices) {
+        char why[160];
+        if ((ndev = ffn_parse_devices(f.o.devices, devices, why, sizeof(why))) < 0) {
+            afd_error("--devices: %s", why);
+            return 2;
+        }
+        if (ndev != f.o.tp) {
+            afd_error("--devices names %d devices for --tp %ld ranks", ndev, f.o.tp);
+            return 2;
+        }
+    }
     mdl_role_t role;
     if (ffn_join(&f, &hello, &role)) return 1;
-    kn_backend_t *be;
     mdl_ckpt_t *ck;
-    if (kn_backend_create(f.o.backend, (int)f.o.threads, &be) || mdl_ckpt_open(f.o.model, &ck) ||
-        mdl_model_load(ck, &f.cfg, be, &role, isatty(2), &f.m))
+    if (ffn_exec_open(&f.x, f.o.backend, (int)f.o.threads, (int)f.o.tp, ndev ? devices : NULL) ||
+        mdl_ckpt_open(f.o.model, &ck) || ffn_exec_load(&f.x, ck, &f.cfg, &role, isatty(2)))
         return 1;
+    kn_backend_t *be = f.x.grp->rank[0];
     f.lim = (net_wire_limits_t){.hidden = (uint32_t)f.cfg.hidden_size,
                                 .topk = (uint32_t)f.cfg.top_k,
                                 .num_layers = (uint32_t)f.cfg.num_layers,
@@ -429,7 +427,11 @@ int main(int argc, char **argv)
         afd_error("coordinator gone before ready");
         return 1;
     }
-    afd_info("ready: %.1f MB of weights", f.m->bytes_loaded / 1e6);
+    if (f.o.tp > 1)
+        afd_info("ready: %.1f MB of weights on %ld tensor-parallel ranks",
+                 ffn_exec_bytes(&f.x) / 1e6, f.o.tp);
+    else
+        afd_info("ready: %.1f MB of weights", ffn_exec_bytes(&f.x) / 1e6);
     uint64_t last_hb = 0;
     int rc = 0;
     while (!g_stop) {
@@ -463,11 +465,7 @@ int main(int argc, char **argv)
             }
             if (nr.ffn_index != role.ffn_index || nr.ffn_count != role.ffn_count) {
                 afd_info("loading the experts of share %d of %d", nr.ffn_index, nr.ffn_count);
-                mdl_ws_free(f.m, &f.ws);
-                mdl_model_free(f.m);
-                f.m = NULL;
-                f.cap = 0;
-                if (mdl_model_load(ck, &f.cfg, be, &nr, isatty(2), &f.m)) {
+                if (ffn_exec_load(&f.x, ck, &f.cfg, &nr, isatty(2))) {
                     rc = 1;
                     break;
                 }
@@ -514,15 +512,14 @@ int main(int argc, char **argv)
             net_ucx_buf_free(f.ucx, &f.slots[i].tx[a]);
         }
     net_ucx_destroy(f.ucx);
-    if (f.m) mdl_ws_free(f.m, &f.ws);
-    mdl_model_free(f.m);
+    ffn_exec_unload(&f.x);
     mdl_ckpt_close(ck);
     if (f.trace) {
         afd_info("trace: %llu spans to %s", (unsigned long long)afd_trace_count(f.trace),
                  f.o.trace_file);
         afd_trace_close(f.trace);
     }
-    be->ops->destroy(be);
+    ffn_exec_close(&f.x);
     afd_opts_free(ffn_table, &f.o);
     return rc;
 }

@@ -2,12 +2,13 @@
 #include "kn_ops.h"
 #include "afd_log.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 /* Defined by the cuda backend when it is linked in (CUDA=1); weak so the CPU build links. */
-afd_status_t kn_cuda_create(int threads, kn_backend_t **out) __attribute__((weak));
+afd_status_t kn_cuda_create(int threads, int device, kn_backend_t **out) __attribute__((weak));
 
-afd_status_t kn_backend_create(const char *name, int threads, kn_backend_t **out)
+afd_status_t kn_backend_create_on(const char *name, int threads, int device, kn_backend_t **out)
 {
     if (!name || !strcmp(name, "cpu")) return kn_cpu_create(threads, out);
     if (!strcmp(name, "cuda")) {
@@ -15,10 +16,84 @@ afd_status_t kn_backend_create(const char *name, int threads, kn_backend_t **out
             afd_error("backend cuda: this build has no CUDA support (build with CUDA=1)");
             return AFD_ERR_UNSUPPORTED;
         }
-        return kn_cuda_create(threads, out);
+        return kn_cuda_create(threads, device, out);
     }
     afd_error("unknown backend '%s' (cpu or cuda)", name);
     return AFD_ERR_INVALID;
+}
+
+afd_status_t kn_backend_create(const char *name, int threads, kn_backend_t **out)
+{
+    return kn_backend_create_on(name, threads, KN_DEVICE_DEFAULT, out);
+}
+
+void *kn_host_alloc(kn_backend_t *be, size_t bytes)
+{
+    if (be->ops->host_alloc) return be->ops->host_alloc(be, bytes ? bytes : 1);
+    return malloc(bytes ? bytes : 1);
+}
+
+void kn_host_free(kn_backend_t *be, void *p)
+{
+    if (!p) return;
+    if (be->ops->host_free)
+        be->ops->host_free(be, p);
+    else
+        free(p);
+}
+
+/* ---- tensor-parallel groups ---- */
+
+afd_status_t kn_group_create(const char *name, int threads, int n, const int *devices,
+                             kn_group_t **out)
+{
+    *out = NULL;
+    if (n < 1 || n > KN_GROUP_MAX) {
+        afd_error("a tensor-parallel group has 1..%d ranks, not %d", KN_GROUP_MAX, n);
+        return AFD_ERR_RANGE;
+    }
+    kn_group_t *g = calloc(1, sizeof(*g));
+    if (!g) return AFD_ERR_NOMEM;
+    afd_status_t st = AFD_OK;
+    for (int i = 0; i < n && !st; i++) {
+        st = kn_backend_create_on(name, threads, devices ? devices[i] : KN_DEVICE_NEXT(i),
+                                  &g->rank[i]);
+        if (!st) g->n = i + 1;
+    }
+    if (!st && n > 1 && g->rank[0]->ops->group_open)
+        st = g->rank[0]->ops->group_open(g->rank, n, &g->impl);
+    if (!st && n > 1 && !g->rank[0]->ops->group_open && !g->rank[0]->ops->host_memory) {
+        afd_error("backend %s: no tensor-parallel groups", g->rank[0]->ops->name);
+        st = AFD_ERR_UNSUPPORTED;
+    }
+    if (st) {
+        kn_group_destroy(g);
+        return st;
+    }
+    *out = g;
+    return AFD_OK;
+}
+
+void kn_group_reduce(kn_group_t *g, float *const *bufs, size_t count)
+{
+    if (g->n < 2 || !count) return;
+    kn_backend_t *be = g->rank[0];
+    if (g->impl) {
+        be->ops->group_reduce(g->impl, bufs, count);
+        return;
+    }
+    /* host memory: every rank's buffer is readable from rank 0 */
+    for (int i = 1; i < g->n; i++)
+        be->ops->add(be, bufs[0], bufs[i], count);
+}
+
+void kn_group_destroy(kn_group_t *g)
+{
+    if (!g) return;
+    if (g->impl) g->rank[0]->ops->group_close(g->impl);
+    for (int i = g->n - 1; i >= 0; i--)
+        g->rank[i]->ops->destroy(g->rank[i]);
+    free(g);
 }
 
 afd_status_t kn_moe_group(const int32_t *ids, const float *weights, int n, int k, int nexp, int e0,

@@ -113,6 +113,21 @@ typedef struct kn_ops {
                       const float *q, int nheads, float scale, float *out);
     /* x <- dequant(quant(x)) in dtype (fp8 with per-128 scales, bf16, or f32: no-op) */
     void (*round)(kn_backend_t *be, float *x, int rows, int dim, afd_dtype_t dt);
+
+    /* Optional (NULL: malloc/free): host memory the backend copies from and to fastest
+     * (cuda: pinned), for staging buffers. */
+    void *(*host_alloc)(kn_backend_t *be, size_t bytes);
+    void (*host_free)(kn_backend_t *be, void *p);
+    /*
+     * Optional, for a tensor-parallel group of backends of this kind (kn_group): open
+     * takes the n ranks (rank 0 first); reduce sums bufs[i] (count floats in rank i's
+     * memory) into bufs[0], queued behind each rank's work so far, and each rank's later
+     * work waits for it (a rank may overwrite its buffer next). NULL for host-memory
+     * backends: the group sums with add on rank 0.
+     */
+    afd_status_t (*group_open)(kn_backend_t *const *ranks, int n, void **grp);
+    void (*group_reduce)(void *grp, float *const *bufs, size_t count);
+    void (*group_close)(void *grp);
 } kn_ops_t;
 
 struct kn_backend {
@@ -124,6 +139,35 @@ struct kn_backend {
 afd_status_t kn_cpu_create(int threads, kn_backend_t **out);
 /* Creates a backend by name ("cpu", "cuda"); cuda fails with UNSUPPORTED in a CPU build. */
 afd_status_t kn_backend_create(const char *name, int threads, kn_backend_t **out);
+
+/* Device arguments: an index >= 0, or KN_DEVICE_NEXT(k): the k-th device after the
+ * default one (cuda: AFD_CUDA_DEVICE, else 0); KN_DEVICE_DEFAULT is the default itself.
+ * Backends without devices ignore it. */
+#define KN_DEVICE_DEFAULT (-1)
+#define KN_DEVICE_NEXT(k) (-1 - (k))
+afd_status_t kn_backend_create_on(const char *name, int threads, int device, kn_backend_t **out);
+
+/*
+ * A tensor-parallel group: n backends of one kind, rank i on devices[i] (NULL: rank i on
+ * KN_DEVICE_NEXT(i)), and a sum across them (cuda: NCCL when the ranks are on distinct
+ * devices and libnccl loads, else peer copies and an add on rank 0).
+ */
+#define KN_GROUP_MAX 16
+typedef struct kn_group {
+    int n;
+    kn_backend_t *rank[KN_GROUP_MAX];
+    void *impl; /* the backend's group_open state, or NULL */
+} kn_group_t;
+
+afd_status_t kn_group_create(const char *name, int threads, int n, const int *devices,
+                             kn_group_t **out);
+/* bufs[0] <- sum of bufs[i], i < n (count floats each, in rank i's memory). */
+void kn_group_reduce(kn_group_t *g, float *const *bufs, size_t count);
+void kn_group_destroy(kn_group_t *g);
+
+/* host staging memory of a backend (pinned where it has such a thing) */
+void *kn_host_alloc(kn_backend_t *be, size_t bytes);
+void kn_host_free(kn_backend_t *be, void *p);
 
 /*
  * The routed rows of a MoE layer grouped by local expert (tokens sorted by expert), so each

@@ -8,7 +8,9 @@ same prompt run alone through afd_run. With float32 wire precisions the two
 differ only by float32 summation order (several FFN partials, other GEMM batch
 shapes): TOL bounds the log-prob difference and the greedy ids must be equal.
 With the production precisions (fp8 A2F, bf16 F2A) on one FFN node the rounding
-points are the same in both, so the same bound holds there too.
+points are the same in both, so the same bound holds there too. FFN nodes with
+tensor-parallel ranks (--ffn-tp) only add partial sums, so they are held to the
+same bound.
 """
 import os
 import sys
@@ -96,6 +98,32 @@ for dt in ("bf16", "fp8"):
         ck.check(f"{dt}: a streamed completion carries the same ids, then [DONE]",
                  ids == ref["token_ids"] and ev[-1] == "[DONE]" and
                  ev[-2]["choices"][0]["finish_reason"] == "length", f"{ids}")
+
+    # tensor-parallel FFN ranks inside each node: their outputs sum to the node's share
+    for attn, ffn, tp in ((1, 1, 2), (1, 2, 3)):
+        label = f"{dt} {attn}A{ffn}F m=2 f32 wire, {tp} tensor-parallel ranks per FFN node"
+        try:
+            with LocalUp(model, attn, ffn, 2, extra=F32 + ("--ffn-tp", str(tp))) as c:
+                compare(model, c.url, "f32", label)
+                logs = "".join(open(os.path.join(c.logdir, f"ffn-{i}.log")).read()
+                               for i in range(ffn))
+                ck.check(f"{dt}: each FFN node says it runs {tp} ranks",
+                         logs.count(f"on {tp} tensor-parallel ranks") == ffn, logs[-300:])
+        except Exception as e:
+            ck.check(label, False, str(e)[:300])
+
+# a device list that does not match the ranks, or is not a list, stops the node at once
+import subprocess  # noqa: E402
+for args, why in ((["--tp", "2", "--devices", "0"], "names 1 devices for --tp 2"),
+                  (["--tp", "2", "--devices", "0,x"], "not a list of device indices"),
+                  (["--tp", "2", "--devices", "0,"], "ends with a comma"),
+                  (["--tp", "17"], "tp")):
+    r = subprocess.run([os.path.join(os.environ.get("BIN", "build/bin"), "ffn_node"), "--model",
+                        os.path.join(MODELS, "tiny-bf16"), "--cluster-token", "t",
+                        "--coordinator-wait-s", "0"] + args, capture_output=True, text=True,
+                       timeout=30)
+    ck.check(f"ffn_node {' '.join(args)}: refused ({why})", r.returncode == 2 and why in r.stderr,
+             r.stderr[-200:])
 
 # --micro-batches auto: the coordinator picks m in [2, 4] from measured stage times; the
 # output does not depend on m

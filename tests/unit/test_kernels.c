@@ -1117,6 +1117,45 @@ static void test_backend_misc(void **state)
     op->free(be, p);
 }
 
+/* tensor-parallel groups on the cpu: bounds, and the sum against an explicit one */
+static void test_group(void **state)
+{
+    (void)state;
+    kn_group_t *g = NULL;
+    assert_int_equal(kn_group_create("cpu", 1, 0, NULL, &g), AFD_ERR_RANGE);
+    assert_null(g);
+    assert_int_equal(kn_group_create("cpu", 1, KN_GROUP_MAX + 1, NULL, &g), AFD_ERR_RANGE);
+    assert_int_equal(kn_group_create("tpu", 1, 2, NULL, &g), AFD_ERR_INVALID);
+    assert_null(g);
+    enum { N = 3, C = 1000 };
+    assert_int_equal(kn_group_create("cpu", 1, N, NULL, &g), AFD_OK);
+    assert_int_equal(g->n, N);
+    float *bufs[N], want[C];
+    for (int i = 0; i < N; i++) {
+        kn_backend_t *r = g->rank[i];
+        assert_string_equal(r->ops->name, "cpu");
+        bufs[i] = r->ops->alloc(r, sizeof(float) * C);
+        assert_non_null(bufs[i]);
+    }
+    for (int k = 0; k < C; k++) {
+        want[k] = 0;
+        for (int i = 0; i < N; i++) {
+            bufs[i][k] = (float)((k * 7 + i * 13) % 29) - 14.0f;
+            want[k] += bufs[i][k];
+        }
+    }
+    kn_group_reduce(g, bufs, C);
+    for (int k = 0; k < C; k++)
+        assert_true(bufs[0][k] == want[k]); /* small integers: exact */
+    for (int i = 0; i < N; i++)
+        g->rank[i]->ops->free(g->rank[i], bufs[i]);
+    kn_group_destroy(g);
+    /* staging memory */
+    void *h = kn_host_alloc(be, 64);
+    assert_non_null(h);
+    kn_host_free(be, h);
+}
+
 int main(void)
 {
     /* clang-format off */
@@ -1134,6 +1173,7 @@ int main(void)
         cmocka_unit_test(test_attention_tiled_prefill),
         cmocka_unit_test(test_round),
         cmocka_unit_test(test_backend_misc),
+        cmocka_unit_test(test_group),
     };
     /* clang-format on */
     return cmocka_run_group_tests(tests, setup, teardown);

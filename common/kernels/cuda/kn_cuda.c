@@ -17,6 +17,7 @@
 #include "kn_cuda_kernels.h"
 
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -92,9 +93,15 @@ static void cu_fail(const char *what, const char *err, const char *file, int lin
         if (!(cond)) cu_fail("check", #cond, __FILE__, __LINE__);                                  \
     } while (0)
 
+/* Set once backends on two devices are open in this process: every op then makes its
+ * backend's device current first (a thread may drive several devices). */
+static int g_multi_device = -2; /* -2: none open yet; else the one device, or -1: several */
+
 static kn_cuda_t *cu(kn_backend_t *be)
 {
-    return (kn_cuda_t *)be;
+    kn_cuda_t *c = (kn_cuda_t *)be;
+    if (g_multi_device == -1) CU_CHECK(cudaSetDevice(c->device));
+    return c;
 }
 
 /* ---- memory ---- */
@@ -187,6 +194,23 @@ static void cuda_download(kn_backend_t *be, void *dst, const void *src, size_t b
     if (!bytes) return;
     CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cu(be)->stream));
     CU_CHECK(cudaStreamSynchronize(cu(be)->stream)); /* the host reads it next */
+}
+
+static void *cuda_host_alloc(kn_backend_t *be, size_t bytes)
+{
+    (void)cu(be);
+    void *p = NULL;
+    if (cudaHostAlloc(&p, bytes, cudaHostAllocPortable) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    return p;
+}
+
+static void cuda_host_free(kn_backend_t *be, void *p)
+{
+    (void)cu(be);
+    CU_CHECK(cudaFreeHost(p));
 }
 
 static void cuda_zero(kn_backend_t *be, void *p, size_t bytes)
@@ -504,6 +528,191 @@ static void cuda_attention(kn_backend_t *be, const kn_kv_t *kv, int layer, const
         kn_cu_attn_prefill(&dk, layer, bt, seq->pos0, seq->ntok, q, nheads, scale, out, c->stream));
 }
 
+/* ---- tensor-parallel groups ---- */
+
+/* The few NCCL entry points a group uses, loaded with dlopen so that the library needs
+ * NCCL only where a node spans several GPUs (values as in nccl.h: ncclFloat32 = 7,
+ * ncclSum = 0, ncclSuccess = 0). */
+typedef struct kn_nccl {
+    void *lib;
+    int (*comm_init_all)(void **comms, int ndev, const int *devlist);
+    int (*comm_destroy)(void *comm);
+    int (*reduce)(const void *send, void *recv, size_t count, int dtype, int op, int root,
+                  void *comm, cudaStream_t stream);
+    int (*group_start)(void);
+    int (*group_end)(void);
+    const char *(*error_string)(int result);
+} kn_nccl_t;
+
+#define KN_NCCL_FLOAT32 7
+#define KN_NCCL_SUM     0
+
+typedef struct kn_cu_group {
+    int n;
+    kn_cuda_t *r[KN_GROUP_MAX];
+    cudaEvent_t ev[KN_GROUP_MAX]; /* rank i's work queued before a reduce */
+    cudaEvent_t done;             /* rank 0's reduce */
+    kn_nccl_t nccl;
+    void *comm[KN_GROUP_MAX]; /* NCCL communicators (nccl.lib set) */
+    float *stage;             /* rank 0: a peer's buffer, copied over (no NCCL, other device) */
+    size_t stage_cap;
+} kn_cu_group_t;
+
+static int nccl_load(kn_nccl_t *x, char *why, size_t why_len)
+{
+    memset(x, 0, sizeof(*x));
+    x->lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (!x->lib) {
+        snprintf(why, why_len, "%s", dlerror());
+        return -1;
+    }
+    *(void **)&x->comm_init_all = dlsym(x->lib, "ncclCommInitAll");
+    *(void **)&x->comm_destroy = dlsym(x->lib, "ncclCommDestroy");
+    *(void **)&x->reduce = dlsym(x->lib, "ncclReduce");
+    *(void **)&x->group_start = dlsym(x->lib, "ncclGroupStart");
+    *(void **)&x->group_end = dlsym(x->lib, "ncclGroupEnd");
+    *(void **)&x->error_string = dlsym(x->lib, "ncclGetErrorString");
+    if (!x->comm_init_all || !x->comm_destroy || !x->reduce || !x->group_start || !x->group_end ||
+        !x->error_string) {
+        snprintf(why, why_len, "libnccl.so.2 lacks an entry point");
+        dlclose(x->lib);
+        x->lib = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+#define NCCL_CHECK(g, call)                                                                        \
+    do {                                                                                           \
+        int r_ = (call);                                                                           \
+        if (r_ != 0) cu_fail(#call, (g)->nccl.error_string(r_), __FILE__, __LINE__);               \
+    } while (0)
+
+static void cuda_group_close(void *grp)
+{
+    kn_cu_group_t *g = grp;
+    if (!g) return;
+    for (int i = 0; i < g->n; i++) {
+        if (!g->r[i]) continue;
+        cudaSetDevice(g->r[i]->device);
+        cudaStreamSynchronize(g->r[i]->stream);
+        if (g->ev[i]) cudaEventDestroy(g->ev[i]);
+        if (g->comm[i]) g->nccl.comm_destroy(g->comm[i]);
+    }
+    if (g->r[0]) {
+        cudaSetDevice(g->r[0]->device);
+        if (g->done) cudaEventDestroy(g->done);
+        if (g->stage) cudaFree(g->stage);
+    }
+    if (g->nccl.lib) dlclose(g->nccl.lib);
+    free(g);
+}
+
+static afd_status_t cuda_group_open(kn_backend_t *const *ranks, int n, void **out)
+{
+    if (n < 1 || n > KN_GROUP_MAX) return AFD_ERR_RANGE;
+    kn_cu_group_t *g = calloc(1, sizeof(*g));
+    if (!g) return AFD_ERR_NOMEM;
+    g->n = n;
+    int distinct = 1, devs[KN_GROUP_MAX];
+    for (int i = 0; i < n; i++) {
+        if (ranks[i]->ops != ranks[0]->ops) {
+            free(g);
+            return AFD_ERR_INVALID;
+        }
+        g->r[i] = (kn_cuda_t *)ranks[i];
+        devs[i] = g->r[i]->device;
+        for (int j = 0; j < i; j++)
+            if (devs[j] == devs[i]) distinct = 0;
+    }
+    for (int i = 0; i < n; i++) {
+        CU_CHECK(cudaSetDevice(devs[i]));
+        CU_CHECK(cudaEventCreateWithFlags(&g->ev[i], cudaEventDisableTiming));
+    }
+    CU_CHECK(cudaSetDevice(devs[0]));
+    CU_CHECK(cudaEventCreateWithFlags(&g->done, cudaEventDisableTiming));
+    char why[256] = "ranks share a device";
+    if (distinct && nccl_load(&g->nccl, why, sizeof(why)) == 0) {
+        int r = g->nccl.comm_init_all(g->comm, n, devs);
+        if (r != 0) {
+            snprintf(why, sizeof(why), "ncclCommInitAll: %s", g->nccl.error_string(r));
+            memset(g->comm, 0, sizeof(g->comm));
+            dlclose(g->nccl.lib);
+            g->nccl.lib = NULL;
+        }
+    }
+    if (g->nccl.lib)
+        cu_log(LOG_INFO, "backend cuda: %d tensor-parallel ranks on devices %d..%d: NCCL reduce", n,
+               devs[0], devs[n - 1]);
+    else {
+        /* rank 0 reads its peers' buffers: directly on one device, else after a peer copy
+         * (over NVLink/PCIe; peer access enabled where the devices allow it) */
+        for (int i = 1; i < n; i++) {
+            int can = 0;
+            if (devs[i] != devs[0] &&
+                cudaDeviceCanAccessPeer(&can, devs[0], devs[i]) == cudaSuccess && can) {
+                CU_CHECK(cudaSetDevice(devs[0]));
+                cudaError_t e = cudaDeviceEnablePeerAccess(devs[i], 0);
+                if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled) CU_CHECK(e);
+                cudaGetLastError();
+            }
+        }
+        cu_log(LOG_INFO,
+               "backend cuda: %d tensor-parallel ranks: reduced by copies and an add "
+               "on device %d (no NCCL: %s)",
+               n, devs[0], why);
+    }
+    g_multi_device = -1; /* the ranks' ops set their device from now on */
+    *out = g;
+    return AFD_OK;
+}
+
+static void cuda_group_reduce(void *grp, float *const *bufs, size_t count)
+{
+    kn_cu_group_t *g = grp;
+    kn_cuda_t *r0 = g->r[0];
+    if (g->nccl.lib) {
+        NCCL_CHECK(g, g->nccl.group_start());
+        for (int i = 0; i < g->n; i++) {
+            CU_CHECK(cudaSetDevice(g->r[i]->device));
+            NCCL_CHECK(g, g->nccl.reduce(bufs[i], bufs[i], count, KN_NCCL_FLOAT32, KN_NCCL_SUM, 0,
+                                         g->comm[i], g->r[i]->stream));
+        }
+        NCCL_CHECK(g, g->nccl.group_end());
+        return;
+    }
+    size_t bytes = count * sizeof(float);
+    for (int i = 1; i < g->n; i++) { /* rank 0 waits for each peer's queued work */
+        CU_CHECK(cudaSetDevice(g->r[i]->device));
+        CU_CHECK(cudaEventRecord(g->ev[i], g->r[i]->stream));
+    }
+    CU_CHECK(cudaSetDevice(r0->device));
+    for (int i = 1; i < g->n; i++) {
+        CU_CHECK(cudaStreamWaitEvent(r0->stream, g->ev[i], 0));
+        const float *src = bufs[i];
+        if (g->r[i]->device != r0->device) {
+            if (bytes > g->stage_cap) {
+                CU_CHECK(cudaStreamSynchronize(r0->stream));
+                if (g->stage) CU_CHECK(cudaFree(g->stage));
+                g->stage = NULL;
+                CU_CHECK(cudaMalloc((void **)&g->stage, bytes));
+                g->stage_cap = bytes;
+            }
+            CU_CHECK(cudaMemcpyPeerAsync(g->stage, r0->device, bufs[i], g->r[i]->device, bytes,
+                                         r0->stream));
+            src = g->stage;
+        }
+        CU_CHECK(kn_cu_add(bufs[0], src, count, r0->stream));
+    }
+    /* the peers' next work (which may overwrite their buffers) waits for the sum */
+    CU_CHECK(cudaEventRecord(g->done, r0->stream));
+    for (int i = 1; i < g->n; i++) {
+        CU_CHECK(cudaSetDevice(g->r[i]->device));
+        CU_CHECK(cudaStreamWaitEvent(g->r[i]->stream, g->done, 0));
+    }
+    CU_CHECK(cudaSetDevice(r0->device));
+}
+
 static const kn_ops_t cuda_ops = {
     .name = "cuda",
     .host_memory = 0,
@@ -528,6 +737,11 @@ static const kn_ops_t cuda_ops = {
     .kv_write = cuda_kv_write,
     .attention = cuda_attention,
     .round = cuda_round,
+    .host_alloc = cuda_host_alloc,
+    .host_free = cuda_host_free,
+    .group_open = cuda_group_open,
+    .group_reduce = cuda_group_reduce,
+    .group_close = cuda_group_close,
 };
 
 /* a status string without common/util (the library keeps no copy of it) */
@@ -549,7 +763,8 @@ const char *afd_status_str(afd_status_t st)
     }
 }
 
-KN_EXPORT afd_status_t kn_cuda_open(const kn_cuda_env_t *env, int threads, kn_backend_t **out)
+KN_EXPORT afd_status_t kn_cuda_open(const kn_cuda_env_t *env, int threads, int device,
+                                    kn_backend_t **out)
 {
     (void)threads;
     if (!env || env->abi != KN_CUDA_ABI) {
@@ -565,10 +780,16 @@ KN_EXPORT afd_status_t kn_cuda_open(const kn_cuda_env_t *env, int threads, kn_ba
         cudaGetLastError();
         return AFD_ERR_UNSUPPORTED;
     }
-    const char *ds = getenv("AFD_CUDA_DEVICE");
-    int dev = ds && *ds ? atoi(ds) : 0;
+    int dev = device;
+    if (device < 0) { /* KN_DEVICE_NEXT(k): k after the default */
+        const char *ds = getenv("AFD_CUDA_DEVICE");
+        dev = (ds && *ds ? atoi(ds) : 0) + (-1 - device);
+    }
     if (dev < 0 || dev >= ndev) {
-        cu_log(LOG_ERROR, "backend cuda: AFD_CUDA_DEVICE=%d, but there are %d devices", dev, ndev);
+        cu_log(LOG_ERROR,
+               "backend cuda: device %d (AFD_CUDA_DEVICE or --devices), but there "
+               "are %d devices",
+               dev, ndev);
         return AFD_ERR_RANGE;
     }
     struct cudaDeviceProp prop;
@@ -609,6 +830,10 @@ KN_EXPORT afd_status_t kn_cuda_open(const kn_cuda_env_t *env, int threads, kn_ba
         return AFD_ERR_NOMEM;
     }
     kn_arena_init(&c->arena, KN_ARENA_INITIAL);
+    if (g_multi_device == -2)
+        g_multi_device = dev;
+    else if (g_multi_device != dev)
+        g_multi_device = -1;
     const char *at = getenv("AFD_CUDA_ATTN");
     c->attn_tc = at && !strcmp(at, "tc");
     const char *f8 = getenv("AFD_CUDA_FP8");

@@ -12,7 +12,7 @@
 
 #define KN_CUDA_LIB      "libafdcuda.so"
 #define KN_CUDA_OPEN_SYM "kn_cuda_open"
-#define KN_CUDA_ABI      1
+#define KN_CUDA_ABI      2
 
 /* What the loading program lends the library (the library keeps no copy of common/). */
 typedef struct kn_cuda_env {
@@ -20,13 +20,15 @@ typedef struct kn_cuda_env {
     void (*log)(int level, const char *msg); /* an afd_log level and one line */
 } kn_cuda_env_t;
 
-typedef afd_status_t (*kn_cuda_open_fn)(const kn_cuda_env_t *env, int threads, kn_backend_t **out);
+typedef afd_status_t (*kn_cuda_open_fn)(const kn_cuda_env_t *env, int threads, int device,
+                                        kn_backend_t **out);
 
-/* The library's entry: creates the backend on device 0 (AFD_CUDA_DEVICE overrides);
- * AFD_ERR_UNSUPPORTED with a logged reason when there is no usable device. */
-afd_status_t kn_cuda_open(const kn_cuda_env_t *env, int threads, kn_backend_t **out);
+/* The library's entry: creates the backend on `device` (kn_ops.h: an index, or
+ * KN_DEVICE_NEXT(k) for the k-th after AFD_CUDA_DEVICE, else 0); AFD_ERR_UNSUPPORTED with
+ * a logged reason when there is no usable device. */
+afd_status_t kn_cuda_open(const kn_cuda_env_t *env, int threads, int device, kn_backend_t **out);
 
 /* Loads the library (next to the program: ../lib/, or AFD_CUDA_LIB) and opens it. */
-afd_status_t kn_cuda_create(int threads, kn_backend_t **out);
+afd_status_t kn_cuda_create(int threads, int device, kn_backend_t **out);
 
 #endif

@@ -43,7 +43,7 @@ static void *kn_cuda_dlopen(char *tried, size_t tried_len)
     return dlopen(KN_CUDA_LIB, RTLD_NOW | RTLD_LOCAL);
 }
 
-afd_status_t kn_cuda_create(int threads, kn_backend_t **out)
+afd_status_t kn_cuda_create(int threads, int device, kn_backend_t **out)
 {
     static const kn_cuda_env_t env = {.abi = KN_CUDA_ABI, .log = kn_cuda_log};
     char tried[PATH_MAX + 32];
@@ -60,5 +60,5 @@ afd_status_t kn_cuda_create(int threads, kn_backend_t **out)
         return AFD_ERR_UNSUPPORTED;
     }
     /* the library stays loaded: the backend's code lives there */
-    return open_fn(&env, threads, out);
+    return open_fn(&env, threads, device, out);
 }

@@ -1,0 +1,171 @@
+/* ffn_exec: an FFN share on tensor-parallel ranks, with host staging for device backends. */
+#include "ffn_exec.h"
+#include "afd_log.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+afd_status_t ffn_exec_open(ffn_exec_t *x, const char *backend, int threads, int tp,
+                           const int *devices)
+{
+    memset(x, 0, sizeof(*x));
+    afd_status_t st = kn_group_create(backend, threads, tp, devices, &x->grp);
+    if (st) return st;
+    x->tp = tp;
+    return AFD_OK;
+}
+
+static int host_backend(const ffn_exec_t *x)
+{
+    return x->grp->rank[0]->ops->host_memory;
+}
+
+static void buffers_free(ffn_exec_t *x)
+{
+    int host = host_backend(x);
+    for (int i = 0; i < x->tp; i++) {
+        kn_backend_t *be = x->grp->rank[i];
+        if (x->m[i]) mdl_ws_free(x->m[i], &x->ws[i]);
+        if (x->g[i]) be->ops->free(be, x->g[i]);
+        if (x->out[i]) be->ops->free(be, x->out[i]);
+        x->g[i] = x->out[i] = NULL;
+    }
+    if (!host) {
+        kn_host_free(x->grp->rank[0], x->h_g);
+        kn_host_free(x->grp->rank[0], x->h_out);
+    }
+    x->h_g = x->h_out = NULL;
+    free(x->ids);
+    free(x->wts);
+    x->ids = NULL;
+    x->wts = NULL;
+    x->cap = 0;
+}
+
+afd_status_t ffn_exec_load(ffn_exec_t *x, const mdl_ckpt_t *ck, const mdl_config_t *cfg,
+                           const mdl_role_t *role, int progress)
+{
+    ffn_exec_unload(x);
+    x->hidden = cfg->hidden_size;
+    x->topk = cfg->top_k > 0 ? cfg->top_k : 1;
+    for (int i = 0; i < x->tp; i++) {
+        mdl_role_t r = *role;
+        r.tp_index = i;
+        r.tp_count = x->tp;
+        afd_status_t st = mdl_model_load(ck, cfg, x->grp->rank[i], &r, progress, &x->m[i]);
+        if (st) {
+            if (x->tp > 1) afd_error("tensor-parallel rank %d of %d: loading failed", i, x->tp);
+            ffn_exec_unload(x);
+            return st;
+        }
+    }
+    return AFD_OK;
+}
+
+void ffn_exec_unload(ffn_exec_t *x)
+{
+    if (!x->grp) return;
+    buffers_free(x);
+    for (int i = 0; i < x->tp; i++) {
+        mdl_model_free(x->m[i]);
+        x->m[i] = NULL;
+    }
+}
+
+afd_status_t ffn_exec_reserve(ffn_exec_t *x, int n)
+{
+    if (n <= x->cap) return AFD_OK;
+    buffers_free(x);
+    size_t rows = (size_t)n * (size_t)x->hidden * sizeof(float);
+    int host = host_backend(x), ok = 1;
+    for (int i = 0; i < x->tp && ok; i++) {
+        kn_backend_t *be = x->grp->rank[i];
+        /* host-memory ranks all read rank 0's input rows */
+        if (i == 0 || !host) ok = (x->g[i] = be->ops->alloc(be, rows)) != NULL;
+        ok = ok && (x->out[i] = be->ops->alloc(be, rows)) != NULL;
+        ok = ok && mdl_ws_reserve(x->m[i], &x->ws[i], n) == AFD_OK;
+    }
+    if (ok && host) {
+        x->h_g = x->g[0];
+        x->h_out = x->out[0];
+    } else if (ok) {
+        x->h_g = kn_host_alloc(x->grp->rank[0], rows);
+        x->h_out = kn_host_alloc(x->grp->rank[0], rows);
+        ok = x->h_g && x->h_out;
+    }
+    x->ids = malloc(sizeof(int32_t) * (size_t)n * (size_t)x->topk);
+    x->wts = malloc(sizeof(float) * (size_t)n * (size_t)x->topk);
+    if (!ok || !x->ids || !x->wts) {
+        buffers_free(x);
+        return AFD_ERR_NOMEM;
+    }
+    x->cap = n;
+    return AFD_OK;
+}
+
+const float *ffn_exec_run(ffn_exec_t *x, int layer, int n)
+{
+    AFD_ASSERT(n <= x->cap);
+    int host = host_backend(x);
+    size_t count = (size_t)n * (size_t)x->hidden;
+    /* every rank's work is queued before any result is awaited: device ranks overlap */
+    for (int i = 0; i < x->tp; i++) {
+        kn_backend_t *be = x->grp->rank[i];
+        const float *g = host ? x->g[0] : x->g[i];
+        if (!host) be->ops->upload(be, x->g[i], x->h_g, count * sizeof(float));
+        mdl_ffn(x->m[i], &x->ws[i], layer, g, n, x->ids, x->wts, x->out[i]);
+    }
+    kn_group_reduce(x->grp, x->out, count);
+    if (!host) {
+        kn_backend_t *be = x->grp->rank[0];
+        be->ops->download(be, x->h_out, x->out[0], count * sizeof(float));
+    }
+    return x->h_out;
+}
+
+uint64_t ffn_exec_bytes(const ffn_exec_t *x)
+{
+    uint64_t b = 0;
+    for (int i = 0; i < x->tp; i++)
+        if (x->m[i]) b += x->m[i]->bytes_loaded;
+    return b;
+}
+
+void ffn_exec_close(ffn_exec_t *x)
+{
+    ffn_exec_unload(x);
+    kn_group_destroy(x->grp);
+    x->grp = NULL;
+}
+
+int ffn_parse_devices(const char *s, int *devices, char *why, size_t why_len)
+{
+    int n = 0;
+    const char *p = s;
+    if (!s || !*s) {
+        snprintf(why, why_len, "an empty device list");
+        return -1;
+    }
+    while (*p) {
+        if (n == KN_GROUP_MAX) {
+            snprintf(why, why_len, "more than %d devices", KN_GROUP_MAX);
+            return -1;
+        }
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v > 1023 || (*end && *end != ',')) {
+            snprintf(why, why_len, "'%s' is not a list of device indices (0..1023)", s);
+            return -1;
+        }
+        devices[n++] = (int)v;
+        p = *end ? end + 1 : end;
+        if (*end == ',' && !*p) {
+            snprintf(why, why_len, "'%s' ends with a comma", s);
+            return -1;
+        }
+    }
+    return n;
+}
