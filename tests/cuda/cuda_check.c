@@ -452,6 +452,76 @@ static int check_attention(void)
     return rc;
 }
 
+/*
+ * Tensor-parallel sums (kn_group_reduce) against the host sum: three ranks on one device
+ * (rank 0 adds its peers' buffers after waiting for their streams), then, where there are
+ * two devices, two ranks on devices 0 and 1 (NCCL when libnccl loads, else peer copies).
+ * Right after the reduce every peer zeroes its buffer: its stream must wait for the sum,
+ * or the sum misses that rank. Tolerance 1e-6 (float32 sums of three terms).
+ */
+static int group_case(const char *name, int n, const int *devices)
+{
+    kn_group_t *g = NULL;
+    afd_status_t st = kn_group_create("cuda", 0, n, devices, &g);
+    if (st) {
+        if (devices[1] != devices[0] && st == AFD_ERR_RANGE) {
+            printf("# %s: skipped (one device)\n", name);
+            return 0;
+        }
+        printf("not ok - %s (kn_group_create: %s)\n", name, afd_status_str(st));
+        return 1;
+    }
+    enum { C = 3 << 20 }; /* 12 MiB per rank: a step's output at Step3 width and ~440 rows */
+    float *h[KN_GROUP_MAX], *d[KN_GROUP_MAX], *want = malloc(sizeof(float) * C);
+    if (!want) abort();
+    for (size_t k = 0; k < C; k++)
+        want[k] = 0;
+    for (int i = 0; i < n; i++) {
+        kn_backend_t *r = g->rank[i];
+        h[i] = randv(C, 1.0f + (float)i);
+        for (size_t k = 0; k < C; k++)
+            want[k] += h[i][k];
+        d[i] = r->ops->alloc(r, sizeof(float) * C);
+        if (!d[i]) abort();
+        r->ops->upload(r, d[i], h[i], sizeof(float) * C);
+    }
+    double err = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        for (int i = 0; i < n && rep; i++) /* put the data back after the zeroing below */
+            g->rank[i]->ops->upload(g->rank[i], d[i], h[i], sizeof(float) * C);
+        kn_group_reduce(g, d, C);
+        for (int i = 1; i < n; i++)
+            g->rank[i]->ops->zero(g->rank[i], d[i], sizeof(float) * C);
+        float *got = malloc(sizeof(float) * C);
+        if (!got) abort();
+        g->rank[0]->ops->download(g->rank[0], got, d[0], sizeof(float) * C);
+        double e = rel_err(want, got, C);
+        if (!(e <= err)) err = e;
+        free(got);
+    }
+    for (int i = 0; i < n; i++) {
+        g->rank[i]->ops->free(g->rank[i], d[i]);
+        free(h[i]);
+    }
+    free(want);
+    kn_group_destroy(g);
+    char detail[96];
+    snprintf(detail, sizeof(detail), "%d ranks on devices %d%s%d, 3 rounds", n, devices[0],
+             n > 2 ? ".." : ",", devices[n - 1]);
+    return report(name, err, 1e-6, detail);
+}
+
+static int check_group(void)
+{
+    int rc = 0;
+    const char *ds = getenv("AFD_CUDA_DEVICE");
+    int d0 = ds && *ds ? atoi(ds) : 0;
+    int same[3] = {d0, d0, d0}, two[2] = {0, 1};
+    rc |= group_case("group_one_device", 3, same);
+    rc |= group_case("group_two_devices", 2, two);
+    return rc;
+}
+
 typedef struct check {
     const char *name;
     int (*fn)(void);
@@ -462,7 +532,7 @@ static const check_t checks[] = {
     {"swiglu", check_swiglu},         {"router", check_router},
     {"gather", check_gather_scatter}, {"round", check_round},
     {"matmul", check_matmul},         {"embed", check_embed},
-    {"attention", check_attention},
+    {"attention", check_attention},   {"group", check_group},
 };
 
 int main(int argc, char **argv)

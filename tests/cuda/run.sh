@@ -3,7 +3,9 @@
 #   1. build with CUDA=1 (sm_90, warnings as errors) into $BUILD (default build/cuda);
 #   2. every kernel check (cuda_check: the cuda backend against the cpu backend), each
 #      in its own process with its own timeout, printing its max error and tolerance;
-#   3. the whole-model check: tiny checkpoints through afd_run --backend cuda vs cpu;
+#   3. the whole-model check: tiny checkpoints through afd_run --backend cuda vs cpu, and a
+#      whole cluster on loopback with cuda nodes (FFN with one and two tensor-parallel
+#      ranks) against afd_run on the cpu (cluster_check.py);
 #   4. the GPU benchmarks at Step3 shapes (cuda_bench) and the projected throughput;
 #   5. compute-sanitizer memcheck over the small checks, when the tool is there.
 # A failing step never stops the next one. The summary goes to SUMMARY_DIR/cuda_summary.txt
@@ -77,7 +79,9 @@ fi
 
 J=$(nproc 2>/dev/null || echo 4)
 step build 300 make -j"$J" BUILD="$BUILD" CUDA=1 "${MAKEVARS[@]}" "$BUILD/lib/libafdcuda.so" \
-    "$BUILD/bin/afd_run" "$BUILD/bin/afd_mkmodel" "$BUILD/tests/cuda_check" "$BUILD/tests/cuda_bench"
+    "$BUILD/bin/afd_run" "$BUILD/bin/afd_mkmodel" "$BUILD/bin/afdctl" "$BUILD/bin/attn_node" \
+    "$BUILD/bin/ffn_node" "$BUILD/bin/afd_coordinator" "$BUILD/tests/cuda_check" \
+    "$BUILD/tests/cuda_bench"
 BIN=$ROOT/$BUILD/bin
 CHECK=$ROOT/$BUILD/tests/cuda_check
 if [ -x "$CHECK" ]; then
@@ -102,6 +106,7 @@ if [ -x "$BIN/afd_mkmodel" ]; then
             --share-q 256 --heads 4 --head-dim 128 --moe-inter 256 --share-expert 256 \
             --dense-inter 512 --vocab 1024 --force >>"$LOG" 2>&1
     step model 150 python3 tests/cuda/model_check.py "$BIN" "$MODELS"
+    step cluster 200 python3 tests/cuda/cluster_check.py "$BIN" "$MODELS"
 fi
 
 if [ -x "$ROOT/$BUILD/tests/cuda_bench" ]; then

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""cluster_check: a whole cluster on the cuda backend against afd_run on the cpu.
+
+afdctl local-up starts a coordinator, an attention node and an FFN node on loopback, the
+nodes on --backend cuda (the attention node's KV cache, A2F downloads and F2A uploads; the
+FFN node's pinned staging), with float32 wire precisions, and serves greedy completions
+over HTTP. Cases: one rank per FFN node; two tensor-parallel ranks on one device (the
+partial sums added on the device after a cross-stream wait); two ranks on devices 0 and 1
+(NCCL) when the machine has two GPUs. Each answer is held to afd_run --backend cpu like
+model_check: every token equal except at a near tie (the cpu's top two within TOL), and
+log-probabilities within TOL nats.
+Prints "ok - NAME ..." / "not ok - NAME ..." lines.
+usage: cluster_check.py BIN_DIR MODEL_DIR
+(CLUSTER_CHECK_BACKEND=cpu runs the same cases on the cpu backend: the script's own check.)
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
+
+TOL = 0.05
+PROMPTS = [[1, 2, 3], [7, 8], [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 11, 12]]
+MAX_TOKENS = 16
+F32 = ("--a2f-dtype", "f32", "--f2a-dtype", "f32")
+
+
+def cpu_reference(bin_dir, model):
+    cmd = [f"{bin_dir}/afd_run", "--model", model, "--backend", "cpu", "--max-tokens",
+           str(MAX_TOKENS), "--logprobs", "2", "--json", "--ignore-eos", *F32]
+    for p in PROMPTS:
+        cmd += ["--prompt", ",".join(map(str, p))]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)["outputs"]
+
+
+def compare(ref, answers):
+    worst, notes = 0.0, []
+    for i, (a, (status, body)) in enumerate(zip(ref, answers)):
+        if status != 200:
+            return False, worst, f"prompt {i}: HTTP {status} {str(body)[:200]}"
+        ch = body["choices"][0]
+        ids, lps = ch["token_ids"], ch["logprobs"]["token_logprobs"]
+        if len(ids) != len(a["token_ids"]):
+            return False, worst, f"prompt {i}: {len(ids)} tokens, want {len(a['token_ids'])}"
+        for t, (ta, tb) in enumerate(zip(a["token_ids"], ids)):
+            if ta != tb:
+                top = a["top_logprobs"][t]
+                margin = top[0][1] - top[1][1] if len(top) > 1 else 1e9
+                if margin > TOL:
+                    return False, worst, f"prompt {i} token {t}: cpu {ta}, cuda {tb}"
+                notes.append(f"prompt {i} near tie at token {t}")
+                break
+            worst = max(worst, abs(a["logprobs"][t] - lps[t]))
+    return worst <= TOL, worst, "; ".join(notes) or "all tokens equal"
+
+
+def gpu_count():
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.TimeoutExpired):
+        return 1
+
+
+def main():
+    bin_dir, models = sys.argv[1], sys.argv[2]
+    os.environ["BIN"] = bin_dir
+    tmp = tempfile.mkdtemp(prefix="cluster_check.")
+    os.environ["TEST_TMP"] = tmp
+    from cluster import LocalUp, post  # noqa: E402 (reads BIN and TEST_TMP)
+
+    backend = os.environ.get("CLUSTER_CHECK_BACKEND", "cuda")
+    dev = os.environ.get("AFD_CUDA_DEVICE", "0")
+    cases = [("cluster_cuda_1a1f", ()),
+             ("cluster_cuda_ffn_tp2_one_device", ("--ffn-tp", "2", "--ffn-devices", f"{dev},{dev}"))]
+    if backend == "cuda" and gpu_count() >= 2:
+        cases.append(("cluster_cuda_ffn_tp2_two_devices", ("--ffn-tp", "2", "--ffn-devices", "0,1")))
+    elif backend == "cuda":
+        print("# one GPU: tensor-parallel ranks on two devices (NCCL) not checked")
+    failed = 0
+    for dt in ("bf16", "fp8"):
+        model = f"{models}/tiny-{dt}"
+        ref = cpu_reference(bin_dir, model)
+        for name, extra in cases:
+            label = f"{name}_{dt}".replace("cuda", backend)
+            logdir = None
+            try:
+                with LocalUp(model, 1, 1, 2, extra=("--backend", backend, "--ready-timeout-s",
+                                                    "90") + F32 + extra, timeout=120) as c:
+                    logdir = c.logdir
+                    answers = [post(c.url, "/v1/completions",
+                                    {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                     "logprobs": 1, "ignore_eos": True}, timeout=60)
+                               for p in PROMPTS]
+                    ok, worst, detail = compare(ref, answers)
+                    if ok and "tp2" in name:
+                        log = open(os.path.join(c.logdir, "ffn-0.log")).read()
+                        if "on 2 tensor-parallel ranks" not in log:
+                            ok, detail = False, "the FFN node does not report two ranks"
+                        else:
+                            line = [x for x in log.splitlines() if "tensor-parallel ranks" in x]
+                            detail += "; " + line[0].split("info: ")[-1][:140]
+            except Exception as e:  # a cluster that does not start fails this case only
+                ok, worst, detail = False, float("nan"), str(e)[:400]
+            print(f"{'ok' if ok else 'not ok'} - {label} max_err={worst:.3g} tol={TOL} ({detail})",
+                  flush=True)
+            failed += not ok
+            if not ok and logdir and os.path.isdir(logdir):
+                for f in sorted(os.listdir(logdir)):
+                    lines = open(os.path.join(logdir, f), errors="replace").read().splitlines()
+                    print(f"    {f}:\n" + "\n".join("      " + x for x in lines[-12:]))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
