@@ -414,18 +414,19 @@ static afd_status_t mb_reserve(attn_node_t *a, attn_mb_t *mb, int ntok, int nseq
         int c = ntok < 64 ? 64 : ntok;
         free(mb->tok);
         free(mb->pos);
-        free(mb->h_ids);
-        free(mb->h_wts);
+        /* host staging of A2F/F2A rows: pinned on a device backend */
+        kn_host_free(be, mb->h_ids);
+        kn_host_free(be, mb->h_wts);
         if (mb->x) be->ops->free(be, mb->x);
         if (mb->g) be->ops->free(be, mb->g);
         if (mb->ids) be->ops->free(be, mb->ids);
         if (mb->wts) be->ops->free(be, mb->wts);
-        free(mb->h_g);
+        kn_host_free(be, mb->h_g);
         mb->tok = malloc(4 * (size_t)c);
         mb->pos = malloc(4 * (size_t)c);
-        mb->h_ids = malloc(4 * (size_t)c * k);
-        mb->h_wts = malloc(4 * (size_t)c * k);
-        mb->h_g = malloc(4 * (size_t)c * H);
+        mb->h_ids = kn_host_alloc(be, 4 * (size_t)c * k);
+        mb->h_wts = kn_host_alloc(be, 4 * (size_t)c * k);
+        mb->h_g = kn_host_alloc(be, 4 * (size_t)c * H);
         mb->x = be->ops->alloc(be, 4 * (size_t)c * H);
         mb->g = be->ops->alloc(be, 4 * (size_t)c * H);
         mb->ids = be->ops->alloc(be, 4 * (size_t)c * k);
@@ -784,8 +785,8 @@ static afd_status_t mb_finish(attn_node_t *a, int i)
         mb->seqs[j]->cached += mb->take[j];
     size_t V = (size_t)c->vocab_size;
     if (mb->nrows > a->logits_cap) {
-        free(a->logits);
-        a->logits = malloc(4 * V * (size_t)mb->nrows);
+        kn_host_free(be, a->logits);
+        a->logits = kn_host_alloc(be, 4 * V * (size_t)mb->nrows);
         a->logits_cap = a->logits ? mb->nrows : 0;
         if (!a->logits) return AFD_ERR_NOMEM;
     }
