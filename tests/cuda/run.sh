@@ -1,5 +1,5 @@
 #!/bin/bash
-# The CUDA backend on a GPU machine, in one go (about 3 minutes on one H200):
+# The CUDA backend on a GPU machine, in one go (about 4 minutes on one H200):
 #   1. build with CUDA=1 (sm_90, warnings as errors) into $BUILD (default build/cuda);
 #   2. every kernel check (cuda_check: the cuda backend against the cpu backend), each
 #      in its own process with its own timeout, printing its max error and tolerance;

@@ -326,6 +326,12 @@ def check_overlay(overlay, objs):
             if ann.get("prometheus.io/path") not in PATHS.get((p.daemon, opt), ()):
                 errs.append(f"{wname}: prometheus.io annotations name no metrics endpoint")
         env = p.env()
+        # an FFN pod runs one tensor-parallel rank on each GPU it is given
+        gpus = p.c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+        if p.daemon == "ffn_node" and gpus is not None:
+            if e.get("backend") != "cuda" or e.get("tp") != str(gpus):
+                errs.append(f"{wname}: ffn_node has {gpus} GPUs but runs backend "
+                            f"{e.get('backend')} with tp {e.get('tp')}")
         if p.daemon == "afd_coordinator":
             if e.get("host") not in ("0.0.0.0", "::"):
                 errs.append(f"{wname}: the coordinator listens on {e.get('host')}, not every address")
@@ -417,6 +423,19 @@ if "gpu-2a2f" in rendered:
     ck.check("an FFN pod with cluster drain/undrain hooks is refused",
              any("preStop hook runs afd-drain cluster" in e for e in errs) and
              any("postStart hook runs afd-drain undrain" in e for e in errs), "; ".join(errs))
+
+# the GPU rule can fail: an FFN pod whose GPU count differs from its ranks is refused
+if "gpu-2a2f" in rendered:
+    import copy
+    objs = copy.deepcopy(rendered["gpu-2a2f"][0])
+    for o in objs:
+        c = o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0]
+        if o["kind"] == "StatefulSet" and c.get("args", [""])[0] == "ffn_node":
+            c["resources"]["limits"]["nvidia.com/gpu"] = "4"
+            c["resources"].setdefault("requests", {})["nvidia.com/gpu"] = "4"
+    errs = check_overlay("gpu-2a2f", objs)[0]
+    ck.check("an FFN pod with 4 GPUs and 8 ranks is refused",
+             any("has 4 GPUs but runs backend cuda with tp 8" in e for e in errs), "; ".join(errs))
 
 # ---- the entrypoint refuses the placeholder secrets ----
 with open(os.path.join(TMP, "keys"), "w") as f:
