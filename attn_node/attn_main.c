@@ -103,7 +103,10 @@ typedef struct attn_tx {
 } attn_tx_t;
 
 typedef struct attn_mb {
-    int busy; /* a step is in flight */
+    kn_backend_t *be; /* this micro-batch's queue (cuda: its own stream), a kn_fork */
+    void *ev;         /* recorded after the A2F rows' copy to the host */
+    int a2f_queued;   /* that copy is queued; the A2F goes out once ev is done */
+    int busy;         /* a step is in flight */
     uint64_t step;
     int nmb;
     uint64_t deadline_us;
@@ -393,7 +396,12 @@ static int seq_stops(const attn_node_t *a, const attn_seq_t *s, int32_t t)
 
 static afd_status_t mb_reserve(attn_node_t *a, attn_mb_t *mb, int ntok, int nseq)
 {
-    kn_backend_t *be = a->m->be;
+    if (!mb->be) { /* its own queue on the model's device, its buffers allocated there */
+        if (!(mb->be = kn_fork(a->m->be))) return AFD_ERR_NOMEM;
+        mb->ev = kn_event_new(mb->be);
+        mb->ws.be = mb->be;
+    }
+    kn_backend_t *be = mb->be;
     size_t H = (size_t)a->cfg.hidden_size, k = (size_t)(a->cfg.top_k ? a->cfg.top_k : 1);
     if (nseq > mb->cap_seq) {
         int c = nseq * 2;
@@ -440,6 +448,31 @@ static afd_status_t mb_reserve(attn_node_t *a, attn_mb_t *mb, int ntok, int nseq
     return mdl_ws_reserve(a->m, &mb->ws, ntok > 0 ? ntok : 1);
 }
 
+/* Frees a micro-batch's buffers and queue (at exit). */
+static void mb_free(attn_node_t *a, attn_mb_t *mb)
+{
+    kn_backend_t *be = mb->be;
+    if (!be) return;
+    be->ops->sync(be);
+    mdl_ws_free(a->m, &mb->ws);
+    float *dev[] = {mb->x, mb->g, mb->wts, (float *)mb->ids};
+    for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+        if (dev[i]) be->ops->free(be, dev[i]);
+    kn_host_free(be, mb->h_ids);
+    kn_host_free(be, mb->h_wts);
+    kn_host_free(be, mb->h_g);
+    free(mb->tok);
+    free(mb->pos);
+    free(mb->rows);
+    free(mb->row_seq);
+    free(mb->ks);
+    free(mb->seqs);
+    free(mb->take);
+    kn_event_free(be, mb->ev);
+    be->ops->destroy(be);
+    memset(mb, 0, sizeof(*mb));
+}
+
 /* ---- the pipeline ---- */
 
 static void send_heartbeat(attn_node_t *a);
@@ -464,25 +497,41 @@ static afd_status_t wait_tx(attn_node_t *a, attn_mb_t *mb)
     return AFD_OK;
 }
 
-/* Sends micro-batch mb's A2F for a layer to every FFN node. */
-static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
+/* Queues the copy of micro-batch mb's A2F rows (hidden states, routing) to the host for
+ * a layer; on a device backend it runs behind the layer's attention on the micro-batch's
+ * stream and a2f_send goes out when its event says so, while other micro-batches go on. */
+static void a2f_queue(attn_node_t *a, attn_mb_t *mb, int layer)
 {
     const mdl_config_t *c = &a->cfg;
-    kn_backend_t *be = a->m->be;
+    size_t n = (size_t)mb->ntok, H = (size_t)c->hidden_size;
+    size_t k = c->is_moe[layer] ? (size_t)c->top_k : 0;
+    if (n) {
+        kn_download_async(mb->be, mb->h_g, mb->g, 4 * n * H);
+        if (k) {
+            kn_download_async(mb->be, mb->h_ids, mb->ids, 4 * n * k);
+            kn_download_async(mb->be, mb->h_wts, mb->wts, 4 * n * k);
+        }
+    }
+    kn_event_record(mb->be, mb->ev);
+    mb->a2f_queued = 1;
+    mb->got = 0; /* the answers to this layer's A2F, counted from now */
+    mb->want_layer = layer;
+}
+
+/* Packs and sends micro-batch mb's queued A2F to every FFN node. */
+static afd_status_t a2f_send(attn_node_t *a, attn_mb_t *mb, int mbi)
+{
+    const mdl_config_t *c = &a->cfg;
+    int layer = mb->want_layer;
+    mb->a2f_queued = 0;
     afd_status_t st = wait_tx(a, mb);
     if (st) return st;
     uint32_t H = (uint32_t)c->hidden_size, k = c->is_moe[layer] ? (uint32_t)c->top_k : 0;
     uint64_t bytes = net_wire_payload_bytes(NET_WIRE_A2F, (uint32_t)mb->ntok, H, a->a2f, k);
     if ((st = net_ucx_buf_reserve(a->ucx, &mb->tx->buf, bytes))) return st;
-    if (mb->ntok) {
-        size_t n = (size_t)mb->ntok;
-        be->ops->download(be, mb->h_g, mb->g, 4 * n * H);
-        if (k) {
-            be->ops->download(be, mb->h_ids, mb->ids, 4 * n * k);
-            be->ops->download(be, mb->h_wts, mb->wts, 4 * n * k);
-        }
-        net_wire_pack_a2f(mb->h_g, (uint32_t)n, H, a->a2f, mb->h_ids, mb->h_wts, k, mb->tx->buf.p);
-    }
+    if (mb->ntok)
+        net_wire_pack_a2f(mb->h_g, (uint32_t)mb->ntok, H, a->a2f, mb->h_ids, mb->h_wts, k,
+                          mb->tx->buf.p);
     net_wire_hdr_t *h = &mb->txh;
     memset(h, 0, sizeof(*h));
     h->magic = NET_WIRE_MAGIC;
@@ -500,8 +549,6 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
     h->topk = (uint8_t)k;
     h->reply_dtype = (uint8_t)a->f2a;
     h->payload = bytes;
-    mb->got = 0;
-    mb->want_layer = layer;
     mb->sent_us = net_now_us();
     for (int f = 0; f < a->ffn.n; f++) {
         h->send_ns = net_wire_now_ns();
@@ -518,12 +565,26 @@ static afd_status_t send_a2f(attn_node_t *a, attn_mb_t *mb, int mbi, int layer)
     return AFD_OK;
 }
 
+/* Sends micro-batch i's A2F if its rows have reached the host; 1 when it went out. */
+static int a2f_poll(attn_node_t *a, int i, afd_status_t *st)
+{
+    attn_mb_t *mb = &a->mb[i];
+    *st = AFD_OK;
+    if (!mb->a2f_queued || !kn_event_done(mb->be, mb->ev)) return 0;
+    uint64_t t0 = net_now_us();
+    *st = a2f_send(a, mb, i);
+    uint64_t t1 = net_now_us();
+    a->xfer_us += t1 - t0;
+    afd_trace_span(a->trace, "a2f send", t0, t1, mb->step, mb->want_layer, i, mb->ntok);
+    return 1;
+}
+
 /* Sums the FFN partials of micro-batch mb into its residual. */
 static void add_f2a(attn_node_t *a, attn_mb_t *mb)
 {
     size_t n = (size_t)mb->ntok * a->cfg.hidden_size;
     if (!n) return;
-    kn_backend_t *be = a->m->be;
+    kn_backend_t *be = mb->be;
     /* partials arrive on the host; sum them there, then add into the residual */
     float *sum = mb->h_g;
     memset(sum, 0, 4 * n);
@@ -537,7 +598,8 @@ static void add_f2a(attn_node_t *a, attn_mb_t *mb)
     }
 }
 
-/* Attention of one layer for micro-batch i, then its A2F. */
+/* Attention of one layer for micro-batch i, then its A2F (sent at once when the rows are
+ * already on the host, else by a later a2f_poll). */
 static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
 {
     attn_mb_t *mb = &a->mb[i];
@@ -547,12 +609,10 @@ static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
             .nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos, .seqs = mb->ks};
         mdl_attn(a->m, &mb->ws, layer, &a->kv->store, &b, mb->x, mb->g, mb->ids, mb->wts);
     }
-    uint64_t t1 = net_now_us();
-    afd_status_t st = send_a2f(a, mb, i, layer);
-    uint64_t t2 = net_now_us();
-    a->xfer_us += t2 - t1;
-    afd_trace_span(a->trace, "attention", t0, t1, mb->step, layer, i, mb->ntok);
-    afd_trace_span(a->trace, "a2f send", t1, t2, mb->step, layer, i, mb->ntok);
+    a2f_queue(a, mb, layer);
+    afd_trace_span(a->trace, "attention", t0, net_now_us(), mb->step, layer, i, mb->ntok);
+    afd_status_t st;
+    a2f_poll(a, i, &st);
     return st;
 }
 
@@ -779,14 +839,14 @@ static afd_status_t mb_finish(attn_node_t *a, int i)
 {
     attn_mb_t *mb = &a->mb[i];
     const mdl_config_t *c = &a->cfg;
-    kn_backend_t *be = a->m->be;
+    kn_backend_t *be = mb->be;
     attn_acc_t *acc = acc_get(a, mb->step, mb->nmb);
     for (int j = 0; j < mb->nseq; j++)
         mb->seqs[j]->cached += mb->take[j];
     size_t V = (size_t)c->vocab_size;
     if (mb->nrows > a->logits_cap) {
-        kn_host_free(be, a->logits);
-        a->logits = kn_host_alloc(be, 4 * V * (size_t)mb->nrows);
+        kn_host_free(a->m->be, a->logits);
+        a->logits = kn_host_alloc(a->m->be, 4 * V * (size_t)mb->nrows);
         a->logits_cap = a->logits ? mb->nrows : 0;
         if (!a->logits) return AFD_ERR_NOMEM;
     }
@@ -862,6 +922,9 @@ static void pipeline_fail(attn_node_t *a, afd_status_t st, const char *why)
     for (int k = 0; k < ATTN_MAX_PLANS; k++)
         if (a->acc[k].used) acc_send(a, &a->acc[k], msg);
     for (int i = 0; i < ATTN_MAX_MB; i++) {
+        /* queued device work ends before its buffers and KV blocks are reused */
+        if (a->mb[i].be) a->mb[i].be->ops->sync(a->mb[i].be);
+        a->mb[i].a2f_queued = 0;
         a->mb[i].busy = 0;
         tx_retire(a, &a->mb[i]);
     }
@@ -890,13 +953,20 @@ static int pipeline_run(attn_node_t *a)
     uint64_t bstep = 0;
     int blayer = 0;
     attn_plan_t *bplan = NULL;
+    /* A2F rows that reached the host go out first: the FFN nodes are waiting for them */
+    for (int i = 0; i < a->cur_nmb; i++) {
+        afd_status_t st;
+        if (!a2f_poll(a, i, &st)) continue;
+        if (st) pipeline_fail(a, st, NULL);
+        return 1;
+    }
     for (int i = 0; i < a->cur_nmb; i++) {
         attn_mb_t *mb = &a->mb[i];
         uint64_t step;
         int layer;
         attn_plan_t *p = NULL;
         if (mb->busy) {
-            if (mb->got < a->ffn.n) continue;
+            if (mb->a2f_queued || mb->got < a->ffn.n) continue;
             step = mb->step;
             layer = mb->want_layer + 1;
         } else {
@@ -1188,9 +1258,15 @@ int main(int argc, char **argv)
         if (pipeline_run(&a)) continue;
         /* nothing runnable: wait for FFN answers (spinning briefly while a step is in
          * flight) or for the coordinator; check the step deadlines */
-        int inflight = !all_idle(&a);
+        int inflight = !all_idle(&a), queued = 0;
+        for (int i = 0; i < ATTN_MAX_MB; i++)
+            queued |= a.mb[i].a2f_queued;
         uint64_t t0 = net_now_us();
-        net_node_wait(&a.ctl, a.ucx, inflight ? (int)a.o.busy_poll_us : 0, inflight ? 5 : 100);
+        /* a queued copy to the host finishes on its own: poll, never sleep past it */
+        net_node_wait(&a.ctl, a.ucx, inflight ? (int)a.o.busy_poll_us : 0,
+                      queued     ? 0
+                      : inflight ? 5
+                                 : 100);
         if (!inflight) a.idle_us += net_now_us() - t0; /* no step to run: no plan yet */
         if (inflight) {
             uint64_t t1 = net_now_us();
@@ -1236,6 +1312,9 @@ int main(int argc, char **argv)
         afd_trace_close(a.trace);
     }
     mdl_sampler_destroy(a.smp);
+    for (int i = 0; i < ATTN_MAX_MB; i++)
+        mb_free(&a, &a.mb[i]);
+    kn_host_free(be, a.logits);
     mdl_kv_destroy(a.kv);
     mdl_model_free(a.m);
     mdl_ckpt_close(ck);

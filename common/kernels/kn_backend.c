@@ -42,6 +42,44 @@ void kn_host_free(kn_backend_t *be, void *p)
         free(p);
 }
 
+/* ---- queues and events ---- */
+
+kn_backend_t *kn_fork(kn_backend_t *be)
+{
+    kn_backend_t *out = NULL;
+    if (be->ops->fork) return be->ops->fork(be);
+    if (!strcmp(be->ops->name, "cpu") && kn_cpu_create(be->threads, &out) == AFD_OK) return out;
+    return NULL;
+}
+
+void kn_download_async(kn_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    if (be->ops->download_async)
+        be->ops->download_async(be, dst, src, bytes);
+    else
+        be->ops->download(be, dst, src, bytes);
+}
+
+void *kn_event_new(kn_backend_t *be)
+{
+    return be->ops->event_new ? be->ops->event_new(be) : NULL;
+}
+
+void kn_event_record(kn_backend_t *be, void *ev)
+{
+    if (ev && be->ops->event_record) be->ops->event_record(be, ev);
+}
+
+int kn_event_done(kn_backend_t *be, void *ev)
+{
+    return ev && be->ops->event_done ? be->ops->event_done(be, ev) : 1;
+}
+
+void kn_event_free(kn_backend_t *be, void *ev)
+{
+    if (ev && be->ops->event_free) be->ops->event_free(be, ev);
+}
+
 /* ---- tensor-parallel groups ---- */
 
 afd_status_t kn_group_create(const char *name, int threads, int n, const int *devices,

@@ -114,6 +114,22 @@ typedef struct kn_ops {
     /* x <- dequant(quant(x)) in dtype (fp8 with per-128 scales, bf16, or f32: no-op) */
     void (*round)(kn_backend_t *be, float *x, int rows, int dim, afd_dtype_t dt);
 
+    /*
+     * Optional: a sibling on the same device with its own queue (cuda: its own stream)
+     * that shares the memory space: buffers, weights and the KV cache of either are used
+     * by both; each frees what it allocated, and the sibling is destroyed first. NULL for
+     * backends without queues (every op has finished when it returns).
+     */
+    kn_backend_t *(*fork)(kn_backend_t *be);
+    /* Optional (NULL: download): queues a copy to the host that an event recorded after it
+     * reports done; dst should come from host_alloc. */
+    void (*download_async)(kn_backend_t *be, void *dst, const void *src, size_t bytes);
+    /* Optional events (NULL: everything queued is done at once): record marks the point
+     * after the work queued so far; done tells, without waiting, whether it is reached. */
+    void *(*event_new)(kn_backend_t *be);
+    void (*event_record)(kn_backend_t *be, void *ev);
+    int (*event_done)(kn_backend_t *be, void *ev);
+    void (*event_free)(kn_backend_t *be, void *ev);
     /* Optional (NULL: malloc/free): host memory the backend copies from and to fastest
      * (cuda: pinned), for staging buffers. */
     void *(*host_alloc)(kn_backend_t *be, size_t bytes);
@@ -164,6 +180,17 @@ afd_status_t kn_group_create(const char *name, int threads, int n, const int *de
 /* bufs[0] <- sum of bufs[i], i < n (count floats each, in rank i's memory). */
 void kn_group_reduce(kn_group_t *g, float *const *bufs, size_t count);
 void kn_group_destroy(kn_group_t *g);
+
+/* A queue of its own on be's device (ops->fork), or a new backend of the same kind where
+ * ops complete in order anyway (cpu); NULL on failure. Destroy it before be. */
+kn_backend_t *kn_fork(kn_backend_t *be);
+/* The optional asynchronous ops with their synchronous meaning where a backend has none:
+ * kn_event_new may return NULL (then kn_event_done is always 1). */
+void kn_download_async(kn_backend_t *be, void *dst, const void *src, size_t bytes);
+void *kn_event_new(kn_backend_t *be);
+void kn_event_record(kn_backend_t *be, void *ev);
+int kn_event_done(kn_backend_t *be, void *ev);
+void kn_event_free(kn_backend_t *be, void *ev);
 
 /* host staging memory of a backend (pinned where it has such a thing) */
 void *kn_host_alloc(kn_backend_t *be, size_t bytes);

@@ -413,6 +413,13 @@ void mdl_model_free(mdl_model_t *m)
 
 /* ---- workspace ---- */
 
+/* The backend a workspace's work is queued on: its own (a stream of the model's device),
+ * else the model's. */
+static kn_backend_t *ws_be(const mdl_model_t *m, const mdl_ws_t *ws)
+{
+    return ws->be ? ws->be : m->be;
+}
+
 /* The widest intermediate slice this model's FFN share runs (its expert work buffers). */
 static int ws_inter_max(const mdl_model_t *m)
 {
@@ -427,7 +434,7 @@ static int ws_inter_max(const mdl_model_t *m)
 
 void mdl_ws_free(const mdl_model_t *m, mdl_ws_t *ws)
 {
-    kn_backend_t *be = m->be;
+    kn_backend_t *be = ws_be(m, ws);
     void **dev[] = {(void **)&ws->h,   (void **)&ws->ql, (void **)&ws->q,        (void **)&ws->k,
                     (void **)&ws->v,   (void **)&ws->o,  (void **)&ws->logits_r, (void **)&ws->xe,
                     (void **)&ws->ge,  (void **)&ws->ue, (void **)&ws->ye,       (void **)&ws->rows,
@@ -450,7 +457,7 @@ afd_status_t mdl_ws_reserve(const mdl_model_t *m, mdl_ws_t *ws, int ntok)
     if (ntok <= ws->cap) return AFD_OK;
     mdl_ws_free(m, ws);
     const mdl_config_t *c = &m->cfg;
-    kn_backend_t *be = m->be;
+    kn_backend_t *be = ws_be(m, ws);
     size_t n = (size_t)ntok, H = (size_t)c->hidden_size, QH = (size_t)c->num_heads * c->head_dim;
     size_t k = (size_t)(c->top_k > 0 ? c->top_k : 1);
     size_t E = (size_t)(c->num_experts > 0 ? c->num_experts : 1);
@@ -493,7 +500,7 @@ afd_status_t mdl_ws_reserve(const mdl_model_t *m, mdl_ws_t *ws, int ntok)
 
 void mdl_embed(const mdl_model_t *m, mdl_ws_t *ws, const mdl_batch_t *b, float *x)
 {
-    kn_backend_t *be = m->be;
+    kn_backend_t *be = ws_be(m, ws);
     AFD_ASSERT(b->ntok <= ws->cap);
     be->ops->upload(be, ws->rows, b->tokens, sizeof(int32_t) * (size_t)b->ntok);
     be->ops->embed(be, &m->embed, ws->rows, b->ntok, x);
@@ -504,7 +511,7 @@ void mdl_attn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const kn_kv_t *kv,
 {
     const mdl_config_t *c = &m->cfg;
     const mdl_attn_layer_t *a = &m->attn[layer];
-    kn_backend_t *be = m->be;
+    kn_backend_t *be = ws_be(m, ws);
     const kn_ops_t *op = be->ops;
     int n = b->ntok, H = c->hidden_size, HD = c->head_dim, NH = c->num_heads;
     AFD_ASSERT(n <= ws->cap);
@@ -553,7 +560,7 @@ void mdl_ffn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const float *g, int 
 {
     const mdl_config_t *c = &m->cfg;
     const mdl_ffn_layer_t *f = &m->ffn[layer];
-    kn_backend_t *be = m->be;
+    kn_backend_t *be = ws_be(m, ws);
     int H = c->hidden_size;
     AFD_ASSERT(n <= ws->cap);
     if (n == 0) return;
@@ -589,7 +596,7 @@ void mdl_final(const mdl_model_t *m, mdl_ws_t *ws, const float *x, const int32_t
                float *logits)
 {
     const mdl_config_t *c = &m->cfg;
-    kn_backend_t *be = m->be;
+    kn_backend_t *be = ws_be(m, ws);
     AFD_ASSERT(nrows <= ws->cap);
     be->ops->upload(be, ws->rows, rows, sizeof(int32_t) * (size_t)nrows);
     be->ops->gather(be, x, c->hidden_size, ws->rows, nrows, ws->h);

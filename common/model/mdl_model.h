@@ -83,8 +83,11 @@ afd_status_t mdl_model_load(const mdl_ckpt_t *ck, const mdl_config_t *cfg, kn_ba
 void mdl_model_free(mdl_model_t *m);
 
 /* Scratch space for the forward pieces, grown to the largest batch seen; only the
- * buffers of the model's role are allocated. */
+ * buffers of the model's role are allocated. be: the backend the pieces run on with this
+ * workspace (NULL: the model's; else one of its kn_fork siblings, e.g. a stream per
+ * micro-batch); set it before the first mdl_ws_reserve. */
 typedef struct mdl_ws {
+    kn_backend_t *be;
     int cap;                                  /* tokens */
     float *h, *ql, *q, *k, *v, *o, *logits_r; /* attention side */
     float *xe, *ge, *ue, *ye; /* FFN side: routed rows sorted by expert, expert work */

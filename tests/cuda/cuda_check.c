@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static kn_backend_t *cpu, *gpu;
@@ -90,6 +91,13 @@ static double rel_err(const float *ref, const float *got, size_t n)
         if (fabs(ref[i]) > m) m = fabs(ref[i]);
     }
     return m > 0 ? e / m : e;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static int report(const char *name, double err, double tol, const char *detail)
@@ -522,6 +530,56 @@ static int check_group(void)
     return rc;
 }
 
+/*
+ * A sibling queue (kn_fork: its own stream, the parent's memory) and the asynchronous copy
+ * to pinned host memory that the attention node's A2F uses: the sibling adds a buffer the
+ * parent wrote into its own, copies it out with download_async, and an event reports the
+ * copy; the bytes must be exact (a float add of x to zeros).
+ */
+static int check_streams(void)
+{
+    enum { C = 1 << 20 };
+    float *hx = randv(C, 2.0f);
+    float *dx = up(hx, sizeof(float) * C);
+    kn_backend_t *sib = kn_fork(gpu);
+    if (!sib) {
+        printf("not ok - streams (kn_fork failed)\n");
+        return 1;
+    }
+    float *dy = sib->ops->alloc(sib, sizeof(float) * C);
+    float *hy = kn_host_alloc(sib, sizeof(float) * C);
+    void *ev = kn_event_new(sib);
+    if (!dy || !hy || !ev) abort();
+    double err = 0;
+    long polls = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        memset(hy, 0, sizeof(float) * C);
+        sib->ops->zero(sib, dy, sizeof(float) * C);
+        sib->ops->add(sib, dy, dx, C);
+        kn_download_async(sib, hy, dy, sizeof(float) * C);
+        kn_event_record(sib, ev);
+        double t0 = now_s();
+        while (!kn_event_done(sib, ev)) {
+            polls++;
+            if (now_s() - t0 > 10) {
+                printf("not ok - streams (the event never completed)\n");
+                return 1;
+            }
+        }
+        double e = rel_err(hx, hy, C);
+        if (!(e <= err)) err = e;
+    }
+    kn_event_free(sib, ev);
+    kn_host_free(sib, hy);
+    sib->ops->free(sib, dy);
+    sib->ops->destroy(sib);
+    gpu->ops->free(gpu, dx);
+    free(hx);
+    char detail[80];
+    snprintf(detail, sizeof(detail), "4 MiB through a sibling stream, %ld polls", polls);
+    return report("streams", err, 0, detail);
+}
+
 typedef struct check {
     const char *name;
     int (*fn)(void);
@@ -533,6 +591,7 @@ static const check_t checks[] = {
     {"gather", check_gather_scatter}, {"round", check_round},
     {"matmul", check_matmul},         {"embed", check_embed},
     {"attention", check_attention},   {"group", check_group},
+    {"streams", check_streams},
 };
 
 int main(int argc, char **argv)

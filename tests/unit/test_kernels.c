@@ -1154,6 +1154,20 @@ static void test_group(void **state)
     void *h = kn_host_alloc(be, 64);
     assert_non_null(h);
     kn_host_free(be, h);
+    /* a sibling queue: on the cpu a backend of its own whose ops finish in order, so
+     * events are always done and the asynchronous copy is a copy */
+    kn_backend_t *sib = kn_fork(be);
+    assert_non_null(sib);
+    assert_true(sib != be);
+    assert_string_equal(sib->ops->name, "cpu");
+    float src[5] = {1, 2, 3, 4, 5}, dst[5] = {0};
+    kn_download_async(sib, dst, src, sizeof(src));
+    void *ev = kn_event_new(sib);
+    kn_event_record(sib, ev);
+    assert_true(kn_event_done(sib, ev));
+    assert_memory_equal(dst, src, sizeof(src));
+    kn_event_free(sib, ev);
+    sib->ops->destroy(sib);
 }
 
 int main(void)

@@ -196,6 +196,43 @@ static void cuda_download(kn_backend_t *be, void *dst, const void *src, size_t b
     CU_CHECK(cudaStreamSynchronize(cu(be)->stream)); /* the host reads it next */
 }
 
+static void cuda_download_async(kn_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    if (!bytes) return;
+    CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cu(be)->stream));
+}
+
+static void *cuda_event_new(kn_backend_t *be)
+{
+    (void)cu(be);
+    cudaEvent_t ev;
+    CU_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    return (void *)ev;
+}
+
+static void cuda_event_record(kn_backend_t *be, void *ev)
+{
+    CU_CHECK(cudaEventRecord((cudaEvent_t)ev, cu(be)->stream));
+}
+
+static int cuda_event_done(kn_backend_t *be, void *ev)
+{
+    (void)cu(be);
+    cudaError_t e = cudaEventQuery((cudaEvent_t)ev);
+    if (e == cudaErrorNotReady) {
+        cudaGetLastError();
+        return 0;
+    }
+    CU_CHECK(e);
+    return 1;
+}
+
+static void cuda_event_free(kn_backend_t *be, void *ev)
+{
+    (void)cu(be);
+    CU_CHECK(cudaEventDestroy((cudaEvent_t)ev));
+}
+
 static void *cuda_host_alloc(kn_backend_t *be, size_t bytes)
 {
     (void)cu(be);
@@ -713,6 +750,8 @@ static void cuda_group_reduce(void *grp, float *const *bufs, size_t count)
     CU_CHECK(cudaSetDevice(r0->device));
 }
 
+static kn_backend_t *cuda_fork(kn_backend_t *be);
+
 static const kn_ops_t cuda_ops = {
     .name = "cuda",
     .host_memory = 0,
@@ -737,12 +776,56 @@ static const kn_ops_t cuda_ops = {
     .kv_write = cuda_kv_write,
     .attention = cuda_attention,
     .round = cuda_round,
+    .fork = cuda_fork,
+    .download_async = cuda_download_async,
+    .event_new = cuda_event_new,
+    .event_record = cuda_event_record,
+    .event_done = cuda_event_done,
+    .event_free = cuda_event_free,
     .host_alloc = cuda_host_alloc,
     .host_free = cuda_host_free,
     .group_open = cuda_group_open,
     .group_reduce = cuda_group_reduce,
     .group_close = cuda_group_close,
 };
+
+/* A sibling on the same device: its own stream, cuBLASLt handle (plans, workspace) and
+ * arena, the parent's start-up findings (fp8 probe, scale orders, attention kernel). */
+static kn_backend_t *cuda_fork(kn_backend_t *be)
+{
+    kn_cuda_t *p = cu(be);
+    kn_cuda_t *c = calloc(1, sizeof(*c));
+    if (!c) return NULL;
+    c->base = p->base;
+    c->device = p->device;
+    c->num_sms = p->num_sms;
+    c->fp8_native = p->fp8_native;
+    c->order_w = p->order_w;
+    c->order_x = p->order_x;
+    c->attn_tc = p->attn_tc;
+    c->warned_fp8_shape = p->warned_fp8_shape;
+    if (cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking) != cudaSuccess) {
+        cudaGetLastError();
+        free(c);
+        return NULL;
+    }
+    if (kn_gemm_create(KN_GEMM_WS, &c->gemm) != AFD_OK) {
+        cudaStreamDestroy(c->stream);
+        free(c);
+        return NULL;
+    }
+    if (cudaMalloc(&c->arena_mem, KN_ARENA_INITIAL) != cudaSuccess) {
+        cudaGetLastError();
+        kn_gemm_destroy(c->gemm);
+        cudaStreamDestroy(c->stream);
+        free(c);
+        return NULL;
+    }
+    kn_arena_init(&c->arena, KN_ARENA_INITIAL);
+    /* the parent's queued work (weight and cache set-up) is visible to the sibling */
+    CU_CHECK(cudaStreamSynchronize(p->stream));
+    return &c->base;
+}
 
 /* a status string without common/util (the library keeps no copy of it) */
 const char *afd_status_str(afd_status_t st)
