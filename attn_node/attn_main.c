@@ -119,8 +119,7 @@ typedef struct attn_mb {
     int32_t *take;
     float *x, *g, *wts; /* backend (cap_tok, H) */
     int32_t *ids;
-    int32_t *h_ids;
-    float *h_wts, *h_g;
+    void *d_wire;       /* device backends: packed A2F rows on their way out, F2A rows coming in */
     struct attn_tx *tx; /* packed A2F */
     net_wire_hdr_t txh;
     net_ucx_buf_t rx[ATTN_MAX_FFN]; /* F2A answers, one per FFN node */
@@ -422,25 +421,21 @@ static afd_status_t mb_reserve(attn_node_t *a, attn_mb_t *mb, int ntok, int nseq
         int c = ntok < 64 ? 64 : ntok;
         free(mb->tok);
         free(mb->pos);
-        /* host staging of A2F/F2A rows: pinned on a device backend */
-        kn_host_free(be, mb->h_ids);
-        kn_host_free(be, mb->h_wts);
+        if (mb->d_wire) be->ops->free(be, mb->d_wire);
         if (mb->x) be->ops->free(be, mb->x);
         if (mb->g) be->ops->free(be, mb->g);
         if (mb->ids) be->ops->free(be, mb->ids);
         if (mb->wts) be->ops->free(be, mb->wts);
-        kn_host_free(be, mb->h_g);
         mb->tok = malloc(4 * (size_t)c);
         mb->pos = malloc(4 * (size_t)c);
-        mb->h_ids = kn_host_alloc(be, 4 * (size_t)c * k);
-        mb->h_wts = kn_host_alloc(be, 4 * (size_t)c * k);
-        mb->h_g = kn_host_alloc(be, 4 * (size_t)c * H);
+        /* packed rows are at most float32 rows */
+        mb->d_wire = be->ops->host_memory ? NULL : be->ops->alloc(be, 4 * (size_t)c * H);
         mb->x = be->ops->alloc(be, 4 * (size_t)c * H);
         mb->g = be->ops->alloc(be, 4 * (size_t)c * H);
         mb->ids = be->ops->alloc(be, 4 * (size_t)c * k);
         mb->wts = be->ops->alloc(be, 4 * (size_t)c * k);
         mb->cap_tok = 0;
-        if (!mb->tok || !mb->pos || !mb->h_ids || !mb->h_wts || !mb->h_g || !mb->x || !mb->g ||
+        if (!mb->tok || !mb->pos || (!be->ops->host_memory && !mb->d_wire) || !mb->x || !mb->g ||
             !mb->ids || !mb->wts)
             return AFD_ERR_NOMEM;
         mb->cap_tok = c;
@@ -455,12 +450,9 @@ static void mb_free(attn_node_t *a, attn_mb_t *mb)
     if (!be) return;
     be->ops->sync(be);
     mdl_ws_free(a->m, &mb->ws);
-    float *dev[] = {mb->x, mb->g, mb->wts, (float *)mb->ids};
+    void *dev[] = {mb->x, mb->g, mb->wts, mb->ids, mb->d_wire};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i]) be->ops->free(be, dev[i]);
-    kn_host_free(be, mb->h_ids);
-    kn_host_free(be, mb->h_wts);
-    kn_host_free(be, mb->h_g);
     free(mb->tok);
     free(mb->pos);
     free(mb->rows);
@@ -471,6 +463,17 @@ static void mb_free(attn_node_t *a, attn_mb_t *mb)
     kn_event_free(be, mb->ev);
     be->ops->destroy(be);
     memset(mb, 0, sizeof(*mb));
+}
+
+/* the backend's host memory for the data plane's buffers (pinned on a device backend) */
+static void *node_host_alloc(void *be, size_t bytes)
+{
+    return kn_host_alloc(be, bytes);
+}
+
+static void node_host_free(void *be, void *p)
+{
+    kn_host_free(be, p);
 }
 
 /* ---- the pipeline ---- */
@@ -497,41 +500,51 @@ static afd_status_t wait_tx(attn_node_t *a, attn_mb_t *mb)
     return AFD_OK;
 }
 
-/* Queues the copy of micro-batch mb's A2F rows (hidden states, routing) to the host for
- * a layer; on a device backend it runs behind the layer's attention on the micro-batch's
- * stream and a2f_send goes out when its event says so, while other micro-batches go on. */
-static void a2f_queue(attn_node_t *a, attn_mb_t *mb, int layer)
+/*
+ * Packs micro-batch mb's A2F for a layer (hidden states in the wire dtype, expert ids and
+ * weights) into its send buffer. On a device backend the packing runs on the device,
+ * behind the layer's attention on the micro-batch's stream, and only the packed bytes are
+ * copied into the (pinned) send buffer; a2f_send sends once the event recorded after the
+ * copy says so, while the other micro-batches go on.
+ */
+static afd_status_t a2f_queue(attn_node_t *a, attn_mb_t *mb, int layer)
 {
     const mdl_config_t *c = &a->cfg;
-    size_t n = (size_t)mb->ntok, H = (size_t)c->hidden_size;
-    size_t k = c->is_moe[layer] ? (size_t)c->top_k : 0;
-    if (n) {
-        kn_download_async(mb->be, mb->h_g, mb->g, 4 * n * H);
-        if (k) {
-            kn_download_async(mb->be, mb->h_ids, mb->ids, 4 * n * k);
-            kn_download_async(mb->be, mb->h_wts, mb->wts, 4 * n * k);
-        }
-    }
-    kn_event_record(mb->be, mb->ev);
-    mb->a2f_queued = 1;
+    kn_backend_t *be = mb->be;
     mb->got = 0; /* the answers to this layer's A2F, counted from now */
     mb->want_layer = layer;
-}
-
-/* Packs and sends micro-batch mb's queued A2F to every FFN node. */
-static afd_status_t a2f_send(attn_node_t *a, attn_mb_t *mb, int mbi)
-{
-    const mdl_config_t *c = &a->cfg;
-    int layer = mb->want_layer;
-    mb->a2f_queued = 0;
     afd_status_t st = wait_tx(a, mb);
     if (st) return st;
     uint32_t H = (uint32_t)c->hidden_size, k = c->is_moe[layer] ? (uint32_t)c->top_k : 0;
     uint64_t bytes = net_wire_payload_bytes(NET_WIRE_A2F, (uint32_t)mb->ntok, H, a->a2f, k);
     if ((st = net_ucx_buf_reserve(a->ucx, &mb->tx->buf, bytes))) return st;
-    if (mb->ntok)
-        net_wire_pack_a2f(mb->h_g, (uint32_t)mb->ntok, H, a->a2f, mb->h_ids, mb->h_wts, k,
-                          mb->tx->buf.p);
+    size_t n = (size_t)mb->ntok, rb = afd_rows_bytes(a->a2f, n, H), rk = 4 * n * k;
+    uint8_t *p = mb->tx->buf.p;
+    if (n && be->ops->host_memory) {
+        kn_rows_encode(be, a->a2f, mb->g, (int)n, (int)H, p);
+        memcpy(p + rb, mb->ids, rk);
+        memcpy(p + rb + rk, mb->wts, rk);
+    } else if (n) {
+        kn_rows_encode(be, a->a2f, mb->g, (int)n, (int)H, mb->d_wire);
+        kn_download_async(be, p, mb->d_wire, rb);
+        if (k) {
+            kn_download_async(be, p + rb, mb->ids, rk);
+            kn_download_async(be, p + rb + rk, mb->wts, rk);
+        }
+    }
+    kn_event_record(be, mb->ev);
+    mb->a2f_queued = 1;
+    return AFD_OK;
+}
+
+/* Sends micro-batch mb's packed A2F to every FFN node. */
+static afd_status_t a2f_send(attn_node_t *a, attn_mb_t *mb, int mbi)
+{
+    const mdl_config_t *c = &a->cfg;
+    int layer = mb->want_layer;
+    mb->a2f_queued = 0;
+    uint32_t H = (uint32_t)c->hidden_size, k = c->is_moe[layer] ? (uint32_t)c->top_k : 0;
+    uint64_t bytes = net_wire_payload_bytes(NET_WIRE_A2F, (uint32_t)mb->ntok, H, a->a2f, k);
     net_wire_hdr_t *h = &mb->txh;
     memset(h, 0, sizeof(*h));
     h->magic = NET_WIRE_MAGIC;
@@ -554,8 +567,8 @@ static afd_status_t a2f_send(attn_node_t *a, attn_mb_t *mb, int mbi)
         h->send_ns = net_wire_now_ns();
         attn_tx_t *t = mb->tx;
         t->pending++;
-        st = net_ucx_send(a->ffn.ep[f], h, sizeof(*h), t->buf.p, bytes, bytes ? t->buf.memh : NULL,
-                          attn_send_done, t);
+        afd_status_t st = net_ucx_send(a->ffn.ep[f], h, sizeof(*h), t->buf.p, bytes,
+                                       bytes ? t->buf.memh : NULL, attn_send_done, t);
         if (st) {
             t->pending--;
             return st;
@@ -565,13 +578,14 @@ static afd_status_t a2f_send(attn_node_t *a, attn_mb_t *mb, int mbi)
     return AFD_OK;
 }
 
-/* Sends micro-batch i's A2F if its rows have reached the host; 1 when it went out. */
-static int a2f_poll(attn_node_t *a, int i, afd_status_t *st)
+/* Sends micro-batch i's A2F if its rows have reached the host (its span, "a2f send", from
+ * t0, or from now when 0); 1 when it went out. */
+static int a2f_poll(attn_node_t *a, int i, uint64_t t0, afd_status_t *st)
 {
     attn_mb_t *mb = &a->mb[i];
     *st = AFD_OK;
     if (!mb->a2f_queued || !kn_event_done(mb->be, mb->ev)) return 0;
-    uint64_t t0 = net_now_us();
+    if (!t0) t0 = net_now_us();
     *st = a2f_send(a, mb, i);
     uint64_t t1 = net_now_us();
     a->xfer_us += t1 - t0;
@@ -579,27 +593,26 @@ static int a2f_poll(attn_node_t *a, int i, afd_status_t *st)
     return 1;
 }
 
-/* Sums the FFN partials of micro-batch mb into its residual. */
+/* Adds the FFN partials of micro-batch mb into its residual (on a device backend: each
+ * node's packed rows uploaded and added on the micro-batch's stream). */
 static void add_f2a(attn_node_t *a, attn_mb_t *mb)
 {
-    size_t n = (size_t)mb->ntok * a->cfg.hidden_size;
+    int n = mb->ntok, H = a->cfg.hidden_size;
     if (!n) return;
     kn_backend_t *be = mb->be;
-    /* partials arrive on the host; sum them there, then add into the residual */
-    float *sum = mb->h_g;
-    memset(sum, 0, 4 * n);
-    for (int f = 0; f < a->ffn.n; f++)
-        net_wire_add_rows(mb->rx[f].p, n, a->f2a, sum);
-    if (be->ops->host_memory) {
-        be->ops->add(be, mb->x, sum, n);
-    } else {
-        be->ops->upload(be, mb->g, sum, 4 * n);
-        be->ops->add(be, mb->x, mb->g, n);
+    size_t rb = afd_rows_bytes(a->f2a, (size_t)n, (size_t)H);
+    for (int f = 0; f < a->ffn.n; f++) {
+        if (be->ops->host_memory) {
+            kn_rows_add(be, a->f2a, mb->rx[f].p, n, H, mb->x);
+        } else {
+            be->ops->upload(be, mb->d_wire, mb->rx[f].p, rb);
+            kn_rows_add(be, a->f2a, mb->d_wire, n, H, mb->x);
+        }
     }
 }
 
-/* Attention of one layer for micro-batch i, then its A2F (sent at once when the rows are
- * already on the host, else by a later a2f_poll). */
+/* Attention of one layer for micro-batch i, then its A2F (sent at once when the packed
+ * rows are already on the host, else by a later a2f_poll). */
 static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
 {
     attn_mb_t *mb = &a->mb[i];
@@ -609,10 +622,11 @@ static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
             .nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos, .seqs = mb->ks};
         mdl_attn(a->m, &mb->ws, layer, &a->kv->store, &b, mb->x, mb->g, mb->ids, mb->wts);
     }
-    a2f_queue(a, mb, layer);
-    afd_trace_span(a->trace, "attention", t0, net_now_us(), mb->step, layer, i, mb->ntok);
-    afd_status_t st;
-    a2f_poll(a, i, &st);
+    uint64_t t1 = net_now_us();
+    afd_trace_span(a->trace, "attention", t0, t1, mb->step, layer, i, mb->ntok);
+    afd_status_t st = a2f_queue(a, mb, layer);
+    if (st) return st;
+    a2f_poll(a, i, t1, &st); /* packed on this thread: packing and sends in one span */
     return st;
 }
 
@@ -956,7 +970,7 @@ static int pipeline_run(attn_node_t *a)
     /* A2F rows that reached the host go out first: the FFN nodes are waiting for them */
     for (int i = 0; i < a->cur_nmb; i++) {
         afd_status_t st;
-        if (!a2f_poll(a, i, &st)) continue;
+        if (!a2f_poll(a, i, 0, &st)) continue;
         if (st) pipeline_fail(a, st, NULL);
         return 1;
     }
@@ -1199,10 +1213,15 @@ int main(int argc, char **argv)
                          .recv_cb = attn_recv,
                          .err_cb = attn_peer_err,
                          .arg = &a};
+    if (!be->ops->host_memory) { /* data-plane buffers the device copies into and out of */
+        uo.host_alloc = node_host_alloc;
+        uo.host_free = node_host_free;
+        uo.host_arg = be;
+    }
     if (net_ucx_create(&uo, &a.ucx)) return 1;
     if (!be->ops->host_memory)
-        afd_info("data plane: A2F/F2A staged through registered host buffers (this UCX %s "
-                 "CUDA memory)",
+        afd_info("data plane: A2F packed and F2A added on the device, sent and received "
+                 "through pinned, registered host buffers (this UCX %s CUDA memory)",
                  net_ucx_cuda_memory(a.ucx) ? "also moves" : "does not move");
     if (a.o.metrics_port >= 0) {
         if (net_metrics_start("0.0.0.0", (int)a.o.metrics_port, &a.metrics)) return 1;
@@ -1303,7 +1322,7 @@ int main(int argc, char **argv)
     while (a.retired) {     /* their registrations went with the worker */
         attn_tx_t *t = a.retired;
         a.retired = t->next;
-        free(t->buf.p);
+        net_ucx_buf_forget(&t->buf);
         free(t);
     }
     if (a.trace) {

@@ -24,19 +24,17 @@ static int host_backend(const ffn_exec_t *x)
 
 static void buffers_free(ffn_exec_t *x)
 {
-    int host = host_backend(x);
     for (int i = 0; i < x->tp; i++) {
         kn_backend_t *be = x->grp->rank[i];
         if (x->m[i]) mdl_ws_free(x->m[i], &x->ws[i]);
         if (x->g[i]) be->ops->free(be, x->g[i]);
         if (x->out[i]) be->ops->free(be, x->out[i]);
+        if (x->d_in[i]) be->ops->free(be, x->d_in[i]);
         x->g[i] = x->out[i] = NULL;
+        x->d_in[i] = NULL;
     }
-    if (!host) {
-        kn_host_free(x->grp->rank[0], x->h_g);
-        kn_host_free(x->grp->rank[0], x->h_out);
-    }
-    x->h_g = x->h_out = NULL;
+    if (x->d_out) x->grp->rank[0]->ops->free(x->grp->rank[0], x->d_out);
+    x->d_out = NULL;
     free(x->ids);
     free(x->wts);
     x->ids = NULL;
@@ -78,6 +76,7 @@ afd_status_t ffn_exec_reserve(ffn_exec_t *x, int n)
 {
     if (n <= x->cap) return AFD_OK;
     buffers_free(x);
+    /* packed rows take at most 4 bytes per value (f32; e4m3 with its scales takes less) */
     size_t rows = (size_t)n * (size_t)x->hidden * sizeof(float);
     int host = host_backend(x), ok = 1;
     for (int i = 0; i < x->tp && ok; i++) {
@@ -85,16 +84,10 @@ afd_status_t ffn_exec_reserve(ffn_exec_t *x, int n)
         /* host-memory ranks all read rank 0's input rows */
         if (i == 0 || !host) ok = (x->g[i] = be->ops->alloc(be, rows)) != NULL;
         ok = ok && (x->out[i] = be->ops->alloc(be, rows)) != NULL;
+        if (!host) ok = ok && (x->d_in[i] = be->ops->alloc(be, rows)) != NULL;
         ok = ok && mdl_ws_reserve(x->m[i], &x->ws[i], n) == AFD_OK;
     }
-    if (ok && host) {
-        x->h_g = x->g[0];
-        x->h_out = x->out[0];
-    } else if (ok) {
-        x->h_g = kn_host_alloc(x->grp->rank[0], rows);
-        x->h_out = kn_host_alloc(x->grp->rank[0], rows);
-        ok = x->h_g && x->h_out;
-    }
+    if (ok && !host) ok = (x->d_out = x->grp->rank[0]->ops->alloc(x->grp->rank[0], rows)) != NULL;
     x->ids = malloc(sizeof(int32_t) * (size_t)n * (size_t)x->topk);
     x->wts = malloc(sizeof(float) * (size_t)n * (size_t)x->topk);
     if (!ok || !x->ids || !x->wts) {
@@ -105,24 +98,56 @@ afd_status_t ffn_exec_reserve(ffn_exec_t *x, int n)
     return AFD_OK;
 }
 
-const float *ffn_exec_run(ffn_exec_t *x, int layer, int n)
+void ffn_exec_put_rows(ffn_exec_t *x, int off, const void *src, int ntok, afd_dtype_t dt)
+{
+    AFD_ASSERT(off >= 0 && ntok >= 0 && off + ntok <= x->cap);
+    if (!ntok) return;
+    size_t at = (size_t)off * (size_t)x->hidden;
+    if (host_backend(x)) {
+        kn_rows_decode(x->grp->rank[0], dt, src, ntok, x->hidden, x->g[0] + at);
+        return;
+    }
+    /* each slice at its own place in the staging buffer: every copy may be in flight */
+    size_t rb = afd_rows_bytes(dt, (size_t)ntok, (size_t)x->hidden);
+    for (int i = 0; i < x->tp; i++) {
+        kn_backend_t *be = x->grp->rank[i];
+        uint8_t *stage = (uint8_t *)x->d_in[i] + at * sizeof(float);
+        be->ops->upload(be, stage, src, rb);
+        kn_rows_decode(be, dt, stage, ntok, x->hidden, x->g[i] + at);
+    }
+}
+
+void ffn_exec_run(ffn_exec_t *x, int layer, int n)
 {
     AFD_ASSERT(n <= x->cap);
     int host = host_backend(x);
-    size_t count = (size_t)n * (size_t)x->hidden;
     /* every rank's work is queued before any result is awaited: device ranks overlap */
     for (int i = 0; i < x->tp; i++) {
-        kn_backend_t *be = x->grp->rank[i];
         const float *g = host ? x->g[0] : x->g[i];
-        if (!host) be->ops->upload(be, x->g[i], x->h_g, count * sizeof(float));
         mdl_ffn(x->m[i], &x->ws[i], layer, g, n, x->ids, x->wts, x->out[i]);
     }
-    kn_group_reduce(x->grp, x->out, count);
-    if (!host) {
-        kn_backend_t *be = x->grp->rank[0];
-        be->ops->download(be, x->h_out, x->out[0], count * sizeof(float));
+    kn_group_reduce(x->grp, x->out, (size_t)n * (size_t)x->hidden);
+}
+
+void ffn_exec_get_rows(ffn_exec_t *x, int off, int ntok, afd_dtype_t dt, void *dst)
+{
+    AFD_ASSERT(off >= 0 && ntok >= 0 && off + ntok <= x->cap);
+    if (!ntok) return;
+    kn_backend_t *be = x->grp->rank[0];
+    size_t at = (size_t)off * (size_t)x->hidden;
+    if (host_backend(x)) {
+        kn_rows_encode(be, dt, x->out[0] + at, ntok, x->hidden, dst);
+        return;
     }
-    return x->h_out;
+    uint8_t *stage = (uint8_t *)x->d_out + at * sizeof(float);
+    kn_rows_encode(be, dt, x->out[0] + at, ntok, x->hidden, stage);
+    kn_download_async(be, dst, stage, afd_rows_bytes(dt, (size_t)ntok, (size_t)x->hidden));
+}
+
+void ffn_exec_wait(ffn_exec_t *x)
+{
+    kn_backend_t *be = x->grp->rank[0];
+    be->ops->sync(be);
 }
 
 uint64_t ffn_exec_bytes(const ffn_exec_t *x)

@@ -2,10 +2,12 @@
  * ffn_exec: runs an FFN node's share of the model on one or more tensor-parallel ranks.
  * Each rank is a backend (cuda: one GPU) holding the intermediate slice tp_index of
  * tp_count of every expert, shared expert and dense MLP of the share; the ranks' partial
- * outputs are summed on rank 0 (kn_group_reduce: NCCL across GPUs). The node fills host
- * rows (A2F unpacking writes straight into them) and gets host rows back (F2A packing reads
- * them): on a host-memory backend these are rank 0's own buffers, on a device backend
- * pinned staging buffers that are uploaded to every rank and downloaded from rank 0.
+ * outputs are summed on rank 0 (kn_group_reduce: NCCL across GPUs). The node hands in the
+ * A2F slices as they arrived (packed rows in the wire dtype) and takes the F2A answers out
+ * packed in each attention node's reply dtype: on a host-memory backend the rows are
+ * converted straight into and out of rank 0's buffers; on a device backend the packed
+ * bytes are copied to every rank and unpacked there, and the answers packed on rank 0 and
+ * copied into the (pinned) send buffers, so the host converts nothing.
  */
 #ifndef FFN_EXEC_H
 #define FFN_EXEC_H
@@ -19,7 +21,7 @@ typedef struct ffn_exec {
     mdl_model_t *m[KN_GROUP_MAX];
     mdl_ws_t ws[KN_GROUP_MAX];
     float *g[KN_GROUP_MAX], *out[KN_GROUP_MAX]; /* each rank's memory (n, H) */
-    float *h_g, *h_out;                         /* host rows in and out (n, H) */
+    void *d_in[KN_GROUP_MAX], *d_out;           /* device backends: packed rows (n x 4H bytes) */
     int32_t *ids;                               /* host (n, top_k) */
     float *wts;
     int cap;
@@ -35,11 +37,18 @@ afd_status_t ffn_exec_load(ffn_exec_t *x, const mdl_ckpt_t *ck, const mdl_config
                            const mdl_role_t *role, int progress);
 /* Frees the weights and buffers (ffn_exec_load may follow). */
 void ffn_exec_unload(ffn_exec_t *x);
-/* Makes room for n tokens: h_g, ids and wts hold n rows after it. */
+/* Makes room for n tokens: ids and wts hold n rows after it. */
 afd_status_t ffn_exec_reserve(ffn_exec_t *x, int n);
-/* One layer over the n rows in h_g/ids/wts; returns the summed output rows (host, n x H),
- * valid until the next call. */
-const float *ffn_exec_run(ffn_exec_t *x, int layer, int n);
+/* Input rows [off, off + ntok) from a packed slice (afd_rows layout of dt) in host memory;
+ * on a device backend src must stay untouched until ffn_exec_wait. */
+void ffn_exec_put_rows(ffn_exec_t *x, int off, const void *src, int ntok, afd_dtype_t dt);
+/* One layer over the n rows put and the routing in ids/wts; the ranks' outputs summed. */
+void ffn_exec_run(ffn_exec_t *x, int layer, int n);
+/* Output rows [off, off + ntok) packed in dt (bf16 or f32) into dst (host memory, from the
+ * data plane's buffers), complete after ffn_exec_wait. */
+void ffn_exec_get_rows(ffn_exec_t *x, int off, int ntok, afd_dtype_t dt, void *dst);
+/* Waits until every get_rows copy has landed. */
+void ffn_exec_wait(ffn_exec_t *x);
 /* Checkpoint bytes the ranks read. */
 uint64_t ffn_exec_bytes(const ffn_exec_t *x);
 void ffn_exec_close(ffn_exec_t *x);

@@ -203,6 +203,17 @@ static void ffn_peer_err(void *arg, uint32_t peer, afd_status_t status)
     f->errors++;
 }
 
+/* the backend's host memory for the data plane's buffers (pinned on a device backend) */
+static void *node_host_alloc(void *be, size_t bytes)
+{
+    return kn_host_alloc(be, bytes);
+}
+
+static void node_host_free(void *be, void *p)
+{
+    kn_host_free(be, p);
+}
+
 /* Runs one complete (step, layer, micro-batch) and answers every attention node. */
 static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
 {
@@ -227,10 +238,9 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
             bad = 1;
             break;
         }
-        if (h->ntok &&
-            net_wire_unpack_a2f(s->rx[a].p, h->ntok, (uint32_t)H, h->dtype, h->topk,
-                                (uint32_t)c->num_experts, f->x.h_g + (size_t)off * H,
-                                f->x.ids + (size_t)off * k, f->x.wts + (size_t)off * k)) {
+        if (h->ntok && net_wire_unpack_routing(s->rx[a].p, h->ntok, (uint32_t)H, h->dtype, h->topk,
+                                               (uint32_t)c->num_experts, f->x.ids + (size_t)off * k,
+                                               f->x.wts + (size_t)off * k)) {
             afd_error("A2F from node %u: expert id or weight out of range", h->src);
             bad = 1;
             break;
@@ -242,11 +252,20 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         s->used = 0;
         return;
     }
-    uint64_t t1 = net_now_us();
-    const float *out = n > 0 ? ffn_exec_run(&f->x, layer, n) : NULL;
-    uint64_t t2 = net_now_us();
-    f->tokens += (uint64_t)n;
+    /* the rows, once every slice is known good: unpacked on the ranks */
     off = 0;
+    for (int a = 0; a < f->attn.n; a++) {
+        if (!s->arrived[a]) continue;
+        const net_wire_hdr_t *h = &s->hdr[a];
+        ffn_exec_put_rows(&f->x, off, s->rx[a].p, (int)h->ntok, (afd_dtype_t)h->dtype);
+        off += (int)h->ntok;
+    }
+    uint64_t t1 = net_now_us();
+    if (n > 0) ffn_exec_run(&f->x, layer, n);
+    f->tokens += (uint64_t)n;
+    /* every answer packed (on the device: copied into the send buffers), then sent */
+    off = 0;
+    int ok[FFN_MAX_ATTN] = {0};
     for (int a = 0; a < f->attn.n; a++) {
         if (!s->arrived[a]) continue;
         const net_wire_hdr_t *h = &s->hdr[a];
@@ -254,11 +273,20 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         size_t bytes = (size_t)h->ntok * H * afd_dtype_size(rdt);
         if (net_ucx_buf_reserve(f->ucx, &s->tx[a], bytes)) {
             afd_error("out of memory for the F2A buffer");
+            off += (int)h->ntok;
             continue;
         }
-        if (h->ntok)
-            net_wire_pack_rows(out + (size_t)off * H, (size_t)h->ntok * H, rdt, s->tx[a].p);
+        ffn_exec_get_rows(&f->x, off, (int)h->ntok, rdt, s->tx[a].p);
         off += (int)h->ntok;
+        ok[a] = 1;
+    }
+    ffn_exec_wait(&f->x); /* a device's compute and packing end here: the "ffn" span */
+    uint64_t t2 = net_now_us();
+    for (int a = 0; a < f->attn.n; a++) {
+        if (!ok[a]) continue;
+        const net_wire_hdr_t *h = &s->hdr[a];
+        afd_dtype_t rdt = (afd_dtype_t)h->reply_dtype;
+        size_t bytes = (size_t)h->ntok * H * afd_dtype_size(rdt);
         net_wire_hdr_t *r = &s->txh[a];
         *r = *h;
         r->kind = NET_WIRE_F2A;
@@ -400,7 +428,6 @@ int main(int argc, char **argv)
     if (ffn_exec_open(&f.x, f.o.backend, (int)f.o.threads, (int)f.o.tp, ndev ? devices : NULL) ||
         mdl_ckpt_open(f.o.model, &ck) || ffn_exec_load(&f.x, ck, &f.cfg, &role, isatty(2)))
         return 1;
-    kn_backend_t *be = f.x.grp->rank[0];
     f.lim = (net_wire_limits_t){.hidden = (uint32_t)f.cfg.hidden_size,
                                 .topk = (uint32_t)f.cfg.top_k,
                                 .num_layers = (uint32_t)f.cfg.num_layers,
@@ -414,10 +441,16 @@ int main(int argc, char **argv)
                          .recv_cb = ffn_recv,
                          .err_cb = ffn_peer_err,
                          .arg = &f};
+    kn_backend_t *be = f.x.grp->rank[0];
+    if (!be->ops->host_memory) { /* data-plane buffers the device copies into and out of */
+        uo.host_alloc = node_host_alloc;
+        uo.host_free = node_host_free;
+        uo.host_arg = be;
+    }
     if (net_ucx_create(&uo, &f.ucx)) return 1;
     if (!be->ops->host_memory)
-        afd_info("data plane: A2F/F2A staged through registered host buffers (this UCX %s "
-                 "CUDA memory)",
+        afd_info("data plane: A2F unpacked and F2A packed on the device, received and sent "
+                 "through pinned, registered host buffers (this UCX %s CUDA memory)",
                  net_ucx_cuda_memory(f.ucx) ? "also moves" : "does not move");
     if (f.o.metrics_port >= 0) {
         if (net_metrics_start("0.0.0.0", (int)f.o.metrics_port, &f.metrics)) return 1;

@@ -80,6 +80,41 @@ void kn_event_free(kn_backend_t *be, void *ev)
     if (ev && be->ops->event_free) be->ops->event_free(be, ev);
 }
 
+/* ---- packed rows ---- */
+
+void kn_rows_encode(kn_backend_t *be, afd_dtype_t dt, const float *x, int rows, int dim, void *dst)
+{
+    if (rows <= 0 || dim <= 0) return;
+    if (be->ops->rows_encode) {
+        be->ops->rows_encode(be, dt, x, rows, dim, dst);
+        return;
+    }
+    AFD_ASSERT(be->ops->host_memory);
+    afd_rows_encode(dt, x, (size_t)rows, (size_t)dim, dst);
+}
+
+void kn_rows_decode(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim, float *x)
+{
+    if (rows <= 0 || dim <= 0) return;
+    if (be->ops->rows_decode) {
+        be->ops->rows_decode(be, dt, src, rows, dim, x);
+        return;
+    }
+    AFD_ASSERT(be->ops->host_memory);
+    afd_rows_decode(dt, src, (size_t)rows, (size_t)dim, x);
+}
+
+void kn_rows_add(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim, float *y)
+{
+    if (rows <= 0 || dim <= 0) return;
+    if (be->ops->rows_add) {
+        be->ops->rows_add(be, dt, src, rows, dim, y);
+        return;
+    }
+    AFD_ASSERT(be->ops->host_memory);
+    afd_rows_add(dt, src, (size_t)rows, (size_t)dim, y);
+}
+
 /* ---- tensor-parallel groups ---- */
 
 afd_status_t kn_group_create(const char *name, int threads, int n, const int *devices,

@@ -130,6 +130,20 @@ typedef struct kn_ops {
     void (*event_record)(kn_backend_t *be, void *ev);
     int (*event_done)(kn_backend_t *be, void *ev);
     void (*event_free)(kn_backend_t *be, void *ev);
+    /*
+     * Optional packed-row codec in the backend's memory (afd_rows_* layout: e4m3 bytes then
+     * per-128 float32 scales, bf16, or f32), queued like any op. NULL for host-memory
+     * backends: kn_rows_* run afd_rows_* on the caller's thread.
+     *   encode: dst (afd_rows_bytes) <- x (rows, dim); dt e4m3, bf16 or f32
+     *   decode: x (rows, dim) <- src;                  dt e4m3, bf16 or f32
+     *   add:    y (rows, dim) += src;                  dt bf16 or f32
+     */
+    void (*rows_encode)(kn_backend_t *be, afd_dtype_t dt, const float *x, int rows, int dim,
+                        void *dst);
+    void (*rows_decode)(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim,
+                        float *x);
+    void (*rows_add)(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim,
+                     float *y);
     /* Optional (NULL: malloc/free): host memory the backend copies from and to fastest
      * (cuda: pinned), for staging buffers. */
     void *(*host_alloc)(kn_backend_t *be, size_t bytes);
@@ -191,6 +205,11 @@ void *kn_event_new(kn_backend_t *be);
 void kn_event_record(kn_backend_t *be, void *ev);
 int kn_event_done(kn_backend_t *be, void *ev);
 void kn_event_free(kn_backend_t *be, void *ev);
+
+/* The packed-row codec on a backend (its op, or afd_rows_* for host memory). */
+void kn_rows_encode(kn_backend_t *be, afd_dtype_t dt, const float *x, int rows, int dim, void *dst);
+void kn_rows_decode(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim, float *x);
+void kn_rows_add(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim, float *y);
 
 /* host staging memory of a backend (pinned where it has such a thing) */
 void *kn_host_alloc(kn_backend_t *be, size_t bytes);

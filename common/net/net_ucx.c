@@ -966,20 +966,35 @@ afd_status_t net_ucx_buf_reserve(net_ucx_t *u, net_ucx_buf_t *b, size_t need)
     size_t cap = b->cap ? b->cap : 4096;
     while (cap < need)
         cap += cap / 2 + 4096; /* grow by half: few re-registrations */
-    uint8_t *p = aligned_alloc(64, (cap + 63) & ~(size_t)63);
+    cap = (cap + 63) & ~(size_t)63;
+    uint8_t *p =
+        u->opts.host_alloc ? u->opts.host_alloc(u->opts.host_arg, cap) : aligned_alloc(64, cap);
     if (!p) return AFD_ERR_NOMEM;
     net_ucx_buf_free(u, b);
     b->p = p;
     b->cap = cap;
+    b->release = u->opts.host_alloc ? u->opts.host_free : NULL;
+    b->release_arg = u->opts.host_arg;
     if (net_ucx_mem_map(u, p, cap, &b->memh) != AFD_OK) b->memh = NULL;
     return AFD_OK;
+}
+
+void net_ucx_buf_forget(net_ucx_buf_t *b)
+{
+    if (b->p) {
+        if (b->release)
+            b->release(b->release_arg, b->p);
+        else
+            free(b->p);
+    }
+    b->p = NULL;
+    b->cap = 0;
+    b->memh = NULL;
 }
 
 void net_ucx_buf_free(net_ucx_t *u, net_ucx_buf_t *b)
 {
     if (b->memh) net_ucx_mem_unmap(u, b->memh);
-    free(b->p);
-    b->p = NULL;
-    b->cap = 0;
     b->memh = NULL;
+    net_ucx_buf_forget(b);
 }

@@ -44,6 +44,11 @@ typedef struct net_ucx_opts {
     net_ucx_recv_cb recv_cb;
     net_ucx_peer_err_cb err_cb;
     void *arg;
+    /* where net_ucx_buf_reserve takes its memory (NULL: aligned_alloc/free), e.g. pinned
+     * host memory a device backend copies into and out of directly */
+    void *(*host_alloc)(void *host_arg, size_t bytes);
+    void (*host_free)(void *host_arg, void *p);
+    void *host_arg;
 } net_ucx_opts_t;
 
 afd_status_t net_ucx_create(const net_ucx_opts_t *opts, net_ucx_t **out);
@@ -74,11 +79,15 @@ typedef struct net_ucx_buf {
     uint8_t *p;
     size_t cap;
     void *memh; /* NULL when registration failed: transfers still work, unregistered */
+    void (*release)(void *arg, void *p); /* how p is freed (the opts' host_free, or NULL) */
+    void *release_arg;
 } net_ucx_buf_t;
 
 /* Makes b hold at least need bytes; must not be called while a transfer uses b. */
 afd_status_t net_ucx_buf_reserve(net_ucx_t *u, net_ucx_buf_t *b, size_t need);
 void net_ucx_buf_free(net_ucx_t *u, net_ucx_buf_t *b);
+/* Frees b's memory once its worker is gone (the registration went with it). */
+void net_ucx_buf_forget(net_ucx_buf_t *b);
 
 /* Creates an endpoint to a worker address; peer_id is the caller's name for it (passed
  * to err_cb). */

@@ -90,57 +90,40 @@ afd_status_t net_wire_check(const void *hdr, size_t hdr_len, const net_wire_limi
 
 void net_wire_pack_rows(const float *x, size_t n, afd_dtype_t dt, void *dst)
 {
-    afd_convert_from_f32(dt, x, dst, n);
+    afd_rows_encode(dt, x, 1, n, dst);
 }
 
 void net_wire_add_rows(const void *src, size_t n, afd_dtype_t dt, float *out)
 {
-    if (dt == AFD_DTYPE_F32) {
-        const float *s = src;
-        for (size_t i = 0; i < n; i++)
-            out[i] += s[i];
-    } else {
-        const uint16_t *s = src;
-        for (size_t i = 0; i < n; i++)
-            out[i] += afd_bf16_to_f32(s[i]);
-    }
+    afd_rows_add(dt, src, 1, n, out);
 }
 
 void net_wire_pack_a2f(const float *g, uint32_t ntok, uint32_t hidden, afd_dtype_t dt,
                        const int32_t *ids, const float *wts, uint32_t topk, void *dst)
 {
     uint8_t *p = dst;
-    size_t n = (size_t)ntok * hidden;
-    if (dt == AFD_DTYPE_E4M3) {
-        size_t groups = (hidden + AFD_FP8_GROUP - 1) / AFD_FP8_GROUP;
-        afd_fp8_quantize_rows(g, ntok, hidden, p, (float *)(void *)(p + n));
-        p += n + (size_t)ntok * groups * 4;
-    } else {
-        afd_convert_from_f32(dt, g, p, n);
-        p += n * afd_dtype_size(dt);
-    }
+    afd_rows_encode(dt, g, ntok, hidden, p);
+    p += afd_rows_bytes(dt, ntok, hidden);
     memcpy(p, ids, (size_t)ntok * topk * 4);
     memcpy(p + (size_t)ntok * topk * 4, wts, (size_t)ntok * topk * 4);
 }
 
-afd_status_t net_wire_unpack_a2f(const void *src, uint32_t ntok, uint32_t hidden, afd_dtype_t dt,
-                                 uint32_t topk, uint32_t nexp, float *g, int32_t *ids, float *wts)
+afd_status_t net_wire_unpack_routing(const void *src, uint32_t ntok, uint32_t hidden,
+                                     afd_dtype_t dt, uint32_t topk, uint32_t nexp, int32_t *ids,
+                                     float *wts)
 {
-    const uint8_t *p = src;
-    size_t n = (size_t)ntok * hidden;
-    if (dt == AFD_DTYPE_E4M3) {
-        size_t groups = (hidden + AFD_FP8_GROUP - 1) / AFD_FP8_GROUP;
-        const float *sc = (const float *)(const void *)(p + n);
-        afd_fp8_dequantize_rows(p, sc, ntok, hidden, g);
-        p += n + (size_t)ntok * groups * 4;
-    } else {
-        afd_convert_to_f32(dt, p, g, n);
-        p += n * afd_dtype_size(dt);
-    }
+    const uint8_t *p = (const uint8_t *)src + afd_rows_bytes(dt, ntok, hidden);
     memcpy(ids, p, (size_t)ntok * topk * 4);
     memcpy(wts, p + (size_t)ntok * topk * 4, (size_t)ntok * topk * 4);
     for (size_t i = 0; i < (size_t)ntok * topk; i++)
         if (ids[i] < 0 || (uint32_t)ids[i] >= nexp || !(wts[i] >= 0.0f && wts[i] <= 1.0f))
             return AFD_ERR_RANGE;
     return AFD_OK;
+}
+
+afd_status_t net_wire_unpack_a2f(const void *src, uint32_t ntok, uint32_t hidden, afd_dtype_t dt,
+                                 uint32_t topk, uint32_t nexp, float *g, int32_t *ids, float *wts)
+{
+    afd_rows_decode(dt, src, ntok, hidden, g);
+    return net_wire_unpack_routing(src, ntok, hidden, dt, topk, nexp, ids, wts);
 }

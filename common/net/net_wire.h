@@ -63,6 +63,11 @@ void net_wire_pack_a2f(const float *g, uint32_t ntok, uint32_t hidden, afd_dtype
                        const int32_t *ids, const float *wts, uint32_t topk, void *dst);
 /* A2F: unpacks rows into g (float) and ids/weights (bounds-checked against nexp: ids
  * outside [0, nexp) are an error). */
+/* Only the routing part of an A2F payload (ids, weights), range-checked as below; the
+ * rows (afd_rows_bytes of dt) are left to the caller (afd_rows_decode, or a backend). */
+afd_status_t net_wire_unpack_routing(const void *src, uint32_t ntok, uint32_t hidden,
+                                     afd_dtype_t dt, uint32_t topk, uint32_t nexp, int32_t *ids,
+                                     float *wts);
 afd_status_t net_wire_unpack_a2f(const void *src, uint32_t ntok, uint32_t hidden, afd_dtype_t dt,
                                  uint32_t topk, uint32_t nexp, float *g, int32_t *ids, float *wts);
 /* F2A: packs / unpacks rows; unpack adds into out (the attention side sums partials). */

@@ -4,6 +4,7 @@
 #include "afd_status.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 size_t afd_dtype_size(afd_dtype_t dt)
@@ -487,5 +488,61 @@ void afd_fp8_round_rows(float *x, size_t rows, size_t dim)
             for (size_t c = c0; c < c1; c++)
                 xr[c] = afd_e4m3_table[afd_f32_to_e4m3(xr[c] * inv)] * scale;
         }
+    }
+}
+
+size_t afd_rows_bytes(afd_dtype_t dt, size_t rows, size_t dim)
+{
+    size_t b = rows * dim * afd_dtype_size(dt);
+    if (dt == AFD_DTYPE_E4M3) b += rows * ((dim + AFD_FP8_GROUP - 1) / AFD_FP8_GROUP) * 4;
+    return b;
+}
+
+void afd_rows_encode(afd_dtype_t dt, const float *x, size_t rows, size_t dim, void *dst)
+{
+    if (dt == AFD_DTYPE_E4M3)
+        afd_fp8_quantize_rows(x, rows, dim, dst, (float *)(void *)((uint8_t *)dst + rows * dim));
+    else
+        afd_convert_from_f32(dt, x, dst, rows * dim);
+}
+
+void afd_rows_decode(afd_dtype_t dt, const void *src, size_t rows, size_t dim, float *x)
+{
+    if (dt == AFD_DTYPE_E4M3)
+        afd_fp8_dequantize_rows(
+            src, (const float *)(const void *)((const uint8_t *)src + rows * dim), rows, dim, x);
+    else
+        afd_convert_to_f32(dt, src, x, rows * dim);
+}
+
+void afd_rows_add(afd_dtype_t dt, const void *src, size_t rows, size_t dim, float *out)
+{
+    size_t n = rows * dim;
+    if (dt == AFD_DTYPE_F32) {
+        const float *s = src;
+        for (size_t i = 0; i < n; i++)
+            out[i] += s[i];
+    } else if (dt == AFD_DTYPE_BF16) {
+        const uint16_t *s = src;
+        for (size_t i = 0; i < n; i++)
+            out[i] += afd_bf16_to_f32(s[i]);
+    } else { /* rare: through a temporary row */
+        float *t = malloc(sizeof(float) * (dim ? dim : 1));
+        AFD_ASSERT(t);
+        size_t rb = afd_rows_bytes(dt, 1, dim);
+        for (size_t r = 0; r < rows; r++) {
+            if (dt == AFD_DTYPE_E4M3) { /* a row's scales sit after all the rows' bytes */
+                size_t groups = (dim + AFD_FP8_GROUP - 1) / AFD_FP8_GROUP;
+                afd_fp8_dequantize_rows(
+                    (const uint8_t *)src + r * dim,
+                    (const float *)(const void *)((const uint8_t *)src + rows * dim) + r * groups,
+                    1, dim, t);
+            } else {
+                afd_convert_to_f32(dt, (const uint8_t *)src + r * rb, t, dim);
+            }
+            for (size_t c = 0; c < dim; c++)
+                out[r * dim + c] += t[c];
+        }
+        free(t);
     }
 }

@@ -93,4 +93,16 @@ void afd_fp8_dequantize_rows(const uint8_t *q, const float *scales, size_t rows,
 /* In place: x <- dequant(quant(x)) with the per-group scheme above. */
 void afd_fp8_round_rows(float *x, size_t rows, size_t dim);
 
+/*
+ * Packed rows: `rows` rows of `dim` values in dtype dt, as the data plane sends them. For
+ * e4m3 the rows * dim bytes are followed by the rows * ceil(dim / 128) float32 scales
+ * (afd_fp8_quantize_rows); bf16, f16 and f32 are the plain converted rows. The size in
+ * bytes of such a block:
+ */
+size_t afd_rows_bytes(afd_dtype_t dt, size_t rows, size_t dim);
+/* dst (afd_rows_bytes) <- x packed; x <- the packed rows unpacked; out += unpacked rows */
+void afd_rows_encode(afd_dtype_t dt, const float *x, size_t rows, size_t dim, void *dst);
+void afd_rows_decode(afd_dtype_t dt, const void *src, size_t rows, size_t dim, float *x);
+void afd_rows_add(afd_dtype_t dt, const void *src, size_t rows, size_t dim, float *out);
+
 #endif

@@ -2,9 +2,11 @@
 """cluster_check: a whole cluster on the cuda backend against afd_run on the cpu.
 
 afdctl local-up starts a coordinator, an attention node and an FFN node on loopback, the
-nodes on --backend cuda (the attention node's KV cache, A2F downloads and F2A uploads; the
-FFN node's pinned staging), with float32 wire precisions, and serves greedy completions
-over HTTP. Cases: one rank per FFN node; two tensor-parallel ranks on one device (the
+nodes on --backend cuda (the attention node's KV cache, a stream per micro-batch, A2F
+packed and F2A added on the device; the FFN node unpacking and packing on the device,
+pinned data-plane buffers), and serves greedy completions over HTTP. Cases: one rank per
+FFN node with float32 and with the production wire (fp8 A2F, bf16 F2A; afd_run rounds at
+the same points); two tensor-parallel ranks on one device (the
 partial sums added on the device after a cross-stream wait); two ranks on devices 0 and 1
 (NCCL) when the machine has two GPUs. Each answer is held to afd_run --backend cpu like
 model_check: every token equal except at a near tie (the cpu's top two within TOL), and
@@ -28,9 +30,9 @@ MAX_TOKENS = 16
 F32 = ("--a2f-dtype", "f32", "--f2a-dtype", "f32")
 
 
-def cpu_reference(bin_dir, model):
+def cpu_reference(bin_dir, model, wire):
     cmd = [f"{bin_dir}/afd_run", "--model", model, "--backend", "cpu", "--max-tokens",
-           str(MAX_TOKENS), "--logprobs", "2", "--json", "--ignore-eos", *F32]
+           str(MAX_TOKENS), "--logprobs", "2", "--json", "--ignore-eos", *wire]
     for p in PROMPTS:
         cmd += ["--prompt", ",".join(map(str, p))]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
@@ -75,22 +77,30 @@ def main():
 
     backend = os.environ.get("CLUSTER_CHECK_BACKEND", "cuda")
     dev = os.environ.get("AFD_CUDA_DEVICE", "0")
-    cases = [("cluster_cuda_1a1f", ()),
-             ("cluster_cuda_ffn_tp2_one_device", ("--ffn-tp", "2", "--ffn-devices", f"{dev},{dev}"))]
+    # (name, node options, wire precisions): float32 on the wire isolates the nodes' math;
+    # the production wire (fp8 A2F, bf16 F2A) is packed and unpacked on the devices
+    cases = [("cluster_cuda_1a1f", (), F32),
+             ("cluster_cuda_1a1f_fp8_wire", (), ()),
+             ("cluster_cuda_ffn_tp2_one_device", ("--ffn-tp", "2", "--ffn-devices", f"{dev},{dev}"),
+              F32)]
     if backend == "cuda" and gpu_count() >= 2:
-        cases.append(("cluster_cuda_ffn_tp2_two_devices", ("--ffn-tp", "2", "--ffn-devices", "0,1")))
+        cases.append(("cluster_cuda_ffn_tp2_two_devices", ("--ffn-tp", "2", "--ffn-devices", "0,1"),
+                      F32))
     elif backend == "cuda":
         print("# one GPU: tensor-parallel ranks on two devices (NCCL) not checked")
     failed = 0
     for dt in ("bf16", "fp8"):
         model = f"{models}/tiny-{dt}"
-        ref = cpu_reference(bin_dir, model)
-        for name, extra in cases:
+        refs = {}
+        for name, extra, wire in cases:
+            if wire not in refs:
+                refs[wire] = cpu_reference(bin_dir, model, wire)
+            ref = refs[wire]
             label = f"{name}_{dt}".replace("cuda", backend)
             logdir = None
             try:
                 with LocalUp(model, 1, 1, 2, extra=("--backend", backend, "--ready-timeout-s",
-                                                    "90") + F32 + extra, timeout=120) as c:
+                                                    "90") + wire + extra, timeout=120) as c:
                     logdir = c.logdir
                     answers = [post(c.url, "/v1/completions",
                                     {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0,

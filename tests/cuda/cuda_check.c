@@ -580,6 +580,79 @@ static int check_streams(void)
     return report("streams", err, 0, detail);
 }
 
+/*
+ * The packed rows of the data plane on the device (kn_rows_*: A2F packed on the attention
+ * node, unpacked on the FFN ranks; F2A packed on the FFN node, added on the attention
+ * node) against afd_rows_* on the host: the bytes must be equal (e4m3 with its scales,
+ * bf16, f32), and unpacking and adding exact (tolerance 0). Shapes: Step3's hidden 7168
+ * (56 groups), 300 (a short last group) and a single row of 1.
+ */
+static int rows_case(int rows, int dim)
+{
+    char name[64];
+    int rc = 0;
+    float *x = randv((size_t)rows * dim, 3.0f);
+    x[0] = 0.0f; /* a zero and a large value among them */
+    x[(size_t)rows * dim / 2] = 500.0f;
+    float *dx = up(x, sizeof(float) * (size_t)rows * dim);
+    static const afd_dtype_t dts[3] = {AFD_DTYPE_E4M3, AFD_DTYPE_BF16, AFD_DTYPE_F32};
+    for (int t = 0; t < 3; t++) {
+        afd_dtype_t dt = dts[t];
+        size_t rb = afd_rows_bytes(dt, (size_t)rows, (size_t)dim), n = (size_t)rows * dim;
+        uint8_t *want = malloc(rb), *got = malloc(rb);
+        float *y = malloc(sizeof(float) * n), *base = randv(n, 1.0f),
+              *ysum = malloc(sizeof(float) * n);
+        if (!want || !got || !y || !ysum) abort();
+        afd_rows_encode(dt, x, (size_t)rows, (size_t)dim, want);
+        void *dp = gpu->ops->alloc(gpu, rb);
+        float *dy = gpu->ops->alloc(gpu, sizeof(float) * n);
+        if (!dp || !dy) abort();
+        kn_rows_encode(gpu, dt, dx, rows, dim, dp);
+        gpu->ops->download(gpu, got, dp, rb);
+        size_t diff = 0;
+        for (size_t i = 0; i < rb; i++)
+            diff += want[i] != got[i];
+        /* unpack the host's bytes on the device */
+        gpu->ops->upload(gpu, dp, want, rb);
+        kn_rows_decode(gpu, dt, dp, rows, dim, dy);
+        float *dec = down(dy, n);
+        afd_rows_decode(dt, want, (size_t)rows, (size_t)dim, y);
+        double err = 0;
+        for (size_t i = 0; i < n; i++)
+            if (dec[i] != y[i]) err = fmax(err, fabs((double)dec[i] - y[i]) + 1e-30);
+        if (dt != AFD_DTYPE_E4M3) { /* what the attention node adds */
+            gpu->ops->upload(gpu, dy, base, sizeof(float) * n);
+            kn_rows_add(gpu, dt, dp, rows, dim, dy);
+            float *sum = down(dy, n);
+            memcpy(ysum, base, sizeof(float) * n);
+            afd_rows_add(dt, want, (size_t)rows, (size_t)dim, ysum);
+            for (size_t i = 0; i < n; i++)
+                if (sum[i] != ysum[i]) err = fmax(err, fabs((double)sum[i] - ysum[i]) + 1e-30);
+            free(sum);
+        }
+        snprintf(name, sizeof(name), "rows_%s_%dx%d", afd_dtype_name(dt), rows, dim);
+        char detail[96];
+        snprintf(detail, sizeof(detail), "%zu of %zu packed bytes differ", diff, rb);
+        rc |= report(name, diff ? 1.0 : err, 0, detail);
+        gpu->ops->free(gpu, dp);
+        gpu->ops->free(gpu, dy);
+        free(want);
+        free(got);
+        free(y);
+        free(base);
+        free(ysum);
+        free(dec);
+    }
+    gpu->ops->free(gpu, dx);
+    free(x);
+    return rc;
+}
+
+static int check_rows(void)
+{
+    return rows_case(128, 7168) | rows_case(5, 300) | rows_case(1, 1);
+}
+
 typedef struct check {
     const char *name;
     int (*fn)(void);
@@ -591,7 +664,7 @@ static const check_t checks[] = {
     {"gather", check_gather_scatter}, {"round", check_round},
     {"matmul", check_matmul},         {"embed", check_embed},
     {"attention", check_attention},   {"group", check_group},
-    {"streams", check_streams},
+    {"streams", check_streams},       {"rows", check_rows},
 };
 
 int main(int argc, char **argv)

@@ -504,6 +504,57 @@ static void test_fp8_rows_small(void **state)
     assert_near(one[2], 1e-20f, 1e-26);
 }
 
+/* packed rows: e4m3 bytes then the row-major scales, exactly the quantiser's output;
+ * bf16/f32 plain rows; decode and add invert them */
+static void test_rows_packed(void **state)
+{
+    (void)state;
+    float x[ROWS * DIM], scales[ROWS * NG], deq[ROWS * DIM], y[ROWS * DIM], z[ROWS * DIM];
+    uint8_t q[ROWS * DIM];
+    make_rows(x);
+    assert_int_equal(afd_rows_bytes(AFD_DTYPE_E4M3, ROWS, DIM), ROWS * DIM + ROWS * NG * 4);
+    assert_int_equal(afd_rows_bytes(AFD_DTYPE_BF16, ROWS, DIM), ROWS * DIM * 2);
+    assert_int_equal(afd_rows_bytes(AFD_DTYPE_F32, ROWS, DIM), ROWS * DIM * 4);
+    static uint8_t buf[ROWS * DIM * 4 + 16];
+    afd_rows_encode(AFD_DTYPE_E4M3, x, ROWS, DIM, buf);
+    afd_fp8_quantize_rows(x, ROWS, DIM, q, scales);
+    assert_memory_equal(buf, q, sizeof(q));
+    assert_memory_equal(buf + sizeof(q), scales, sizeof(scales));
+    afd_rows_decode(AFD_DTYPE_E4M3, buf, ROWS, DIM, y);
+    afd_fp8_dequantize_rows(q, scales, ROWS, DIM, deq);
+    assert_memory_equal(y, deq, sizeof(y));
+    afd_rows_encode(AFD_DTYPE_BF16, x, ROWS, DIM, buf);
+    for (int i = 0; i < ROWS * DIM; i++) {
+        uint16_t b;
+        memcpy(&b, buf + 2 * i, 2);
+        assert_int_equal(b, afd_f32_to_bf16(x[i]));
+    }
+    afd_rows_decode(AFD_DTYPE_BF16, buf, ROWS, DIM, y);
+    for (int i = 0; i < ROWS * DIM; i++) {
+        uint16_t b;
+        memcpy(&b, buf + 2 * i, 2);
+        assert_true(y[i] == afd_bf16_to_f32(b));
+        z[i] = 0.25f * (float)i;
+    }
+    /* add: out += the unpacked rows, for each dtype a node may answer in */
+    memcpy(deq, z, sizeof(z));
+    afd_rows_add(AFD_DTYPE_BF16, buf, ROWS, DIM, z);
+    for (int i = 0; i < ROWS * DIM; i++)
+        assert_true(z[i] == deq[i] + y[i]);
+    afd_rows_encode(AFD_DTYPE_F32, x, ROWS, DIM, buf);
+    assert_memory_equal(buf, x, sizeof(x));
+    afd_rows_add(AFD_DTYPE_F32, buf, ROWS, DIM, z);
+    for (int i = 0; i < ROWS * DIM; i++)
+        assert_true(z[i] == (deq[i] + y[i]) + x[i]);
+    /* e4m3 add goes through the unpacked rows */
+    afd_rows_encode(AFD_DTYPE_E4M3, x, ROWS, DIM, buf);
+    afd_rows_decode(AFD_DTYPE_E4M3, buf, ROWS, DIM, y);
+    memset(z, 0, sizeof(z));
+    afd_rows_add(AFD_DTYPE_E4M3, buf, ROWS, DIM, z);
+    for (int i = 0; i < ROWS * DIM; i++)
+        assert_true(z[i] == y[i]); /* (0 + -0 is +0: compare values) */
+}
+
 int main(void)
 {
     /* clang-format off */
@@ -520,6 +571,7 @@ int main(void)
         cmocka_unit_test(test_fp8_rows_layout),
         cmocka_unit_test(test_fp8_rows_error_bound),
         cmocka_unit_test(test_fp8_rows_small),
+        cmocka_unit_test(test_rows_packed),
     };
     /* clang-format on */
     return cmocka_run_group_tests(tests, NULL, NULL);

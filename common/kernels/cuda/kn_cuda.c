@@ -233,6 +233,65 @@ static void cuda_event_free(kn_backend_t *be, void *ev)
     CU_CHECK(cudaEventDestroy((cudaEvent_t)ev));
 }
 
+/* ---- packed rows (the data plane's format) ---- */
+
+static void cuda_rows_encode(kn_backend_t *be, afd_dtype_t dt, const float *x, int rows, int dim,
+                             void *dst)
+{
+    kn_cuda_t *c = cu(be);
+    size_t n = (size_t)rows * (size_t)dim;
+    switch (dt) {
+    case AFD_DTYPE_E4M3:
+        CU_CHECK(kn_cu_rows_encode_fp8(x, rows, dim, dst, c->stream));
+        break;
+    case AFD_DTYPE_BF16:
+        CU_CHECK(kn_cu_f32_to_bf16(x, (uint16_t *)dst, n, c->stream));
+        break;
+    case AFD_DTYPE_F32:
+        CU_CHECK(cudaMemcpyAsync(dst, x, n * sizeof(float), cudaMemcpyDeviceToDevice, c->stream));
+        break;
+    default:
+        CU_ASSERT(0 && "packed rows: e4m3, bf16 or f32");
+    }
+}
+
+static void cuda_rows_decode(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim,
+                             float *x)
+{
+    kn_cuda_t *c = cu(be);
+    size_t n = (size_t)rows * (size_t)dim;
+    switch (dt) {
+    case AFD_DTYPE_E4M3:
+        CU_CHECK(kn_cu_rows_decode_fp8(src, rows, dim, x, c->stream));
+        break;
+    case AFD_DTYPE_BF16:
+        CU_CHECK(kn_cu_bf16_to_f32((const uint16_t *)src, x, n, 0, c->stream));
+        break;
+    case AFD_DTYPE_F32:
+        CU_CHECK(cudaMemcpyAsync(x, src, n * sizeof(float), cudaMemcpyDeviceToDevice, c->stream));
+        break;
+    default:
+        CU_ASSERT(0 && "packed rows: e4m3, bf16 or f32");
+    }
+}
+
+static void cuda_rows_add(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim,
+                          float *y)
+{
+    kn_cuda_t *c = cu(be);
+    size_t n = (size_t)rows * (size_t)dim;
+    switch (dt) {
+    case AFD_DTYPE_BF16:
+        CU_CHECK(kn_cu_bf16_to_f32((const uint16_t *)src, y, n, 1, c->stream));
+        break;
+    case AFD_DTYPE_F32:
+        CU_CHECK(kn_cu_add(y, (const float *)src, n, c->stream));
+        break;
+    default:
+        CU_ASSERT(0 && "packed rows to add: bf16 or f32");
+    }
+}
+
 static void *cuda_host_alloc(kn_backend_t *be, size_t bytes)
 {
     (void)cu(be);
@@ -782,6 +841,9 @@ static const kn_ops_t cuda_ops = {
     .event_record = cuda_event_record,
     .event_done = cuda_event_done,
     .event_free = cuda_event_free,
+    .rows_encode = cuda_rows_encode,
+    .rows_decode = cuda_rows_decode,
+    .rows_add = cuda_rows_add,
     .host_alloc = cuda_host_alloc,
     .host_free = cuda_host_free,
     .group_open = cuda_group_open,

@@ -66,6 +66,12 @@ cudaError_t kn_cu_bf16_to_f32(const uint16_t *d, float *y, size_t n, int accumul
  */
 cudaError_t kn_cu_quant_fp8(const float *x, int n, int dim, uint8_t *q, float *scales,
                             kn_scale_order_t order, cudaStream_t stream);
+/* Packed e4m3 rows (afd_rows_encode / afd_rows_decode): rows * dim bytes, then the
+ * (row, group of 128) float32 scales; any dim. */
+cudaError_t kn_cu_rows_encode_fp8(const float *x, int rows, int dim, void *dst,
+                                  cudaStream_t stream);
+cudaError_t kn_cu_rows_decode_fp8(const void *src, int rows, int dim, float *x,
+                                  cudaStream_t stream);
 /* x <- dequant(quant(x)) in dtype (AFD_DTYPE_*: e4m3 per 128 columns, bf16, f16, f32). */
 cudaError_t kn_cu_round(float *x, int rows, int dim, int dtype, cudaStream_t stream);
 /*

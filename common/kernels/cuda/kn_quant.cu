@@ -1,5 +1,6 @@
 /* kn_quant: dtype conversions: float32 <-> bf16 around the GEMMs, per-128 fp8 activation
- * quantisation, the wire-format rounding, checkpoint weights to bf16, seeded fills. */
+ * quantisation, the wire-format rounding and packed rows (afd_rows_*), checkpoint weights
+ * to bf16, seeded fills. */
 #include "kn_cuda_common.cuh"
 #include "kn_cuda_kernels.h"
 
@@ -124,6 +125,73 @@ __global__ void kn_fill_kernel(void *p, int dtype, size_t n, uint64_t seed, floa
         else
             ((uint16_t *)p)[i] = kn_f32_to_bf16(amp * (2.0f * u - 1.0f));
     }
+}
+
+/* packed rows (afd_rows_encode): one warp per (row, group of up to 128 columns); the scales
+ * follow the rows' bytes, (row, group) row-major, written bytewise (rows * dim need not be
+ * a multiple of 4) */
+__global__ void kn_rows_encode_fp8_kernel(const float *x, int rows, int dim, uint8_t *q,
+                                          uint8_t *scales)
+{
+    int groups = (dim + 127) / 128;
+    size_t wid = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (wid >= (size_t)rows * groups) return;
+    int row = (int)(wid / groups), g = (int)(wid % groups);
+    int c0 = g * 128, c1 = c0 + 128 < dim ? c0 + 128 : dim;
+    const float *xr = x + (size_t)row * dim;
+    float v[4], amax = 0;
+    for (int i = 0; i < 4; i++) {
+        int c = c0 + lane + 32 * i;
+        v[i] = c < c1 ? xr[c] : 0.0f;
+        amax = fmaxf(amax, fabsf(v[i]));
+    }
+    amax = kn_warp_max(amax);
+    float s = amax > 0 ? amax / KN_E4M3_MAX : 1.0f, inv = 1.0f / s;
+    for (int i = 0; i < 4; i++) {
+        int c = c0 + lane + 32 * i;
+        if (c < c1) q[(size_t)row * dim + c] = kn_f32_to_e4m3(v[i] * inv);
+    }
+    if (lane < 4) {
+        uint32_t bits = __float_as_uint(s);
+        scales[((size_t)row * groups + g) * 4 + lane] = (uint8_t)(bits >> (8 * lane));
+    }
+}
+
+__global__ void kn_rows_decode_fp8_kernel(const uint8_t *q, const uint8_t *scales, int rows,
+                                          int dim, float *x)
+{
+    size_t n = (size_t)rows * dim;
+    int groups = (dim + 127) / 128;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / (size_t)dim, c = i % (size_t)dim;
+        const uint8_t *sp = scales + (r * groups + c / 128) * 4;
+        uint32_t bits = (uint32_t)sp[0] | (uint32_t)sp[1] << 8 | (uint32_t)sp[2] << 16 |
+                        (uint32_t)sp[3] << 24;
+        x[i] = kn_e4m3_to_f32(q[i]) * __uint_as_float(bits);
+    }
+}
+
+extern "C" cudaError_t kn_cu_rows_encode_fp8(const float *x, int rows, int dim, void *dst,
+                                             cudaStream_t stream)
+{
+    if (rows <= 0 || dim <= 0) return cudaSuccess;
+    size_t warps = (size_t)rows * (size_t)((dim + 127) / 128);
+    uint8_t *q = (uint8_t *)dst;
+    kn_rows_encode_fp8_kernel<<<(unsigned)((warps + 7) / 8), 256, 0, stream>>>(
+        x, rows, dim, q, q + (size_t)rows * dim);
+    KN_LAUNCH_CHECK();
+}
+
+extern "C" cudaError_t kn_cu_rows_decode_fp8(const void *src, int rows, int dim, float *x,
+                                             cudaStream_t stream)
+{
+    size_t n = (size_t)(rows > 0 ? rows : 0) * (size_t)(dim > 0 ? dim : 0);
+    if (n == 0) return cudaSuccess;
+    const uint8_t *q = (const uint8_t *)src;
+    kn_rows_decode_fp8_kernel<<<KN_GRID(n), 256, 0, stream>>>(q, q + n, rows, dim, x);
+    KN_LAUNCH_CHECK();
 }
 
 extern "C" cudaError_t kn_cu_f32_to_bf16(const float *x, uint16_t *out, size_t n,
