@@ -113,6 +113,16 @@ typedef struct kn_ops {
                       const float *q, int nheads, float scale, float *out);
     /* x <- dequant(quant(x)) in dtype (fp8 with per-128 scales, bf16, or f32: no-op) */
     void (*round)(kn_backend_t *be, float *x, int rows, int dim, afd_dtype_t dt);
+    /*
+     * Optional (NULL: kv_write / attention per sequence): the same for a batch of nseq
+     * sequences whose rows follow each other in k, v, q and out (seqs[i].ntok rows each),
+     * in as few launches as the backend can (cuda: one KV write, and one decode-attention
+     * launch per run of one-token sequences).
+     */
+    void (*kv_write_batch)(kn_backend_t *be, const kn_kv_t *kv, int layer, const kn_seq_t *seqs,
+                           int nseq, const float *k, const float *v);
+    void (*attention_batch)(kn_backend_t *be, const kn_kv_t *kv, int layer, const kn_seq_t *seqs,
+                            int nseq, const float *q, int nheads, float scale, float *out);
 
     /*
      * Optional: a sibling on the same device with its own queue (cuda: its own stream)

@@ -526,14 +526,20 @@ void mdl_attn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const kn_kv_t *kv,
     op->rope(be, ws->q, n, NH, HD, ws->pos, c->rope_theta);
     op->rope(be, ws->k, n, 1, HD, ws->pos, c->rope_theta);
     float scale = 1.0f / sqrtf((float)HD);
-    size_t off = 0;
-    for (int s = 0; s < b->nseq; s++) {
-        const kn_seq_t *sq = &b->seqs[s];
-        op->kv_write(be, kv, layer, sq, ws->k + off * HD, ws->v + off * HD);
-        op->attention(be, kv, layer, sq, ws->q + off * NH * HD, NH, scale, ws->o + off * NH * HD);
-        off += (size_t)sq->ntok;
+    if (op->kv_write_batch && op->attention_batch) { /* the sequences' caches are disjoint */
+        op->kv_write_batch(be, kv, layer, b->seqs, b->nseq, ws->k, ws->v);
+        op->attention_batch(be, kv, layer, b->seqs, b->nseq, ws->q, NH, scale, ws->o);
+    } else {
+        size_t off = 0;
+        for (int s = 0; s < b->nseq; s++) {
+            const kn_seq_t *sq = &b->seqs[s];
+            op->kv_write(be, kv, layer, sq, ws->k + off * HD, ws->v + off * HD);
+            op->attention(be, kv, layer, sq, ws->q + off * NH * HD, NH, scale,
+                          ws->o + off * NH * HD);
+            off += (size_t)sq->ntok;
+        }
+        AFD_ASSERT((int)off == n);
     }
-    AFD_ASSERT((int)off == n);
     op->matmul(be, ws->o, n, &a->o_proj, x, 1); /* residual: x += o_proj(o) */
     op->rmsnorm(be, x, n, H, a->post_norm, c->rms_eps, g);
     if (c->is_moe[layer]) {

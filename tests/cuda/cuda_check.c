@@ -445,6 +445,85 @@ static int attn_case(const char *name, afd_dtype_t dt, int nh, int hd, int ctx, 
     return rc;
 }
 
+/*
+ * A batch as mdl_attn hands it to the backend: sequences of different contexts, decode
+ * (one new token) and one prefill chunk among them, each in its own blocks. The cpu runs
+ * kv_write and attention per sequence; the gpu its batched ops (one KV-write launch, one
+ * decode launch per run of one-token sequences). Outputs within tol, cache bytes equal.
+ */
+static int attn_batch_case(const char *name, afd_dtype_t dt, int nh, int hd, double tol)
+{
+    enum { NS = 6 };
+    static const int ctx[NS] = {1, 700, 33, 4096, 250, 17}; /* positions after this step */
+    static const int nnew[NS] = {1, 1, 1, 1, 9, 1};         /* sequence 4 is a prefill chunk */
+    int bs = 16, layers = 2, layer = 1, blocks = 0, nbs[NS];
+    for (int i = 0; i < NS; i++)
+        blocks += nbs[i] = (ctx[i] + bs - 1) / bs;
+    blocks += 3;
+    kn_kv_t kc = kv_make(cpu, dt, layers, blocks, bs, hd);
+    kn_kv_t kg = kv_make(gpu, dt, layers, blocks, bs, hd);
+    int32_t *bt[NS];
+    kn_seq_t seqs[NS];
+    int next = blocks - 1, ntot = 0;
+    for (int i = 0; i < NS; i++) { /* blocks handed out from the top, interleaved */
+        bt[i] = malloc(sizeof(int32_t) * (size_t)nbs[i]);
+        for (int b = 0; b < nbs[i]; b++)
+            bt[i][b] = next--;
+        int hist = ctx[i] - nnew[i];
+        if (hist > 0) { /* the history, written the same way on both */
+            float *k = randv((size_t)hist * hd, 1.5f), *v = randv((size_t)hist * hd, 1.5f);
+            kn_seq_t h = {.block_table = bt[i], .pos0 = 0, .ntok = hist};
+            cpu->ops->kv_write(cpu, &kc, layer, &h, k, v);
+            float *dk = up(k, 4ul * hist * hd), *dv = up(v, 4ul * hist * hd);
+            gpu->ops->kv_write(gpu, &kg, layer, &h, dk, dv);
+            gpu->ops->sync(gpu);
+            gpu->ops->free(gpu, dk);
+            gpu->ops->free(gpu, dv);
+            free(k);
+            free(v);
+        }
+        seqs[i] = (kn_seq_t){.block_table = bt[i], .pos0 = hist, .ntok = nnew[i]};
+        ntot += nnew[i];
+    }
+    size_t qn = (size_t)ntot * nh * hd, kn = (size_t)ntot * hd;
+    float *q = randv(qn, 1.0f), *k = randv(kn, 1.5f), *v = randv(kn, 1.5f);
+    float *ref = malloc(4 * qn), scale = 1.0f / sqrtf((float)hd);
+    size_t off = 0;
+    for (int i = 0; i < NS; i++) {
+        cpu->ops->kv_write(cpu, &kc, layer, &seqs[i], k + off * hd, v + off * hd);
+        cpu->ops->attention(cpu, &kc, layer, &seqs[i], q + off * nh * hd, nh, scale,
+                            ref + off * nh * hd);
+        off += (size_t)nnew[i];
+    }
+    if (!gpu->ops->kv_write_batch || !gpu->ops->attention_batch) {
+        printf("not ok - %s (the cuda backend has no batched attention)\n", name);
+        return 1;
+    }
+    const char *at = getenv("AFD_CUDA_ATTN");
+    int tc =
+        at && !strcmp(at, "tc") && nh % 16 == 0 && nh <= 64 && hd <= 256 && dt != AFD_DTYPE_F32;
+    if (tc && tol < 1e-2) tol = 1e-2;
+    float *dq = up(q, 4 * qn), *dk = up(k, 4 * kn), *dv = up(v, 4 * kn);
+    float *dout = gpu->ops->alloc(gpu, 4 * qn);
+    gpu->ops->kv_write_batch(gpu, &kg, layer, seqs, NS, dk, dv);
+    gpu->ops->attention_batch(gpu, &kg, layer, seqs, NS, dq, nh, scale, dout);
+    float *got = down(dout, qn);
+    size_t kvb = (size_t)layers * blocks * bs * hd * afd_dtype_size(dt);
+    unsigned char *hk = malloc(kvb);
+    gpu->ops->download(gpu, hk, kg.k, kvb);
+    size_t bad = 0;
+    for (size_t i = 0; i < kvb; i++)
+        bad += hk[i] != ((unsigned char *)kc.k)[i];
+    char d[160];
+    snprintf(d, sizeof(d),
+             "%s KV, %d heads x %d, %d sequences (one prefill)%s; %zu of %zu K "
+             "cache bytes differ",
+             afd_dtype_name(dt), nh, hd, NS, tc ? ", tensor cores" : "", bad, kvb);
+    int rc = report(name, bad ? 1.0 : rel_err(ref, got, qn), tol, d);
+    free(hk);
+    return rc;
+}
+
 static int check_attention(void)
 {
     int rc = 0;
@@ -457,6 +536,9 @@ static int check_attention(void)
     rc |= attn_case("attn_prefill_bf16", AFD_DTYPE_BF16, 64, 256, 600, 37, 1e-4);
     rc |= attn_case("attn_prefill_fp8", AFD_DTYPE_E4M3, 8, 128, 300, 300, 1e-4);
     rc |= attn_case("attn_prefill_tiny", AFD_DTYPE_BF16, 4, 64, 50, 50, 1e-4);
+    rc |= attn_batch_case("attn_batch_bf16", AFD_DTYPE_BF16, 64, 256, 1e-4);
+    rc |= attn_batch_case("attn_batch_fp8", AFD_DTYPE_E4M3, 64, 256, 1e-4);
+    rc |= attn_batch_case("attn_batch_tiny", AFD_DTYPE_BF16, 4, 64, 1e-4);
     return rc;
 }
 

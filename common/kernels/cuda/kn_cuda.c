@@ -48,6 +48,8 @@ typedef struct kn_cuda {
     int ncache;
     int warned_fp8_shape;
     int attn_tc; /* decode attention on the tensor cores (AFD_CUDA_ATTN=tc) */
+    void *hbuf;  /* host (pageable) scratch for per-call tables: copied when queued */
+    size_t hbuf_cap;
 } kn_cuda_t;
 
 /* what a weight's aux points at */
@@ -329,6 +331,7 @@ static void cuda_destroy(kn_backend_t *be)
     for (int i = 0; i < c->nlive; i++) /* buffers the caller never freed */
         cudaFree(c->live[i].p);
     free(c->live);
+    free(c->hbuf);
     if (c->arena_mem) cudaFree(c->arena_mem);
     kn_gemm_destroy(c->gemm);
     cudaStreamDestroy(c->stream);
@@ -624,6 +627,106 @@ static void cuda_attention(kn_backend_t *be, const kn_kv_t *kv, int layer, const
         kn_cu_attn_prefill(&dk, layer, bt, seq->pos0, seq->ntok, q, nheads, scale, out, c->stream));
 }
 
+/* Host scratch for tables built per call (uploads from pageable memory are staged when
+ * queued, so the next call may overwrite it). */
+static void *host_scratch(kn_cuda_t *c, size_t bytes)
+{
+    if (bytes > c->hbuf_cap) {
+        void *p = realloc(c->hbuf, bytes);
+        CU_ASSERT(p);
+        c->hbuf = p;
+        c->hbuf_cap = bytes;
+    }
+    return c->hbuf;
+}
+
+/* The KV rows of a whole batch in one launch: each token's cache slot computed here. */
+static void cuda_kv_write_batch(kn_backend_t *be, const kn_kv_t *kv, int layer,
+                                const kn_seq_t *seqs, int nseq, const float *k, const float *v)
+{
+    kn_cuda_t *c = cu(be);
+    size_t total = 0;
+    for (int i = 0; i < nseq; i++)
+        total += (size_t)(seqs[i].ntok > 0 ? seqs[i].ntok : 0);
+    if (!total) return;
+    int64_t *slots = host_scratch(c, sizeof(int64_t) * total);
+    size_t t = 0;
+    for (int i = 0; i < nseq; i++)
+        for (int j = 0; j < seqs[i].ntok; j++) {
+            int p = seqs[i].pos0 + j;
+            int32_t blk = seqs[i].block_table[p / kv->block_size];
+            CU_ASSERT(blk >= 0 && blk < kv->num_blocks);
+            slots[t++] =
+                ((int64_t)layer * kv->num_blocks + blk) * kv->block_size + p % kv->block_size;
+        }
+    scratch_begin(c, SCR(sizeof(int64_t) * total));
+    int64_t *d = scratch_take(c, sizeof(int64_t) * total);
+    cuda_upload(be, d, slots, sizeof(int64_t) * total);
+    kn_cu_kv_t dk = cu_kv(kv);
+    CU_CHECK(kn_cu_kv_write_slots(&dk, d, (int)total, k, v, c->stream));
+}
+
+/* Attention of a batch: each run of one-token (decode) sequences in one launch of the
+ * decode kernel over a (run, longest block table) table; prefill sequences one by one. */
+static void cuda_attention_batch(kn_backend_t *be, const kn_kv_t *kv, int layer,
+                                 const kn_seq_t *seqs, int nseq, const float *q, int nheads,
+                                 float scale, float *out)
+{
+    kn_cuda_t *c = cu(be);
+    size_t row = (size_t)nheads * (size_t)kv->head_dim, off = 0;
+    kn_cu_kv_t dk = cu_kv(kv);
+    for (int i = 0; i < nseq;) {
+        if (seqs[i].ntok != 1) {
+            cuda_attention(be, kv, layer, &seqs[i], q + off * row, nheads, scale, out + off * row);
+            off += (size_t)(seqs[i].ntok > 0 ? seqs[i].ntok : 0);
+            i++;
+            continue;
+        }
+        int j = i, max_ctx = 0;
+        while (j < nseq && seqs[j].ntok == 1) {
+            int ctx = seqs[j].pos0 + 1;
+            if (ctx > max_ctx) max_ctx = ctx;
+            j++;
+        }
+        int nd = j - i;
+        kn_attn_plan_t plan;
+        if (kn_attn_plan(nheads, kv->head_dim, max_ctx, nd, c->num_sms, &plan) != AFD_OK) {
+            for (; i < j; i++, off++) /* no layout for this shape: the generic kernel */
+                cuda_attention(be, kv, layer, &seqs[i], q + off * row, nheads, scale,
+                               out + off * row);
+            continue;
+        }
+        int stride = (max_ctx + kv->block_size - 1) / kv->block_size;
+        size_t tb = sizeof(int32_t) * (size_t)nd * (size_t)stride, lb = sizeof(int32_t) * nd;
+        int32_t *h = host_scratch(c, tb + lb);
+        for (int r = 0; r < nd; r++) {
+            const kn_seq_t *sq = &seqs[i + r];
+            int ctx = sq->pos0 + 1, nb = (ctx + kv->block_size - 1) / kv->block_size;
+            for (int b = 0; b < stride; b++) {
+                int32_t blk = b < nb ? sq->block_table[b] : 0; /* beyond ctx: never read */
+                CU_ASSERT(blk >= 0 && blk < kv->num_blocks);
+                h[(size_t)r * stride + b] = blk;
+            }
+            h[(size_t)nd * stride + r] = ctx;
+        }
+        size_t ws = kn_attn_ws_bytes(&plan, nd, nheads, kv->head_dim);
+        scratch_begin(c, SCR(tb) + SCR(lb) + SCR(ws));
+        int32_t *bt = scratch_take(c, tb);
+        int32_t *len = scratch_take(c, lb);
+        float *wsp = scratch_take(c, ws);
+        cuda_upload(be, bt, h, tb);
+        cuda_upload(be, len, h + (size_t)nd * stride, lb);
+        if (c->attn_tc && kn_cu_attn_decode_tc_ok(nheads, kv->head_dim, (int)kv->dtype))
+            CU_CHECK(kn_cu_attn_decode_tc(&plan, &dk, layer, bt, stride, len, nd, q + off * row,
+                                          nheads, scale, wsp, out + off * row, c->stream));
+        else
+            CU_CHECK(kn_cu_attn_decode(&plan, &dk, layer, bt, stride, len, nd, q + off * row,
+                                       nheads, scale, wsp, out + off * row, c->stream));
+        off += (size_t)nd;
+        i = j;
+    }
+}
+
 /* ---- tensor-parallel groups ---- */
 
 /* The few NCCL entry points a group uses, loaded with dlopen so that the library needs
@@ -835,6 +938,8 @@ static const kn_ops_t cuda_ops = {
     .kv_write = cuda_kv_write,
     .attention = cuda_attention,
     .round = cuda_round,
+    .kv_write_batch = cuda_kv_write_batch,
+    .attention_batch = cuda_attention_batch,
     .fork = cuda_fork,
     .download_async = cuda_download_async,
     .event_new = cuda_event_new,

@@ -100,6 +100,11 @@ typedef struct kn_cu_kv {
 cudaError_t kn_cu_kv_write(const kn_cu_kv_t *kv, int layer, const int32_t *block_table, int pos0,
                            int ntok, const float *k, const float *v, cudaStream_t stream);
 
+/* Writes k, v (ntok, head_dim) at cache slots[t] = (layer * num_blocks + block) *
+ * block_size + offset (device; checked on the host), one launch for a whole batch. */
+cudaError_t kn_cu_kv_write_slots(const kn_cu_kv_t *kv, const int64_t *slots, int ntok,
+                                 const float *k, const float *v, cudaStream_t stream);
+
 /*
  * MFA decode attention: one new query token per sequence, nheads heads sharing the one KV
  * head. Each block loads a tile of KV positions once into shared memory for all heads,
