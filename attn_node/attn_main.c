@@ -174,6 +174,9 @@ typedef struct attn_node {
     attn_tx_t *retired;             /* A2F buffers of failed steps, sends still in flight */
     float *logits;
     int logits_cap;
+    int32_t *top_ids; /* device backends: each row's best candidates (rows, KN_TOP_K_MAX) */
+    float *top_logits;
+    double *top_lse;
     afd_trace_t *trace; /* --trace-file: the pipeline's timeline */
     /* stats */
     uint64_t attn_us, wait_us, idle_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens,
@@ -860,27 +863,47 @@ static afd_status_t mb_finish(attn_node_t *a, int i)
     size_t V = (size_t)c->vocab_size;
     if (mb->nrows > a->logits_cap) {
         kn_host_free(a->m->be, a->logits);
+        free(a->top_ids);
+        free(a->top_logits);
+        free(a->top_lse);
         a->logits = kn_host_alloc(a->m->be, 4 * V * (size_t)mb->nrows);
-        a->logits_cap = a->logits ? mb->nrows : 0;
-        if (!a->logits) return AFD_ERR_NOMEM;
+        a->top_ids = malloc(sizeof(int32_t) * KN_TOP_K_MAX * (size_t)mb->nrows);
+        a->top_logits = malloc(sizeof(float) * KN_TOP_K_MAX * (size_t)mb->nrows);
+        a->top_lse = malloc(sizeof(double) * (size_t)mb->nrows);
+        a->logits_cap = a->logits && a->top_ids && a->top_logits && a->top_lse ? mb->nrows : 0;
+        if (!a->logits_cap) return AFD_ERR_NOMEM;
     }
+    /* On a device backend the logits stay there: it hands over each row's best candidates
+     * and log-sum-exp, enough for greedy and top-k requests; a row that needs more (top-p
+     * over the whole vocabulary, say) is copied over alone. */
+    float *dl = a->logits;
+    int have_top = 0;
     if (mb->nrows) {
-        float *dl = a->logits;
         if (!be->ops->host_memory) {
             dl = be->ops->alloc(be, 4 * V * (size_t)mb->nrows);
             if (!dl) return AFD_ERR_NOMEM;
         }
         mdl_final(a->m, &mb->ws, mb->x, mb->rows, mb->nrows, dl);
         if (dl != a->logits) {
-            be->ops->download(be, a->logits, dl, 4 * V * (size_t)mb->nrows);
-            be->ops->free(be, dl);
+            have_top = be->ops->logits_top &&
+                       be->ops->logits_top(be, dl, mb->nrows, (int)V, KN_TOP_K_MAX, a->top_ids,
+                                           a->top_logits, a->top_lse) == AFD_OK;
+            if (!have_top) be->ops->download(be, a->logits, dl, 4 * V * (size_t)mb->nrows);
         }
     }
     for (int r = 0; r < mb->nrows; r++) {
         attn_seq_t *s = mb->row_seq[r];
         if (s->abort_pending) continue; /* removed below: nobody waits for its token */
         mdl_sample_t out;
-        mdl_sampler_pick(a->smp, a->logits + (size_t)r * V, &s->sp, &s->rng, &out);
+        if (have_top && mdl_sampler_top_enough(a->smp, &s->sp, KN_TOP_K_MAX)) {
+            mdl_sampler_pick_top(a->smp, a->top_ids + (size_t)r * KN_TOP_K_MAX,
+                                 a->top_logits + (size_t)r * KN_TOP_K_MAX, KN_TOP_K_MAX,
+                                 a->top_lse[r], &s->sp, &s->rng, &out);
+        } else {
+            if (have_top)
+                be->ops->download(be, a->logits + (size_t)r * V, dl + (size_t)r * V, 4 * V);
+            mdl_sampler_pick(a->smp, a->logits + (size_t)r * V, &s->sp, &s->rng, &out);
+        }
         s->tokens[s->len++] = out.token;
         s->ngen++;
         Afd__Finish fin = AFD__FINISH__FINISH_NONE;
@@ -903,6 +926,7 @@ static afd_status_t mb_finish(attn_node_t *a, int i)
         add_token(&acc->res, &acc->arr, &acc->cap, t);
         if (fin != AFD__FINISH__FINISH_NONE) seq_remove(a, s);
     }
+    if (dl != a->logits) be->ops->free(be, dl);
     for (attn_seq_t *s = a->seqs, *nx; s; s = nx) {
         nx = s->next;
         if (s->mb == i && s->abort_pending) seq_remove(a, s);
@@ -1334,6 +1358,9 @@ int main(int argc, char **argv)
     for (int i = 0; i < ATTN_MAX_MB; i++)
         mb_free(&a, &a.mb[i]);
     kn_host_free(be, a.logits);
+    free(a.top_ids);
+    free(a.top_logits);
+    free(a.top_lse);
     mdl_kv_destroy(a.kv);
     mdl_model_free(a.m);
     mdl_ckpt_close(ck);

@@ -57,6 +57,9 @@ typedef struct kn_seq {
 
 typedef struct kn_backend kn_backend_t;
 
+/* The most candidates logits_top hands over per row. */
+#define KN_TOP_K_MAX 64
+
 typedef struct kn_ops {
     const char *name;
     int host_memory; /* buffers are plain host memory (no upload/download needed to read) */
@@ -154,6 +157,14 @@ typedef struct kn_ops {
                         float *x);
     void (*rows_add)(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim,
                      float *y);
+    /*
+     * Optional (NULL, or an error: the caller downloads the rows and samples on the host):
+     * for each logits row (rows, vocab) in backend memory, its k best ids and logits by
+     * (logit descending, id ascending) and its log-sum-exp, into host arrays (rows, k) and
+     * (rows); returns once they are there. k <= KN_TOP_K_MAX.
+     */
+    afd_status_t (*logits_top)(kn_backend_t *be, const float *logits, int rows, int vocab, int k,
+                               int32_t *top_ids, float *top_logits, double *lse);
     /* Optional (NULL: malloc/free): host memory the backend copies from and to fastest
      * (cuda: pinned), for staging buffers. */
     void *(*host_alloc)(kn_backend_t *be, size_t bytes);

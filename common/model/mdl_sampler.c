@@ -6,10 +6,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* top_k up to this is drawn from its sorted candidates (the same as from a device's list) */
+#define SORTED_TOP_K 1024
+
 struct mdl_sampler {
     int vocab;
     int32_t *idx; /* candidate ids */
     double *p;    /* candidate probabilities */
+    float *cl;    /* sorted candidates' logits (SORTED_TOP_K) */
 };
 
 static uint64_t splitmix64(uint64_t *x)
@@ -56,7 +60,8 @@ afd_status_t mdl_sampler_create(int vocab, mdl_sampler_t **out)
     s->vocab = vocab;
     s->idx = malloc(sizeof(int32_t) * (size_t)vocab);
     s->p = malloc(sizeof(double) * (size_t)vocab);
-    if (!s->idx || !s->p) {
+    s->cl = malloc(sizeof(float) * SORTED_TOP_K);
+    if (!s->idx || !s->p || !s->cl) {
         mdl_sampler_destroy(s);
         return AFD_ERR_NOMEM;
     }
@@ -69,6 +74,7 @@ void mdl_sampler_destroy(mdl_sampler_t *s)
     if (!s) return;
     free(s->idx);
     free(s->p);
+    free(s->cl);
     free(s);
 }
 
@@ -138,6 +144,72 @@ static void sort_desc(const float *l, int32_t *idx, int n)
     qsort_r(idx, (size_t)n, sizeof(int32_t), cmp_desc, (void *)l);
 }
 
+/* Draws from candidates ids[0..n) sorted best first with logits cl (the row's max mx):
+ * the nucleus of top_p first, then one draw in that order. */
+static int32_t pick_sorted(mdl_sampler_t *s, const int32_t *ids, const float *cl, int n, float mx,
+                           const mdl_sampling_t *p, mdl_rng_t *rng)
+{
+    int keep = n;
+    if (p->top_p < 1.0) {
+        double tot = 0, cum = 0;
+        for (int i = 0; i < n; i++)
+            tot += exp(((double)cl[i] - mx) / p->temperature);
+        for (int i = 0; i < n; i++) {
+            cum += exp(((double)cl[i] - mx) / p->temperature);
+            if (cum >= p->top_p * tot) {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    double tot = 0;
+    for (int i = 0; i < keep; i++)
+        tot += (s->p[i] = exp(((double)cl[i] - mx) / p->temperature));
+    double u = mdl_rng_uniform(rng) * tot, cum = 0;
+    for (int i = 0; i < keep; i++) {
+        cum += s->p[i];
+        if (u < cum) return ids[i];
+    }
+    return ids[keep - 1];
+}
+
+static int is_greedy(const mdl_sampling_t *p)
+{
+    return p->temperature < 1e-6 || p->top_k == 1;
+}
+
+static int clamp_logprobs(const mdl_sampling_t *p, int v)
+{
+    int n = p->logprobs < 0 ? 0 : p->logprobs > MDL_MAX_LOGPROBS ? MDL_MAX_LOGPROBS : p->logprobs;
+    return n > v ? v : n;
+}
+
+int mdl_sampler_top_enough(const mdl_sampler_t *s, const mdl_sampling_t *p, int n)
+{
+    if (n < 1 || clamp_logprobs(p, s->vocab) > n) return 0;
+    if (is_greedy(p)) return 1;
+    return p->top_k > 0 && p->top_k <= n && p->top_k < s->vocab && p->top_k <= SORTED_TOP_K;
+}
+
+void mdl_sampler_pick_top(mdl_sampler_t *s, const int32_t *ids, const float *logits, int n,
+                          double lse, const mdl_sampling_t *p, mdl_rng_t *rng, mdl_sample_t *out)
+{
+    int32_t tok = ids[0];
+    float lt = logits[0];
+    if (!is_greedy(p)) {
+        tok = pick_sorted(s, ids, logits, p->top_k < n ? p->top_k : n, logits[0], p, rng);
+        for (int i = 0; i < n; i++)
+            if (ids[i] == tok) lt = logits[i];
+    }
+    out->token = tok;
+    out->logprob = (float)((double)lt - lse);
+    out->ntop = clamp_logprobs(p, n);
+    for (int j = 0; j < out->ntop; j++) {
+        out->top_ids[j] = ids[j];
+        out->top_logprobs[j] = (float)((double)logits[j] - lse);
+    }
+}
+
 void mdl_sampler_pick(mdl_sampler_t *s, const float *l, const mdl_sampling_t *p, mdl_rng_t *rng,
                       mdl_sample_t *out)
 {
@@ -155,8 +227,17 @@ void mdl_sampler_pick(mdl_sampler_t *s, const float *l, const mdl_sampling_t *p,
     double lse = mx + log(sum);
 
     int32_t tok = amax;
-    int greedy = p->temperature < 1e-6 || p->top_k == 1;
-    if (!greedy) {
+    int greedy = is_greedy(p);
+    if (!greedy && p->top_k > 0 && p->top_k < V && p->top_k <= SORTED_TOP_K) {
+        /* the top_k best in order, as a device hands them over (mdl_sampler_pick_top) */
+        for (int i = 0; i < V; i++)
+            s->idx[i] = i;
+        select_top(l, s->idx, V, p->top_k);
+        sort_desc(l, s->idx, p->top_k);
+        for (int i = 0; i < p->top_k; i++)
+            s->cl[i] = l[s->idx[i]];
+        tok = pick_sorted(s, s->idx, s->cl, p->top_k, mx, p, rng);
+    } else if (!greedy) {
         int n = V;
         for (int i = 0; i < V; i++)
             s->idx[i] = i;
@@ -203,10 +284,7 @@ void mdl_sampler_pick(mdl_sampler_t *s, const float *l, const mdl_sampling_t *p,
     }
     out->token = tok;
     out->logprob = (float)((double)l[tok] - lse);
-    out->ntop = p->logprobs < 0                  ? 0
-                : p->logprobs > MDL_MAX_LOGPROBS ? MDL_MAX_LOGPROBS
-                                                 : p->logprobs;
-    if (out->ntop > V) out->ntop = V;
+    out->ntop = clamp_logprobs(p, V);
     if (out->ntop > 0) {
         /* a small insertion list: N <= 20 */
         int cnt = 0;

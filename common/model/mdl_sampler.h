@@ -47,4 +47,16 @@ afd_status_t mdl_sampling_validate(const mdl_sampling_t *p, const char **why);
 void mdl_sampler_pick(mdl_sampler_t *s, const float *logits, const mdl_sampling_t *p,
                       mdl_rng_t *rng, mdl_sample_t *out);
 
+/*
+ * Picking from a row's best candidates only, for backends that keep the logits on the
+ * device (kn_ops logits_top): ids/logits are the row's n best by (logit descending, id
+ * ascending) and lse its log-sum-exp. The pick equals mdl_sampler_pick on the whole row
+ * (the same candidates in the same order, the same random draw) whenever
+ * mdl_sampler_top_enough says the request needs no more than n candidates: greedy, or a
+ * top_k of at most n, and at most n log-probabilities.
+ */
+int mdl_sampler_top_enough(const mdl_sampler_t *s, const mdl_sampling_t *p, int n);
+void mdl_sampler_pick_top(mdl_sampler_t *s, const int32_t *ids, const float *logits, int n,
+                          double lse, const mdl_sampling_t *p, mdl_rng_t *rng, mdl_sample_t *out);
+
 #endif

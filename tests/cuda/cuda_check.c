@@ -735,18 +735,95 @@ static int check_rows(void)
     return rows_case(128, 7168) | rows_case(5, 300) | rows_case(1, 1);
 }
 
+/*
+ * The attention node's sampling support (logits_top): each row's 64 best (id, logit) by
+ * (logit descending, id ascending) must equal a host insertion sort exactly, and the
+ * log-sum-exp agree to 1e-12 relative (double sums in another order). Logits quantised
+ * to quarter steps, so rows have many ties; Step3's vocabulary and two odd sizes.
+ */
+static int top_case(int rows, int vocab)
+{
+    enum { K = KN_TOP_K_MAX };
+    size_t n = (size_t)rows * vocab;
+    float *l = malloc(sizeof(float) * n);
+    if (!l) abort();
+    for (size_t i = 0; i < n; i++)
+        l[i] = roundf(frand() * 24.0f) / 4.0f;
+    float *dl = up(l, sizeof(float) * n);
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)rows * K);
+    float *vals = malloc(sizeof(float) * (size_t)rows * K);
+    double *lse = malloc(sizeof(double) * (size_t)rows);
+    if (!ids || !vals || !lse) abort();
+    afd_status_t st = gpu->ops->logits_top
+                          ? gpu->ops->logits_top(gpu, dl, rows, vocab, K, ids, vals, lse)
+                          : AFD_ERR_UNSUPPORTED;
+    char name[64];
+    snprintf(name, sizeof(name), "logits_top_%dx%d", rows, vocab);
+    if (st) {
+        printf("not ok - %s (%s)\n", name, afd_status_str(st));
+        return 1;
+    }
+    size_t bad = 0;
+    double err = 0;
+    int want[K];
+    for (int r = 0; r < rows; r++) {
+        const float *lr = l + (size_t)r * vocab;
+        int cnt = 0, k = vocab < K ? vocab : K;
+        for (int i = 0; i < vocab; i++) {
+#define BEFORE(a, b) (lr[a] > lr[b] || (lr[a] == lr[b] && (a) < (b)))
+            if (cnt == k && !BEFORE(i, want[k - 1])) continue;
+            int j = cnt < k ? cnt++ : k - 1;
+            while (j > 0 && BEFORE(i, want[j - 1])) {
+                want[j] = want[j - 1];
+                j--;
+            }
+            want[j] = i;
+#undef BEFORE
+        }
+        for (int j = 0; j < k; j++)
+            bad += ids[(size_t)r * K + j] != want[j] || vals[(size_t)r * K + j] != lr[want[j]];
+        double mx = lr[want[0]], sum = 0;
+        for (int i = 0; i < vocab; i++)
+            sum += exp((double)lr[i] - mx);
+        double ref = mx + log(sum), e = fabs(lse[r] - ref) / fmax(1.0, fabs(ref));
+        if (!(e <= err)) err = e;
+    }
+    char detail[96];
+    snprintf(detail, sizeof(detail), "%zu of %d candidates differ; lse relative error", bad,
+             rows * (vocab < K ? vocab : K));
+    int rc = report(name, bad ? 1.0 : err, 1e-12, detail);
+    gpu->ops->free(gpu, dl);
+    free(l);
+    free(ids);
+    free(vals);
+    free(lse);
+    return rc;
+}
+
+static int check_top(void)
+{
+    return top_case(37, 128815) | top_case(3, 1000) | top_case(2, 16389) | top_case(1, 40);
+}
+
 typedef struct check {
     const char *name;
     int (*fn)(void);
 } check_t;
 
 static const check_t checks[] = {
-    {"rmsnorm", check_rmsnorm},       {"rope", check_rope},
-    {"swiglu", check_swiglu},         {"router", check_router},
-    {"gather", check_gather_scatter}, {"round", check_round},
-    {"matmul", check_matmul},         {"embed", check_embed},
-    {"attention", check_attention},   {"group", check_group},
-    {"streams", check_streams},       {"rows", check_rows},
+    {"rmsnorm", check_rmsnorm},
+    {"rope", check_rope},
+    {"swiglu", check_swiglu},
+    {"router", check_router},
+    {"gather", check_gather_scatter},
+    {"round", check_round},
+    {"matmul", check_matmul},
+    {"embed", check_embed},
+    {"attention", check_attention},
+    {"group", check_group},
+    {"streams", check_streams},
+    {"rows", check_rows},
+    {"top", check_top},
 };
 
 int main(int argc, char **argv)

@@ -11,7 +11,10 @@
  *   - same seed reproduces, different seeds differ; the rng is uniform in [0, 1);
  *   - mdl_sampling_validate rejects bad values;
  *   - vocab 128815 with top_p 0.9 and near-uniform logits (nucleus > 1024: the fallback
- *     that sorts everything), and a peaked one (nucleus < 1024: the fast path).
+ *     that sorts everything), and a peaked one (nucleus < 1024: the fast path);
+ *   - picking from a row's 64 best candidates (what a device hands over) equals picking
+ *     from the whole row, token, logprob and top lists bit for bit, for every request
+ *     mdl_sampler_top_enough accepts; and it refuses those that need more.
  */
 #define _GNU_SOURCE
 #include <stdarg.h>
@@ -541,6 +544,81 @@ static void test_large_vocab(void **state)
     mdl_sampler_destroy(s);
 }
 
+static int cand_before(const float *l, int32_t a, int32_t b)
+{
+    return l[a] > l[b] || (l[a] == l[b] && a < b);
+}
+
+static void test_pick_top(void **state)
+{
+    (void)state;
+    enum { V = 5000, N = 64 };
+    mdl_sampler_t *s;
+    assert_int_equal(mdl_sampler_create(V, &s), AFD_OK);
+    float *l = malloc(sizeof(float) * V);
+    int32_t ids[N];
+    float cl[N];
+    int checked = 0;
+    for (int trial = 0; trial < 12; trial++) {
+        for (int i = 0; i < V; i++) /* quantised: ties in the head of the distribution */
+            l[i] = (float)(round(gauss() * (trial % 2 ? 8 : 2)) / 4.0);
+        /* the best N by (logit desc, id asc), by insertion, and the row's lse as pick has it */
+        int cnt = 0;
+        for (int32_t i = 0; i < V; i++) {
+            if (cnt == N && !cand_before(l, i, ids[N - 1])) continue;
+            int j = cnt < N ? cnt++ : N - 1;
+            while (j > 0 && cand_before(l, i, ids[j - 1])) {
+                ids[j] = ids[j - 1];
+                j--;
+            }
+            ids[j] = i;
+        }
+        for (int j = 0; j < N; j++)
+            cl[j] = l[ids[j]];
+        double sum = 0;
+        for (int i = 0; i < V; i++)
+            sum += exp((double)l[i] - cl[0]);
+        double lse = cl[0] + log(sum);
+        static const int ks[] = {0, 1, 2, 5, 20, 40, 64, 65, 2000};
+        static const double tps[] = {1.0, 0.9, 0.5, 0.05}, temps[] = {0, 0.5, 1.0, 1.7};
+        for (size_t a = 0; a < sizeof(ks) / sizeof(ks[0]); a++)
+            for (size_t b = 0; b < 4; b++)
+                for (size_t c = 0; c < 4; c++) {
+                    mdl_sampling_t p = params(temps[c], tps[b], ks[a], (int)((a + b + c) % 4) * 7);
+                    p.logprobs = p.logprobs > MDL_MAX_LOGPROBS ? MDL_MAX_LOGPROBS : p.logprobs;
+                    int greedy = temps[c] == 0 || ks[a] == 1;
+                    int want = greedy || (ks[a] > 0 && ks[a] <= N);
+                    assert_int_equal(mdl_sampler_top_enough(s, &p, N), want);
+                    if (!want) continue;
+                    for (uint64_t seed = 1; seed <= 3; seed++) {
+                        mdl_rng_t r1, r2;
+                        mdl_rng_seed(&r1, seed * 77 + trial);
+                        mdl_rng_seed(&r2, seed * 77 + trial);
+                        mdl_sample_t full, top;
+                        mdl_sampler_pick(s, l, &p, &r1, &full);
+                        mdl_sampler_pick_top(s, ids, cl, N, lse, &p, &r2, &top);
+                        if (full.token != top.token || full.logprob != top.logprob ||
+                            full.ntop != top.ntop)
+                            fail_msg("k %d top_p %g T %g: whole row %d (%g), best %d: %d (%g)",
+                                     ks[a], tps[b], temps[c], full.token, (double)full.logprob, N,
+                                     top.token, (double)top.logprob);
+                        assert_memory_equal(full.top_ids, top.top_ids, 4 * (size_t)full.ntop);
+                        assert_memory_equal(full.top_logprobs, top.top_logprobs,
+                                            4 * (size_t)full.ntop);
+                        assert_true(mdl_rng_next(&r1) == mdl_rng_next(&r2)); /* same draws */
+                        checked++;
+                    }
+                }
+    }
+    assert_true(checked > 1000);
+    /* more log-probabilities than candidates: the whole row is needed */
+    mdl_sampling_t p = params(0, 1.0, 0, 20);
+    assert_false(mdl_sampler_top_enough(s, &p, 10));
+    assert_true(mdl_sampler_top_enough(s, &p, 20));
+    free(l);
+    mdl_sampler_destroy(s);
+}
+
 int main(void)
 {
     /* clang-format off */
@@ -553,6 +631,7 @@ int main(void)
         cmocka_unit_test(test_reproducible),
         cmocka_unit_test(test_validate),
         cmocka_unit_test(test_large_vocab),
+        cmocka_unit_test(test_pick_top),
     };
     /* clang-format on */
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -235,6 +235,35 @@ static void cuda_event_free(kn_backend_t *be, void *ev)
     CU_CHECK(cudaEventDestroy((cudaEvent_t)ev));
 }
 
+/* ---- sampling support ---- */
+
+static afd_status_t cuda_logits_top(kn_backend_t *be, const float *logits, int rows, int vocab,
+                                    int k, int32_t *top_ids, float *top_logits, double *lse)
+{
+    kn_cuda_t *c = cu(be);
+    if (rows <= 0) return AFD_OK;
+    if (k < 1 || k > KN_TOP_MAX) return AFD_ERR_RANGE;
+    size_t ws = kn_cu_logits_top_ws(rows, vocab, k);
+    size_t ib = sizeof(int32_t) * (size_t)rows * k, vb = sizeof(float) * (size_t)rows * k;
+    size_t lb = sizeof(double) * (size_t)rows;
+    scratch_begin(c, SCR(ws) + SCR(ib) + SCR(vb) + SCR(lb));
+    void *w = scratch_take(c, ws);
+    int32_t *di = scratch_take(c, ib);
+    float *dv = scratch_take(c, vb);
+    double *dl = scratch_take(c, lb);
+    cudaError_t e = kn_cu_logits_top(logits, rows, vocab, k, w, di, dv, dl, c->stream);
+    if (e == cudaErrorInvalidValue) {
+        cudaGetLastError();
+        return AFD_ERR_UNSUPPORTED;
+    }
+    CU_CHECK(e);
+    CU_CHECK(cudaMemcpyAsync(top_ids, di, ib, cudaMemcpyDeviceToHost, c->stream));
+    CU_CHECK(cudaMemcpyAsync(top_logits, dv, vb, cudaMemcpyDeviceToHost, c->stream));
+    CU_CHECK(cudaMemcpyAsync(lse, dl, lb, cudaMemcpyDeviceToHost, c->stream));
+    CU_CHECK(cudaStreamSynchronize(c->stream));
+    return AFD_OK;
+}
+
 /* ---- packed rows (the data plane's format) ---- */
 
 static void cuda_rows_encode(kn_backend_t *be, afd_dtype_t dt, const float *x, int rows, int dim,
@@ -946,6 +975,7 @@ static const kn_ops_t cuda_ops = {
     .event_record = cuda_event_record,
     .event_done = cuda_event_done,
     .event_free = cuda_event_free,
+    .logits_top = cuda_logits_top,
     .rows_encode = cuda_rows_encode,
     .rows_decode = cuda_rows_decode,
     .rows_add = cuda_rows_add,

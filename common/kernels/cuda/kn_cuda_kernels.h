@@ -66,6 +66,18 @@ cudaError_t kn_cu_bf16_to_f32(const uint16_t *d, float *y, size_t n, int accumul
  */
 cudaError_t kn_cu_quant_fp8(const float *x, int n, int dim, uint8_t *q, float *scales,
                             kn_scale_order_t order, cudaStream_t stream);
+/*
+ * Each of `rows` logits rows (vocab floats): its k (<= KN_TOP_MAX) best ids and logits by
+ * (logit descending, id ascending) into top_id/top_v (rows, k), and its log-sum-exp (in
+ * double) into lse (rows); all device memory, ws of kn_cu_logits_top_ws bytes.
+ * cudaErrorInvalidValue for a vocabulary too large for the merge's shared memory.
+ */
+#define KN_TOP_MAX      64
+#define KN_TOP_MAX_SMEM (200 * 1024)
+size_t kn_cu_logits_top_ws(int rows, int vocab, int k);
+cudaError_t kn_cu_logits_top(const float *logits, int rows, int vocab, int k, void *ws, int *top_id,
+                             float *top_v, double *lse, cudaStream_t stream);
+
 /* Packed e4m3 rows (afd_rows_encode / afd_rows_decode): rows * dim bytes, then the
  * (row, group of 128) float32 scales; any dim. */
 cudaError_t kn_cu_rows_encode_fp8(const float *x, int rows, int dim, void *dst,
