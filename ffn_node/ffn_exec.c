@@ -7,6 +7,40 @@
 #include <stdlib.h>
 #include <string.h>
 
+typedef struct rank_arg {
+    ffn_exec_t *x;
+    int rank;
+} rank_arg_t;
+
+static rank_arg_t g_rank_args[KN_GROUP_MAX];
+
+static void rank_run(ffn_exec_t *x, int i, int layer, int n)
+{
+    const float *g = x->grp->rank[0]->ops->host_memory ? x->g[0] : x->g[i];
+    mdl_ffn(x->m[i], &x->ws[i], layer, g, n, x->ids, x->wts, x->out[i]);
+}
+
+static void *rank_main(void *arg)
+{
+    rank_arg_t *ra = arg;
+    ffn_exec_t *x = ra->x;
+    unsigned seen = 0;
+    pthread_mutex_lock(&x->mu);
+    for (;;) {
+        while (x->gen == seen && !x->quit)
+            pthread_cond_wait(&x->go, &x->mu);
+        if (x->quit) break;
+        seen = x->gen;
+        int layer = x->job_layer, n = x->job_n;
+        pthread_mutex_unlock(&x->mu);
+        rank_run(x, ra->rank, layer, n);
+        pthread_mutex_lock(&x->mu);
+        if (--x->pending == 0) pthread_cond_signal(&x->done);
+    }
+    pthread_mutex_unlock(&x->mu);
+    return NULL;
+}
+
 afd_status_t ffn_exec_open(ffn_exec_t *x, const char *backend, int threads, int tp,
                            const int *devices)
 {
@@ -14,6 +48,18 @@ afd_status_t ffn_exec_open(ffn_exec_t *x, const char *backend, int threads, int 
     afd_status_t st = kn_group_create(backend, threads, tp, devices, &x->grp);
     if (st) return st;
     x->tp = tp;
+    pthread_mutex_init(&x->mu, NULL);
+    pthread_cond_init(&x->go, NULL);
+    pthread_cond_init(&x->done, NULL);
+    for (int i = 1; i < tp; i++) {
+        g_rank_args[i] = (rank_arg_t){x, i};
+        if (pthread_create(&x->th[i], NULL, rank_main, &g_rank_args[i])) {
+            afd_error("tensor-parallel rank %d: no thread", i);
+            ffn_exec_close(x);
+            return AFD_ERR_NOMEM;
+        }
+        x->nth = i;
+    }
     return AFD_OK;
 }
 
@@ -120,12 +166,19 @@ void ffn_exec_put_rows(ffn_exec_t *x, int off, const void *src, int ntok, afd_dt
 void ffn_exec_run(ffn_exec_t *x, int layer, int n)
 {
     AFD_ASSERT(n <= x->cap);
-    int host = host_backend(x);
-    /* every rank's work is queued before any result is awaited: device ranks overlap */
-    for (int i = 0; i < x->tp; i++) {
-        const float *g = host ? x->g[0] : x->g[i];
-        mdl_ffn(x->m[i], &x->ws[i], layer, g, n, x->ids, x->wts, x->out[i]);
-    }
+    /* every rank queues its work on its own thread; rank 0 on this one */
+    pthread_mutex_lock(&x->mu);
+    x->job_layer = layer;
+    x->job_n = n;
+    x->pending = x->nth;
+    x->gen++;
+    pthread_cond_broadcast(&x->go);
+    pthread_mutex_unlock(&x->mu);
+    rank_run(x, 0, layer, n);
+    pthread_mutex_lock(&x->mu);
+    while (x->pending > 0)
+        pthread_cond_wait(&x->done, &x->mu);
+    pthread_mutex_unlock(&x->mu);
     kn_group_reduce(x->grp, x->out, (size_t)n * (size_t)x->hidden);
 }
 
@@ -160,6 +213,17 @@ uint64_t ffn_exec_bytes(const ffn_exec_t *x)
 
 void ffn_exec_close(ffn_exec_t *x)
 {
+    if (!x->grp) return;
+    pthread_mutex_lock(&x->mu);
+    x->quit = 1;
+    pthread_cond_broadcast(&x->go);
+    pthread_mutex_unlock(&x->mu);
+    for (int i = 1; i <= x->nth; i++)
+        pthread_join(x->th[i], NULL);
+    x->nth = 0;
+    pthread_mutex_destroy(&x->mu);
+    pthread_cond_destroy(&x->go);
+    pthread_cond_destroy(&x->done);
     ffn_exec_unload(x);
     kn_group_destroy(x->grp);
     x->grp = NULL;

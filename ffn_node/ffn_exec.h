@@ -15,6 +15,8 @@
 #include "kn_ops.h"
 #include "mdl_model.h"
 
+#include <pthread.h>
+
 typedef struct ffn_exec {
     kn_group_t *grp;
     int tp;
@@ -26,6 +28,14 @@ typedef struct ffn_exec {
     float *wts;
     int cap;
     int hidden, topk;
+    /* ranks 1.. run on threads of their own, so that every rank's launches are queued at
+     * once (a host thread queues a few hundred per layer) */
+    pthread_t th[KN_GROUP_MAX];
+    int nth;
+    pthread_mutex_t mu;
+    pthread_cond_t go, done;
+    unsigned gen;
+    int pending, quit, job_layer, job_n;
 } ffn_exec_t;
 
 /* Opens tp ranks of `backend`, rank i on devices[i] (NULL: the default device and the
