@@ -563,6 +563,18 @@ int main(int argc, char **argv)
         if (is_moe[l] && k < sizeof(moe_enum) - 8)
             k += (size_t)snprintf(moe_enum + k, sizeof(moe_enum) - k, "%s%d", k ? "," : "", l);
 
+    /* the directory and its missing parents, like mkdir -p */
+    char dir[4096];
+    snprintf(dir, sizeof(dir), "%s", o.out);
+    for (char *p = dir + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(dir, 0755) && errno != EEXIST) {
+            afd_error("%s: %m", dir);
+            return 1;
+        }
+        *p = '/';
+    }
     if (mkdir(o.out, 0755) && errno != EEXIST) {
         afd_error("%s: %m", o.out);
         return 1;

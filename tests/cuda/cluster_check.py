@@ -98,6 +98,7 @@ def main():
             ref = refs[wire]
             label = f"{name}_{dt}".replace("cuda", backend)
             logdir = None
+            before = set(os.listdir(tmp))
             try:
                 with LocalUp(model, 1, 1, 2, extra=("--backend", backend, "--ready-timeout-s",
                                                     "90") + wire + extra, timeout=120) as c:
@@ -119,10 +120,13 @@ def main():
             print(f"{'ok' if ok else 'not ok'} - {label} max_err={worst:.3g} tol={TOL} ({detail})",
                   flush=True)
             failed += not ok
-            if not ok and logdir and os.path.isdir(logdir):
-                for f in sorted(os.listdir(logdir)):
-                    lines = open(os.path.join(logdir, f), errors="replace").read().splitlines()
-                    print(f"    {f}:\n" + "\n".join("      " + x for x in lines[-12:]))
+            if not ok:  # the daemons' last words, also when the cluster never started
+                dirs = [logdir] if logdir else [os.path.join(tmp, d) for d in
+                                                sorted(set(os.listdir(tmp)) - before)]
+                for d in dirs:
+                    for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+                        lines = open(os.path.join(d, f), errors="replace").read().splitlines()
+                        print(f"    {f}:\n" + "\n".join("      " + x for x in lines[-12:]))
     shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failed else 0
 

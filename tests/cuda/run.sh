@@ -95,6 +95,7 @@ else
 fi
 
 MODELS=$ROOT/$BUILD/models
+mkdir -p "$MODELS"
 if [ -x "$BIN/afd_mkmodel" ]; then
     for dt in bf16 fp8; do
         [ -f "$MODELS/tiny-$dt/config.json" ] ||
