@@ -332,6 +332,11 @@ def check_overlay(overlay, objs):
             if e.get("backend") != "cuda" or e.get("tp") != str(gpus):
                 errs.append(f"{wname}: ffn_node has {gpus} GPUs but runs backend "
                             f"{e.get('backend')} with tp {e.get('tp')}")
+        # an attention node drives one GPU: more in its pod would sit idle
+        if p.daemon == "attn_node" and gpus is not None:
+            if e.get("backend") != "cuda" or str(gpus) != "1":
+                errs.append(f"{wname}: attn_node has {gpus} GPUs and backend "
+                            f"{e.get('backend')}; it drives one GPU")
         if p.daemon == "afd_coordinator":
             if e.get("host") not in ("0.0.0.0", "::"):
                 errs.append(f"{wname}: the coordinator listens on {e.get('host')}, not every address")
@@ -433,7 +438,15 @@ if "gpu-2a2f" in rendered:
         if o["kind"] == "StatefulSet" and c.get("args", [""])[0] == "ffn_node":
             c["resources"]["limits"]["nvidia.com/gpu"] = "4"
             c["resources"].setdefault("requests", {})["nvidia.com/gpu"] = "4"
+    for o in objs:
+        c = o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0]
+        if o["kind"] == "StatefulSet" and c.get("args", [""])[0] == "attn_node":
+            c["resources"]["limits"]["nvidia.com/gpu"] = "8"
+            c["resources"].setdefault("requests", {})["nvidia.com/gpu"] = "8"
     errs = check_overlay("gpu-2a2f", objs)[0]
+    ck.check("an attention pod with 8 GPUs is refused (it would use one)",
+             any("attn_node has 8 GPUs and backend cuda; it drives one GPU" in e for e in errs),
+             "; ".join(errs))
     ck.check("an FFN pod with 4 GPUs and 8 ranks is refused",
              any("has 4 GPUs but runs backend cuda with tp 8" in e for e in errs), "; ".join(errs))
 
