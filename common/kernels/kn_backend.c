@@ -80,6 +80,24 @@ void kn_event_free(kn_backend_t *be, void *ev)
     if (ev && be->ops->event_free) be->ops->event_free(be, ev);
 }
 
+/* ---- segmented GEMMs ---- */
+
+void kn_matmul_segments(kn_backend_t *be, const float *x, const int32_t *off, int nseg,
+                        const kn_weight_t *w, float *y)
+{
+    if (nseg <= 0 || off[nseg] <= off[0]) return;
+    if (be->ops->matmul_segments) {
+        be->ops->matmul_segments(be, x, off, nseg, w, y);
+        return;
+    }
+    for (int s = 0; s < nseg; s++) {
+        int n = off[s + 1] - off[s];
+        if (n > 0)
+            be->ops->matmul(be, x + (size_t)off[s] * (size_t)w[s].cols, n, &w[s],
+                            y + (size_t)off[s] * (size_t)w[s].rows, 0);
+    }
+}
+
 /* ---- packed rows ---- */
 
 void kn_rows_encode(kn_backend_t *be, afd_dtype_t dt, const float *x, int rows, int dim, void *dst)

@@ -117,6 +117,14 @@ typedef struct kn_ops {
     /* x <- dequant(quant(x)) in dtype (fp8 with per-128 scales, bf16, or f32: no-op) */
     void (*round)(kn_backend_t *be, float *x, int rows, int dim, afd_dtype_t dt);
     /*
+     * Optional (NULL: matmul per segment): the GEMMs of a MoE layer's experts at once.
+     * Rows [off[s], off[s+1]) of x times w[s]^T into the same rows of y, for s < nseg;
+     * every w[s] has the same shape. A device backend converts or quantises x once for
+     * all rows and widens every output in one pass.
+     */
+    void (*matmul_segments)(kn_backend_t *be, const float *x, const int32_t *off, int nseg,
+                            const kn_weight_t *w, float *y);
+    /*
      * Optional (NULL: kv_write / attention per sequence): the same for a batch of nseq
      * sequences whose rows follow each other in k, v, q and out (seqs[i].ntok rows each),
      * in as few launches as the backend can (cuda: one KV write, and one decode-attention
@@ -226,6 +234,11 @@ void *kn_event_new(kn_backend_t *be);
 void kn_event_record(kn_backend_t *be, void *ev);
 int kn_event_done(kn_backend_t *be, void *ev);
 void kn_event_free(kn_backend_t *be, void *ev);
+
+/* Segmented GEMMs (ops->matmul_segments, else one matmul per non-empty segment); w is an
+ * array of nseg weights, off (host) nseg + 1 row offsets. */
+void kn_matmul_segments(kn_backend_t *be, const float *x, const int32_t *off, int nseg,
+                        const kn_weight_t *w, float *y);
 
 /* The packed-row codec on a backend (its op, or afd_rows_* for host memory). */
 void kn_rows_encode(kn_backend_t *be, afd_dtype_t dt, const float *x, int rows, int dim, void *dst);

@@ -321,6 +321,57 @@ static int matmul_case(const char *name, afd_dtype_t wdt, int64_t M, int64_t K, 
     return rc;
 }
 
+/*
+ * A MoE layer's expert GEMMs in one segmented call (matmul_segments) against the cpu
+ * backend's matmul per segment on the same rounded input: empty segments, one-row
+ * segments, and K/128 both a multiple of 4 (one quantisation for all rows) and not (one
+ * per segment, the scales of each 16-byte aligned).
+ */
+static int segments_case(const char *name, afd_dtype_t wdt, int M, int K, double tol)
+{
+    enum { NS = 7 };
+    static const int cnt[NS] = {0, 7, 130, 1, 64, 0, 33};
+    int32_t off[NS + 1] = {0};
+    for (int i = 0; i < NS; i++)
+        off[i + 1] = off[i] + cnt[i];
+    int total = off[NS];
+    src_buf_t b[NS];
+    kn_weight_t wc[NS], wg[NS];
+    for (int i = 0; i < NS; i++) {
+        make_src(&b[i], wdt, M, K, 0.05f);
+        if (cpu->ops->weight_load(cpu, &b[i].s, &wc[i]) ||
+            gpu->ops->weight_load(gpu, &b[i].s, &wg[i])) {
+            printf("not ok - %s weight_load failed\n", name);
+            return 1;
+        }
+    }
+    if (!gpu->ops->matmul_segments) {
+        printf("not ok - %s (the cuda backend has no segmented GEMM)\n", name);
+        return 1;
+    }
+    size_t nk = (size_t)total * K, nm = (size_t)total * M;
+    float *x = randv(nk, 2.0f), *xr = malloc(4 * nk), *ref = malloc(4 * nm);
+    memcpy(xr, x, 4 * nk);
+    int fp8 = gpu_fp8 && wdt == AFD_DTYPE_E4M3 && M % 128 == 0 && K % 128 == 0;
+    cpu->ops->round(cpu, xr, total, K, fp8 ? AFD_DTYPE_E4M3 : AFD_DTYPE_BF16);
+    for (int i = 0; i < NS; i++)
+        if (cnt[i])
+            cpu->ops->matmul(cpu, xr + (size_t)off[i] * K, cnt[i], &wc[i], ref + (size_t)off[i] * M,
+                             0);
+    float *dx = up(x, 4 * nk), *dy = gpu->ops->alloc(gpu, 4 * nm);
+    gpu->ops->matmul_segments(gpu, dx, off, NS, wg, dy);
+    float *got = down(dy, nm);
+    char d[160];
+    snprintf(d, sizeof(d), "%d segments of %s %dx%d weights, %d rows, %s activations", NS,
+             afd_dtype_name(wdt), M, K, total, fp8 ? "fp8 per-128" : "bf16");
+    int rc = report(name, rel_err(ref, got, nm), tol, d);
+    for (int i = 0; i < NS; i++) {
+        cpu->ops->weight_free(cpu, &wc[i]);
+        gpu->ops->weight_free(gpu, &wg[i]);
+    }
+    return rc;
+}
+
 static int check_matmul(void)
 {
     int rc = 0;
@@ -334,6 +385,9 @@ static int check_matmul(void)
     rc |= matmul_case("matmul_fp8_decode", AFD_DTYPE_E4M3, 5120, 7168, 1, 0, 0, 5120, 7168, 1e-2);
     /* fp8 cut inside blocks (the tiny model, FFN slices): dequantised to bf16 at load */
     rc |= matmul_case("matmul_fp8_unaligned", AFD_DTYPE_E4M3, 192, 320, 9, 0, 0, 192, 320, 1e-2);
+    rc |= segments_case("matmul_segments_bf16", AFD_DTYPE_BF16, 256, 512, 1e-4);
+    rc |= segments_case("matmul_segments_fp8", AFD_DTYPE_E4M3, 256, 512, 1e-2);
+    rc |= segments_case("matmul_segments_fp8_k640", AFD_DTYPE_E4M3, 384, 640, 1e-2);
     return rc;
 }
 

@@ -27,6 +27,7 @@
 #define KN_CACHE_MAX_SIZE ((size_t)256 << 20)
 #define KN_GEMM_WS        ((size_t)32 << 20)
 #define KN_ARENA_INITIAL  ((size_t)64 << 20)
+#define KN_SEG_REDO_MAX   64 /* segments of one call redone alone, tracked one by one */
 
 typedef struct kn_cu_block {
     void *p;
@@ -531,6 +532,89 @@ static void cuda_matmul(kn_backend_t *be, const float *x, int n, const kn_weight
     matmul_bf16(c, x, n, wb, M, K, y, accumulate, xb);
 }
 
+/*
+ * The experts' GEMMs of a layer: x converted (bf16) or quantised (fp8, when the
+ * activation scales' order lets a segment's rows be addressed as a slice) once for all
+ * rows, one GEMM per non-empty segment, and for fp8 one widening of every output. A
+ * segment whose shape has no block-scaled algorithm is redone alone by cuda_matmul after
+ * the widening (which wrote its rows from an output the GEMM never filled).
+ */
+static void cuda_matmul_segments(kn_backend_t *be, const float *x, const int32_t *off, int nseg,
+                                 const kn_weight_t *w, float *y)
+{
+    kn_cuda_t *c = cu(be);
+    int M = (int)w[0].rows, K = (int)w[0].cols, fp8 = ((const kn_cu_weight_t *)w[0].aux)->fp8;
+    int total = off[nseg] - off[0], same = 1;
+    for (int s = 1; s < nseg; s++)
+        same &= w[s].rows == M && w[s].cols == K && ((const kn_cu_weight_t *)w[s].aux)->fp8 == fp8;
+    if (!same || M == 0 || K == 0 || (fp8 && c->order_x != KN_SCALE_INNER_FAST)) {
+        for (int s = 0; s < nseg; s++) /* the general path, segment by segment */
+            if (off[s + 1] > off[s])
+                cuda_matmul(be, x + (size_t)off[s] * K, off[s + 1] - off[s], &w[s],
+                            y + (size_t)off[s] * M, 0);
+        return;
+    }
+    const float *x0 = x + (size_t)off[0] * K;
+    float *y0 = y + (size_t)off[0] * M;
+    size_t nk = (size_t)total * K, nm = (size_t)total * M;
+    if (!fp8) {
+        scratch_begin(c, SCR(2 * nk));
+        uint16_t *xb = scratch_take(c, 2 * nk);
+        CU_CHECK(kn_cu_f32_to_bf16(x0, xb, nk, c->stream));
+        for (int s = 0; s < nseg; s++) {
+            int n = off[s + 1] - off[s];
+            if (n <= 0) continue;
+            afd_status_t st = kn_gemm_bf16(c->gemm, w[s].data, xb + (size_t)(off[s] - off[0]) * K,
+                                           M, n, K, y + (size_t)off[s] * M, 0, c->stream);
+            if (st) {
+                cu_log(LOG_ERROR, "backend cuda: bf16 GEMM %dx%dx%d: %s", M, n, K,
+                       afd_status_str(st));
+                abort();
+            }
+        }
+        return;
+    }
+    /* INNER_FAST scales are (row, K / 128) row-major: a segment's are a slice, 16-byte
+     * aligned when a row has a multiple of 4 of them; else each segment is quantised into
+     * a region of its own that starts aligned */
+    int kb = K / 128, one = kb % 4 == 0;
+    size_t ns = (size_t)total * (size_t)kb + (one ? 0 : 4 * (size_t)nseg);
+    scratch_begin(c, SCR(nk) + SCR(4 * ns) + SCR(2 * nm));
+    uint8_t *xq = scratch_take(c, nk);
+    float *xs = scratch_take(c, 4 * ns);
+    uint16_t *d = scratch_take(c, 2 * nm);
+    if (one) CU_CHECK(kn_cu_quant_fp8(x0, total, K, xq, xs, c->order_x, c->stream));
+    int redo[KN_SEG_REDO_MAX], nredo = 0, all_redo = 0;
+    size_t sat = 0; /* the next segment's scales (separate regions) */
+    for (int s = 0; s < nseg; s++) {
+        int n = off[s + 1] - off[s];
+        if (n <= 0) continue;
+        size_t r0 = (size_t)(off[s] - off[0]);
+        const kn_cu_weight_t *aux = w[s].aux;
+        float *sx = one ? xs + r0 * (size_t)kb : xs + sat;
+        if (!one) {
+            CU_CHECK(kn_cu_quant_fp8(x + (size_t)off[s] * K, n, K, xq + r0 * K, sx, c->order_x,
+                                     c->stream));
+            sat += ((size_t)n * kb + 3) / 4 * 4;
+        }
+        afd_status_t st = kn_gemm_fp8(c->gemm, w[s].data, aux->scale, xq + r0 * K, sx, M, n, K,
+                                      d + r0 * M, c->stream);
+        if (st == AFD_OK) continue;
+        if (nredo < KN_SEG_REDO_MAX)
+            redo[nredo++] = s;
+        else
+            all_redo = 1;
+    }
+    CU_CHECK(kn_cu_bf16_to_f32(d, y0, nm, 0, c->stream));
+    /* rows of a shape without a block-scaled algorithm (a tiny segment, say): alone */
+    for (int i = 0; i < (all_redo ? nseg : nredo); i++) {
+        int s = all_redo ? i : redo[i];
+        if (off[s + 1] > off[s])
+            cuda_matmul(be, x + (size_t)off[s] * K, off[s + 1] - off[s], &w[s],
+                        y + (size_t)off[s] * M, 0);
+    }
+}
+
 /* ---- elementwise and small ops ---- */
 
 static void cuda_rmsnorm(kn_backend_t *be, const float *x, int n, int dim, const float *weight,
@@ -967,6 +1051,7 @@ static const kn_ops_t cuda_ops = {
     .kv_write = cuda_kv_write,
     .attention = cuda_attention,
     .round = cuda_round,
+    .matmul_segments = cuda_matmul_segments,
     .kv_write_batch = cuda_kv_write_batch,
     .attention_batch = cuda_attention_batch,
     .fork = cuda_fork,
