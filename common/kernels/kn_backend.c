@@ -11,6 +11,7 @@ afd_status_t kn_cuda_create(int threads, int device, kn_backend_t **out) __attri
 afd_status_t kn_backend_create_on(const char *name, int threads, int device, kn_backend_t **out)
 {
     if (!name || !strcmp(name, "cpu")) return kn_cpu_create(threads, out);
+    if (!strcmp(name, "cpu-dev")) return kn_cpu_dev_create(threads, out);
     if (!strcmp(name, "cuda")) {
         if (!kn_cuda_create) {
             afd_error("backend cuda: this build has no CUDA support (build with CUDA=1)");
@@ -18,7 +19,7 @@ afd_status_t kn_backend_create_on(const char *name, int threads, int device, kn_
         }
         return kn_cuda_create(threads, device, out);
     }
-    afd_error("unknown backend '%s' (cpu or cuda)", name);
+    afd_error("unknown backend '%s' (cpu, cuda, or cpu-dev for tests)", name);
     return AFD_ERR_INVALID;
 }
 

@@ -196,6 +196,9 @@ struct kn_backend {
 
 /* Creates the cpu backend; threads is the OpenBLAS thread count (0: leave as is). */
 afd_status_t kn_cpu_create(int threads, kn_backend_t **out);
+/* The cpu backend presenting itself as a device backend ("cpu-dev"): the same numbers,
+ * the device code paths of its callers (for testing them without a GPU). */
+afd_status_t kn_cpu_dev_create(int threads, kn_backend_t **out);
 /* Creates a backend by name ("cpu", "cuda"); cuda fails with UNSUPPORTED in a CPU build. */
 afd_status_t kn_backend_create(const char *name, int threads, kn_backend_t **out);
 

@@ -1170,6 +1170,59 @@ static void test_group(void **state)
     sib->ops->destroy(sib);
 }
 
+/* cpu-dev: a device backend to its callers, the cpu's numbers */
+static void test_cpu_dev(void **state)
+{
+    (void)state;
+    kn_backend_t *d = NULL;
+    assert_int_equal(kn_backend_create("cpu-dev", 1, &d), AFD_OK);
+    assert_string_equal(d->ops->name, "cpu-dev");
+    assert_int_equal(d->ops->host_memory, 0);
+    assert_non_null(d->ops->rows_encode);
+    assert_non_null(d->ops->logits_top);
+    float x[3 * 130];
+    for (int i = 0; i < 3 * 130; i++)
+        x[i] = (float)((i * 37) % 101) / 7.0f - 7.0f;
+    uint8_t a[3 * 130 * 4], b[3 * 130 * 4];
+    size_t rb = afd_rows_bytes(AFD_DTYPE_E4M3, 3, 130);
+    kn_rows_encode(d, AFD_DTYPE_E4M3, x, 3, 130, a);
+    afd_rows_encode(AFD_DTYPE_E4M3, x, 3, 130, b);
+    assert_memory_equal(a, b, rb);
+    /* the best candidates of a vocabulary smaller than k: every id, then the last repeated */
+    float l[2 * 5] = {1, 3, 3, -1, 0, 2, 2, 2, 2, 2};
+    int32_t ids[2 * KN_TOP_K_MAX];
+    float tl[2 * KN_TOP_K_MAX];
+    double lse[2];
+    assert_int_equal(d->ops->logits_top(d, l, 2, 5, KN_TOP_K_MAX, ids, tl, lse), AFD_OK);
+    static const int32_t want0[5] = {1, 2, 0, 4, 3};
+    for (int j = 0; j < 5; j++) {
+        assert_int_equal(ids[j], want0[j]);
+        assert_int_equal(ids[KN_TOP_K_MAX + j], j); /* ties: lower id first */
+    }
+    assert_int_equal(ids[KN_TOP_K_MAX - 1], 3);
+    assert_true(fabs(lse[1] - (2.0 + log(5.0))) < 1e-12);
+    kn_backend_t *sib = kn_fork(d);
+    assert_non_null(sib);
+    assert_string_equal(sib->ops->name, "cpu-dev");
+    sib->ops->destroy(sib);
+    kn_group_t *g = NULL;
+    assert_int_equal(kn_group_create("cpu-dev", 1, 2, NULL, &g), AFD_OK);
+    float *b0 = g->rank[0]->ops->alloc(g->rank[0], 16),
+          *b1 = g->rank[1]->ops->alloc(g->rank[1], 16);
+    for (int i = 0; i < 4; i++) {
+        b0[i] = (float)i;
+        b1[i] = 10.0f * (float)i;
+    }
+    float *bufs[2] = {b0, b1};
+    kn_group_reduce(g, bufs, 4);
+    for (int i = 0; i < 4; i++)
+        assert_true(b0[i] == 11.0f * (float)i);
+    g->rank[0]->ops->free(g->rank[0], b0);
+    g->rank[1]->ops->free(g->rank[1], b1);
+    kn_group_destroy(g);
+    d->ops->destroy(d);
+}
+
 int main(void)
 {
     /* clang-format off */
@@ -1188,6 +1241,7 @@ int main(void)
         cmocka_unit_test(test_round),
         cmocka_unit_test(test_backend_misc),
         cmocka_unit_test(test_group),
+        cmocka_unit_test(test_cpu_dev),
     };
     /* clang-format on */
     return cmocka_run_group_tests(tests, setup, teardown);

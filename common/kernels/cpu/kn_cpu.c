@@ -416,13 +416,139 @@ static const kn_ops_t cpu_ops = {
     .round = cpu_round,
 };
 
-afd_status_t kn_cpu_create(int threads, kn_backend_t **out)
+static afd_status_t cpu_create_with(const kn_ops_t *ops, int threads, kn_backend_t **out)
 {
     kn_cpu_t *c = calloc(1, sizeof(*c));
     if (!c) return AFD_ERR_NOMEM;
-    c->base.ops = &cpu_ops;
+    c->base.ops = ops;
     if (threads > 0) openblas_set_num_threads(threads);
     c->base.threads = openblas_get_num_threads();
     *out = &c->base;
     return AFD_OK;
+}
+
+afd_status_t kn_cpu_create(int threads, kn_backend_t **out)
+{
+    return cpu_create_with(&cpu_ops, threads, out);
+}
+
+/*
+ * cpu-dev: the cpu backend presenting itself as a device backend (host_memory 0), with
+ * the optional ops a device backend has. Its memory is still host memory and its ops
+ * finish in order, so it computes exactly what cpu does; what it adds is that the nodes
+ * and the runner take their device paths (staging, packing through the backend, sibling
+ * queues, tensor-parallel groups, sampling from candidates), which the tests then run on
+ * machines without a GPU.
+ */
+static kn_ops_t cpu_dev_ops;
+
+static kn_backend_t *cpu_dev_fork(kn_backend_t *be)
+{
+    kn_backend_t *out = NULL;
+    return cpu_create_with(&cpu_dev_ops, be->threads, &out) == AFD_OK ? out : NULL;
+}
+
+static void cpu_dev_download_async(kn_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    cpu_copy(be, dst, src, bytes);
+}
+
+static void cpu_dev_rows_encode(kn_backend_t *be, afd_dtype_t dt, const float *x, int rows, int dim,
+                                void *dst)
+{
+    (void)be;
+    afd_rows_encode(dt, x, (size_t)rows, (size_t)dim, dst);
+}
+
+static void cpu_dev_rows_decode(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows,
+                                int dim, float *x)
+{
+    (void)be;
+    afd_rows_decode(dt, src, (size_t)rows, (size_t)dim, x);
+}
+
+static void cpu_dev_rows_add(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim,
+                             float *y)
+{
+    (void)be;
+    afd_rows_add(dt, src, (size_t)rows, (size_t)dim, y);
+}
+
+/* each row's k best (logit descending, id ascending) by insertion, and its log-sum-exp */
+static afd_status_t cpu_dev_logits_top(kn_backend_t *be, const float *logits, int rows, int vocab,
+                                       int k, int32_t *top_ids, float *top_logits, double *lse)
+{
+    (void)be;
+    if (k < 1 || k > KN_TOP_K_MAX) return AFD_ERR_RANGE;
+    for (int r = 0; r < rows; r++) {
+        const float *l = logits + (size_t)r * vocab;
+        int32_t *ids = top_ids + (size_t)r * k;
+        int cnt = 0;
+        for (int32_t i = 0; i < vocab; i++) {
+#define BEFORE(a, b) (l[a] > l[b] || (l[a] == l[b] && (a) < (b)))
+            if (cnt == k && !BEFORE(i, ids[k - 1])) continue;
+            int j = cnt < k ? cnt++ : k - 1;
+            while (j > 0 && BEFORE(i, ids[j - 1])) {
+                ids[j] = ids[j - 1];
+                j--;
+            }
+            ids[j] = i;
+#undef BEFORE
+        }
+        for (int j = cnt; j < k; j++) /* a vocabulary smaller than k */
+            ids[j] = ids[cnt - 1];
+        for (int j = 0; j < k; j++)
+            top_logits[(size_t)r * k + j] = l[ids[j]];
+        double mx = l[ids[0]], sum = 0;
+        for (int i = 0; i < vocab; i++)
+            sum += exp((double)l[i] - mx);
+        lse[r] = mx + log(sum);
+    }
+    return AFD_OK;
+}
+
+typedef struct cpu_dev_group {
+    int n;
+} cpu_dev_group_t;
+
+static afd_status_t cpu_dev_group_open(kn_backend_t *const *ranks, int n, void **grp)
+{
+    (void)ranks;
+    cpu_dev_group_t *g = calloc(1, sizeof(*g));
+    if (!g) return AFD_ERR_NOMEM;
+    g->n = n;
+    *grp = g;
+    return AFD_OK;
+}
+
+static void cpu_dev_group_reduce(void *grp, float *const *bufs, size_t count)
+{
+    cpu_dev_group_t *g = grp;
+    for (int i = 1; i < g->n; i++)
+        for (size_t k = 0; k < count; k++)
+            bufs[0][k] += bufs[i][k];
+}
+
+static void cpu_dev_group_close(void *grp)
+{
+    free(grp);
+}
+
+afd_status_t kn_cpu_dev_create(int threads, kn_backend_t **out)
+{
+    if (!cpu_dev_ops.name) {
+        cpu_dev_ops = cpu_ops;
+        cpu_dev_ops.name = "cpu-dev";
+        cpu_dev_ops.host_memory = 0;
+        cpu_dev_ops.fork = cpu_dev_fork;
+        cpu_dev_ops.download_async = cpu_dev_download_async;
+        cpu_dev_ops.rows_encode = cpu_dev_rows_encode;
+        cpu_dev_ops.rows_decode = cpu_dev_rows_decode;
+        cpu_dev_ops.rows_add = cpu_dev_rows_add;
+        cpu_dev_ops.logits_top = cpu_dev_logits_top;
+        cpu_dev_ops.group_open = cpu_dev_group_open;
+        cpu_dev_ops.group_reduce = cpu_dev_group_reduce;
+        cpu_dev_ops.group_close = cpu_dev_group_close;
+    }
+    return cpu_create_with(&cpu_dev_ops, threads, out);
 }
