@@ -74,6 +74,17 @@ for t in tests/integration/test_*.sh tests/integration/test_*.py; do
     esac
 done
 
+# the CUDA checks need a GPU: tests/cuda/run.sh runs them where there is one
+if [ -z "$pattern" ]; then
+    if [ ! -x "$BUILD/tests/cuda_check" ]; then
+        echo "skip CUDA checks: this build has no CUDA backend (CUDA=0, or no nvcc)"
+    elif why=$("$BUILD/tests/cuda_check" --probe 2>&1); then
+        echo "note: a GPU is usable here: tests/cuda/run.sh runs the CUDA checks"
+    else
+        echo "skip CUDA checks (tests/cuda/run.sh needs a GPU): $(echo "$why" | tail -n 1)"
+    fi
+fi
+
 if [ ${#failures[@]} -ne 0 ]; then
     echo "failed: ${failures[*]}"
 fi

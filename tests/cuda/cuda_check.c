@@ -889,8 +889,15 @@ int main(int argc, char **argv)
             printf("%s\n", checks[i].name);
         return 0;
     }
+    if (argc == 2 && !strcmp(argv[1], "--probe")) { /* is there a device to check on? */
+        kn_backend_t *g = NULL;
+        if (kn_backend_create("cuda", 0, &g)) return 1; /* the reason is on stderr */
+        g->ops->destroy(g);
+        printf("cuda backend: a device is usable\n");
+        return 0;
+    }
     if (argc > 2 || (argc == 2 && argv[1][0] == '-')) {
-        fprintf(stderr, "usage: cuda_check [--list | NAME]  (no NAME: every check)\n");
+        fprintf(stderr, "usage: cuda_check [--list | --probe | NAME]  (no NAME: every check)\n");
         return 2;
     }
     if (kn_cpu_create(0, &cpu)) return 1;
