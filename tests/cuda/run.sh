@@ -6,7 +6,8 @@
 #   3. the whole-model check: tiny checkpoints through afd_run --backend cuda vs cpu, and a
 #      whole cluster on loopback with cuda nodes (FFN with one and two tensor-parallel
 #      ranks) against afd_run on the cpu (cluster_check.py);
-#   4. the GPU benchmarks at Step3 shapes (cuda_bench) and the projected throughput;
+#   4. a 1A1F cluster on the GPU decoding the mini model (afd_bench decode), the GPU
+#      benchmarks at Step3 shapes (cuda_bench) and the projected throughput;
 #   5. compute-sanitizer memcheck over the small checks, when the tool is there.
 # A failing step never stops the next one. The summary goes to SUMMARY_DIR/cuda_summary.txt
 # (SUMMARY_DIR: the first argument, else $OUT, else $BUILD), the whole log beside it.
@@ -38,8 +39,8 @@ step() {
     timeout -k 10 "$limit" "$@" >"$out" 2>&1
     rc=$?
     cat "$out" >>"$LOG"
-    grep -E '^(ok|not ok) - |^(device|fp8 probe|copy|gemm|attn|layer|moe|projection|#)' "$out" \
-        >>"$SUMMARY"
+    grep -E '^(ok|not ok) - |^(device|fp8 probe|copy|gemm|attn|layer|moe|projection|#|AFD |  )' \
+        "$out" >>"$SUMMARY"
     # the backend's start-up line (device, fp8 probe result, scale layouts), once
     grep -q 'backend cuda:' "$SUMMARY" || grep -m 1 'backend cuda:' "$out" >>"$SUMMARY"
     local status=pass
@@ -80,7 +81,7 @@ fi
 J=$(nproc 2>/dev/null || echo 4)
 step build 300 make -j"$J" BUILD="$BUILD" CUDA=1 "${MAKEVARS[@]}" "$BUILD/lib/libafdcuda.so" \
     "$BUILD/bin/afd_run" "$BUILD/bin/afd_mkmodel" "$BUILD/bin/afdctl" "$BUILD/bin/attn_node" \
-    "$BUILD/bin/ffn_node" "$BUILD/bin/afd_coordinator" "$BUILD/tests/cuda_check" \
+    "$BUILD/bin/ffn_node" "$BUILD/bin/afd_coordinator" "$BUILD/bin/afd_bench" "$BUILD/tests/cuda_check" \
     "$BUILD/tests/cuda_bench"
 BIN=$ROOT/$BUILD/bin
 CHECK=$ROOT/$BUILD/tests/cuda_check
@@ -108,6 +109,12 @@ if [ -x "$BIN/afd_mkmodel" ]; then
             --dense-inter 512 --vocab 1024 --force >>"$LOG" 2>&1
     step model 150 python3 tests/cuda/model_check.py "$BIN" "$MODELS"
     step cluster 200 python3 tests/cuda/cluster_check.py "$BIN" "$MODELS"
+    # the whole system on the GPU: a 1A1F cluster decoding the mini model (272 MB, fp8)
+    [ -f "$MODELS/mini-fp8/config.json" ] ||
+        "$BIN/afd_mkmodel" --out "$MODELS/mini-fp8" --preset mini --dtype fp8 --force >>"$LOG" 2>&1
+    step decode 120 "$BIN/afd_bench" decode --model "$MODELS/mini-fp8" --attn 1 --ffn 1 \
+        --micro-batches 3 --batch 96 --context 128 --tokens 32 --baseline=false \
+        --local-up-arg=--backend --local-up-arg=cuda
 fi
 
 if [ -x "$ROOT/$BUILD/tests/cuda_bench" ]; then
