@@ -16,8 +16,15 @@ static rank_arg_t g_rank_args[KN_GROUP_MAX];
 
 static void rank_run(ffn_exec_t *x, int i, int layer, int n)
 {
-    const float *g = x->grp->rank[0]->ops->host_memory ? x->g[0] : x->g[i];
-    mdl_ffn(x->m[i], &x->ws[i], layer, g, n, x->ids, x->wts, x->out[i]);
+    kn_backend_t *be = x->grp->rank[i];
+    if (be->ops->host_memory) {
+        mdl_ffn(x->m[i], &x->ws[i], layer, x->g[0], n, x->ids, x->wts, x->out[i]);
+        return;
+    }
+    for (int s = 0; s < x->nslice; s++) /* this rank's copy of the slices, unpacked */
+        kn_rows_decode(be, x->slice_dt[s], (uint8_t *)x->d_in[i] + x->slice_at[s], x->slice_ntok[s],
+                       x->hidden, x->g[i] + (size_t)x->slice_off[s] * (size_t)x->hidden);
+    mdl_ffn(x->m[i], &x->ws[i], layer, x->g[i], n, x->ids, x->wts, x->out[i]);
 }
 
 static void *rank_main(void *arg)
@@ -86,6 +93,8 @@ static void buffers_free(ffn_exec_t *x)
     x->ids = NULL;
     x->wts = NULL;
     x->cap = 0;
+    x->nslice = 0;
+    x->in_bytes = 0;
 }
 
 afd_status_t ffn_exec_load(ffn_exec_t *x, const mdl_ckpt_t *ck, const mdl_config_t *cfg,
@@ -130,7 +139,8 @@ afd_status_t ffn_exec_reserve(ffn_exec_t *x, int n)
         /* host-memory ranks all read rank 0's input rows */
         if (i == 0 || !host) ok = (x->g[i] = be->ops->alloc(be, rows)) != NULL;
         ok = ok && (x->out[i] = be->ops->alloc(be, rows)) != NULL;
-        if (!host) ok = ok && (x->d_in[i] = be->ops->alloc(be, rows)) != NULL;
+        if (!host) /* packed slices, each starting 16-byte aligned */
+            ok = ok && (x->d_in[i] = be->ops->alloc(be, rows + 16 * FFN_EXEC_MAX_SLICES)) != NULL;
         ok = ok && mdl_ws_reserve(x->m[i], &x->ws[i], n) == AFD_OK;
     }
     if (ok && !host) ok = (x->d_out = x->grp->rank[0]->ops->alloc(x->grp->rank[0], rows)) != NULL;
@@ -153,19 +163,23 @@ void ffn_exec_put_rows(ffn_exec_t *x, int off, const void *src, int ntok, afd_dt
         kn_rows_decode(x->grp->rank[0], dt, src, ntok, x->hidden, x->g[0] + at);
         return;
     }
-    /* each slice at its own place in the staging buffer: every copy may be in flight */
+    AFD_ASSERT(x->nslice < FFN_EXEC_MAX_SLICES);
     size_t rb = afd_rows_bytes(dt, (size_t)ntok, (size_t)x->hidden);
-    for (int i = 0; i < x->tp; i++) {
-        kn_backend_t *be = x->grp->rank[i];
-        uint8_t *stage = (uint8_t *)x->d_in[i] + at * sizeof(float);
-        be->ops->upload(be, stage, src, rb);
-        kn_rows_decode(be, dt, stage, ntok, x->hidden, x->g[i] + at);
-    }
+    kn_backend_t *be = x->grp->rank[0];
+    be->ops->upload(be, (uint8_t *)x->d_in[0] + x->in_bytes, src, rb);
+    int s = x->nslice++;
+    x->slice_off[s] = off;
+    x->slice_ntok[s] = ntok;
+    x->slice_dt[s] = dt;
+    x->slice_at[s] = x->in_bytes;
+    x->in_bytes += (rb + 15) & ~(size_t)15;
 }
 
 void ffn_exec_run(ffn_exec_t *x, int layer, int n)
 {
     AFD_ASSERT(n <= x->cap);
+    if (!host_backend(x) && x->tp > 1 && x->in_bytes) /* the slices to every rank */
+        kn_group_bcast(x->grp, x->d_in, x->in_bytes);
     /* every rank queues its work on its own thread; rank 0 on this one */
     pthread_mutex_lock(&x->mu);
     x->job_layer = layer;
@@ -180,6 +194,8 @@ void ffn_exec_run(ffn_exec_t *x, int layer, int n)
         pthread_cond_wait(&x->done, &x->mu);
     pthread_mutex_unlock(&x->mu);
     kn_group_reduce(x->grp, x->out, (size_t)n * (size_t)x->hidden);
+    x->nslice = 0;
+    x->in_bytes = 0;
 }
 
 void ffn_exec_get_rows(ffn_exec_t *x, int off, int ntok, afd_dtype_t dt, void *dst)

@@ -17,6 +17,8 @@
 
 #include <pthread.h>
 
+#define FFN_EXEC_MAX_SLICES 64 /* A2F slices per run: one per attention node */
+
 typedef struct ffn_exec {
     kn_group_t *grp;
     int tp;
@@ -30,6 +32,12 @@ typedef struct ffn_exec {
     int hidden, topk;
     /* ranks 1.. run on threads of their own, so that every rank's launches are queued at
      * once (a host thread queues a few hundred per layer) */
+    /* device backends: the A2F slices put since the last run, packed one after another in
+     * rank 0's staging (d_in[0]) and broadcast to the other ranks at the run */
+    int nslice;
+    int slice_off[FFN_EXEC_MAX_SLICES], slice_ntok[FFN_EXEC_MAX_SLICES];
+    afd_dtype_t slice_dt[FFN_EXEC_MAX_SLICES];
+    size_t slice_at[FFN_EXEC_MAX_SLICES], in_bytes;
     pthread_t th[KN_GROUP_MAX];
     int nth;
     pthread_mutex_t mu;
@@ -49,8 +57,10 @@ afd_status_t ffn_exec_load(ffn_exec_t *x, const mdl_ckpt_t *ck, const mdl_config
 void ffn_exec_unload(ffn_exec_t *x);
 /* Makes room for n tokens: ids and wts hold n rows after it. */
 afd_status_t ffn_exec_reserve(ffn_exec_t *x, int n);
-/* Input rows [off, off + ntok) from a packed slice (afd_rows layout of dt) in host memory;
- * on a device backend src must stay untouched until ffn_exec_wait. */
+/* Input rows [off, off + ntok) from a packed slice (afd_rows layout of dt) in host memory,
+ * at most FFN_EXEC_MAX_SLICES per run; on a device backend src must stay untouched until
+ * ffn_exec_wait (its bytes go to rank 0, reach the other ranks by one broadcast at the
+ * run, NVLink rather than PCIe, and each rank unpacks them itself). */
 void ffn_exec_put_rows(ffn_exec_t *x, int off, const void *src, int ntok, afd_dtype_t dt);
 /* One layer over the n rows put and the routing in ids/wts; the ranks' outputs summed. */
 void ffn_exec_run(ffn_exec_t *x, int layer, int n);

@@ -179,6 +179,19 @@ void kn_group_reduce(kn_group_t *g, float *const *bufs, size_t count)
         be->ops->add(be, bufs[0], bufs[i], count);
 }
 
+void kn_group_bcast(kn_group_t *g, void *const *bufs, size_t bytes)
+{
+    if (g->n < 2 || !bytes) return;
+    kn_backend_t *be = g->rank[0];
+    if (g->impl && be->ops->group_bcast) {
+        be->ops->group_bcast(g->impl, bufs, bytes);
+        return;
+    }
+    /* host memory (the cpu backends): plain copies */
+    for (int i = 1; i < g->n; i++)
+        if (bufs[i] != bufs[0]) memcpy(bufs[i], bufs[0], bytes);
+}
+
 void kn_group_destroy(kn_group_t *g)
 {
     if (!g) return;

@@ -186,6 +186,9 @@ typedef struct kn_ops {
      */
     afd_status_t (*group_open)(kn_backend_t *const *ranks, int n, void **grp);
     void (*group_reduce)(void *grp, float *const *bufs, size_t count);
+    /* bufs[i] <- bufs[0] (bytes) for every rank i > 0, queued behind rank 0's work so
+     * far; each rank's later work waits for its copy, and rank 0's for all of them */
+    void (*group_bcast)(void *grp, void *const *bufs, size_t bytes);
     void (*group_close)(void *grp);
 } kn_ops_t;
 
@@ -225,6 +228,8 @@ afd_status_t kn_group_create(const char *name, int threads, int n, const int *de
                              kn_group_t **out);
 /* bufs[0] <- sum of bufs[i], i < n (count floats each, in rank i's memory). */
 void kn_group_reduce(kn_group_t *g, float *const *bufs, size_t count);
+/* bufs[i] <- bufs[0] (bytes) for i < n (cuda: NCCL across GPUs, else device copies). */
+void kn_group_bcast(kn_group_t *g, void *const *bufs, size_t bytes);
 void kn_group_destroy(kn_group_t *g);
 
 /* A queue of its own on be's device (ops->fork), or a new backend of the same kind where

@@ -24,20 +24,30 @@ class LocalUp:
     """afdctl local-up as a child; stops it (SIGINT) on exit."""
 
     def __init__(self, model, attn=1, ffn=1, mb=3, extra=(), timeout=60):
-        self.port = free_port()
-        self.admin_port = free_port()
-        self.logdir = os.path.join(TMP, f"logs-{self.port}")
-        os.makedirs(self.logdir, exist_ok=True)
-        cmd = [os.path.join(BIN, "afdctl"), "local-up", "--model", model, "--attn", str(attn),
-               "--ffn", str(ffn), "--port", str(self.port), "--admin-port", str(self.admin_port),
-               "--micro-batches", str(mb),
-               "--log-dir", self.logdir] + list(extra)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        line = self.proc.stdout.readline()
-        if not line.startswith("ready: "):
+        # a port free_port found may be taken before the coordinator binds it: then the
+        # coordinator says so in its log and the cluster starts again on other ports
+        for attempt in range(3):
+            self.port = free_port()
+            self.admin_port = free_port()
+            self.logdir = os.path.join(TMP, f"logs-{self.port}")
+            os.makedirs(self.logdir, exist_ok=True)
+            cmd = [os.path.join(BIN, "afdctl"), "local-up", "--model", model, "--attn",
+                   str(attn), "--ffn", str(ffn), "--port", str(self.port), "--admin-port",
+                   str(self.admin_port), "--micro-batches", str(mb),
+                   "--log-dir", self.logdir] + list(extra)
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True)
+            line = self.proc.stdout.readline()
+            if line.startswith("ready: "):
+                break
             self.stop()
-            raise RuntimeError(f"cluster did not start: {line!r} {self.proc.stderr.read()}")
+            err = self.proc.stderr.read()
+            try:
+                coord = open(os.path.join(self.logdir, "coordinator.log")).read()
+            except OSError:
+                coord = ""
+            if "address already in use" not in coord or attempt == 2:
+                raise RuntimeError(f"cluster did not start: {line!r} {err}")
         self.url = line.split()[1]
         line = self.proc.stdout.readline()
         self.admin = line.split()[1] if line.startswith("admin: ") else None

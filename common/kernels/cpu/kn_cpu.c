@@ -529,6 +529,13 @@ static void cpu_dev_group_reduce(void *grp, float *const *bufs, size_t count)
             bufs[0][k] += bufs[i][k];
 }
 
+static void cpu_dev_group_bcast(void *grp, void *const *bufs, size_t bytes)
+{
+    cpu_dev_group_t *g = grp;
+    for (int i = 1; i < g->n; i++)
+        memcpy(bufs[i], bufs[0], bytes);
+}
+
 static void cpu_dev_group_close(void *grp)
 {
     free(grp);
@@ -548,6 +555,7 @@ afd_status_t kn_cpu_dev_create(int threads, kn_backend_t **out)
         cpu_dev_ops.logits_top = cpu_dev_logits_top;
         cpu_dev_ops.group_open = cpu_dev_group_open;
         cpu_dev_ops.group_reduce = cpu_dev_group_reduce;
+        cpu_dev_ops.group_bcast = cpu_dev_group_bcast;
         cpu_dev_ops.group_close = cpu_dev_group_close;
     }
     return cpu_create_with(&cpu_dev_ops, threads, out);

@@ -844,18 +844,21 @@ static void cuda_attention_batch(kn_backend_t *be, const kn_kv_t *kv, int layer,
 
 /* The few NCCL entry points a group uses, loaded with dlopen so that the library needs
  * NCCL only where a node spans several GPUs (values as in nccl.h: ncclFloat32 = 7,
- * ncclSum = 0, ncclSuccess = 0). */
+ * ncclUint8 = 1, ncclSum = 0, ncclSuccess = 0). */
 typedef struct kn_nccl {
     void *lib;
     int (*comm_init_all)(void **comms, int ndev, const int *devlist);
     int (*comm_destroy)(void *comm);
     int (*reduce)(const void *send, void *recv, size_t count, int dtype, int op, int root,
                   void *comm, cudaStream_t stream);
+    int (*bcast)(const void *send, void *recv, size_t count, int dtype, int root, void *comm,
+                 cudaStream_t stream);
     int (*group_start)(void);
     int (*group_end)(void);
     const char *(*error_string)(int result);
 } kn_nccl_t;
 
+#define KN_NCCL_UINT8   1
 #define KN_NCCL_FLOAT32 7
 #define KN_NCCL_SUM     0
 
@@ -881,11 +884,12 @@ static int nccl_load(kn_nccl_t *x, char *why, size_t why_len)
     *(void **)&x->comm_init_all = dlsym(x->lib, "ncclCommInitAll");
     *(void **)&x->comm_destroy = dlsym(x->lib, "ncclCommDestroy");
     *(void **)&x->reduce = dlsym(x->lib, "ncclReduce");
+    *(void **)&x->bcast = dlsym(x->lib, "ncclBroadcast");
     *(void **)&x->group_start = dlsym(x->lib, "ncclGroupStart");
     *(void **)&x->group_end = dlsym(x->lib, "ncclGroupEnd");
     *(void **)&x->error_string = dlsym(x->lib, "ncclGetErrorString");
-    if (!x->comm_init_all || !x->comm_destroy || !x->reduce || !x->group_start || !x->group_end ||
-        !x->error_string) {
+    if (!x->comm_init_all || !x->comm_destroy || !x->reduce || !x->bcast || !x->group_start ||
+        !x->group_end || !x->error_string) {
         snprintf(why, why_len, "libnccl.so.2 lacks an entry point");
         dlclose(x->lib);
         x->lib = NULL;
@@ -1027,6 +1031,40 @@ static void cuda_group_reduce(void *grp, float *const *bufs, size_t count)
 
 static kn_backend_t *cuda_fork(kn_backend_t *be);
 
+static void cuda_group_bcast(void *grp, void *const *bufs, size_t bytes)
+{
+    kn_cu_group_t *g = grp;
+    kn_cuda_t *r0 = g->r[0];
+    if (g->nccl.lib) {
+        NCCL_CHECK(g, g->nccl.group_start());
+        for (int i = 0; i < g->n; i++) {
+            CU_CHECK(cudaSetDevice(g->r[i]->device));
+            NCCL_CHECK(g, g->nccl.bcast(bufs[0], bufs[i], bytes, KN_NCCL_UINT8, 0, g->comm[i],
+                                        g->r[i]->stream));
+        }
+        NCCL_CHECK(g, g->nccl.group_end());
+        return;
+    }
+    /* each peer copies after rank 0's work so far; rank 0 goes on after every copy */
+    CU_CHECK(cudaSetDevice(r0->device));
+    CU_CHECK(cudaEventRecord(g->done, r0->stream));
+    for (int i = 1; i < g->n; i++) {
+        kn_cuda_t *ri = g->r[i];
+        CU_CHECK(cudaSetDevice(ri->device));
+        CU_CHECK(cudaStreamWaitEvent(ri->stream, g->done, 0));
+        if (ri->device == r0->device)
+            CU_CHECK(
+                cudaMemcpyAsync(bufs[i], bufs[0], bytes, cudaMemcpyDeviceToDevice, ri->stream));
+        else
+            CU_CHECK(
+                cudaMemcpyPeerAsync(bufs[i], ri->device, bufs[0], r0->device, bytes, ri->stream));
+        CU_CHECK(cudaEventRecord(g->ev[i], ri->stream));
+    }
+    CU_CHECK(cudaSetDevice(r0->device));
+    for (int i = 1; i < g->n; i++)
+        CU_CHECK(cudaStreamWaitEvent(r0->stream, g->ev[i], 0));
+}
+
 static const kn_ops_t cuda_ops = {
     .name = "cuda",
     .host_memory = 0,
@@ -1068,6 +1106,7 @@ static const kn_ops_t cuda_ops = {
     .host_free = cuda_host_free,
     .group_open = cuda_group_open,
     .group_reduce = cuda_group_reduce,
+    .group_bcast = cuda_group_bcast,
     .group_close = cuda_group_close,
 };
 
