@@ -643,6 +643,18 @@ static int group_case(const char *name, int n, const int *devices)
         if (!(e <= err)) err = e;
         free(got);
     }
+    /* the broadcast: rank 0's bytes (an odd count) on every rank, exactly */
+    size_t bb = 4 * (size_t)C - 3, bad = 0;
+    g->rank[0]->ops->upload(g->rank[0], d[0], h[0], bb);
+    kn_group_bcast(g, (void *const *)d, bb);
+    unsigned char *hb = malloc(bb);
+    if (!hb) abort();
+    for (int i = 1; i < n; i++) {
+        g->rank[i]->ops->download(g->rank[i], hb, d[i], bb);
+        bad += memcmp(hb, h[0], bb) != 0;
+    }
+    free(hb);
+    if (bad) err = 1;
     for (int i = 0; i < n; i++) {
         g->rank[i]->ops->free(g->rank[i], d[i]);
         free(h[i]);
@@ -650,8 +662,8 @@ static int group_case(const char *name, int n, const int *devices)
     free(want);
     kn_group_destroy(g);
     char detail[96];
-    snprintf(detail, sizeof(detail), "%d ranks on devices %d%s%d, 3 rounds", n, devices[0],
-             n > 2 ? ".." : ",", devices[n - 1]);
+    snprintf(detail, sizeof(detail), "%d ranks on devices %d%s%d, 3 rounds; broadcast %s", n,
+             devices[0], n > 2 ? ".." : ",", devices[n - 1], bad ? "differs" : "exact");
     return report(name, err, 1e-6, detail);
 }
 
