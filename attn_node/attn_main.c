@@ -1223,6 +1223,8 @@ int main(int argc, char **argv)
     hello.kv_block_size = (uint32_t)a.o.kv_block;
     hello.max_batch_tokens = (uint32_t)a.o.max_batch_tokens;
     hello.max_seqs = (uint32_t)a.o.max_seqs;
+    hello.backend = a.o.backend;
+    hello.ranks = 1;
     if (a.o.trace_file && afd_trace_open(&a.trace, a.o.trace_file, (size_t)a.o.trace_events,
                                          hello.name, (uint32_t)getpid()))
         return 1;

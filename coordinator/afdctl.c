@@ -561,13 +561,17 @@ static double jnum(const cJSON *o, const char *k)
 
 static void print_nodes(const cJSON *root)
 {
-    printf("%-4s %-10s %-5s %-14s %-8s %-12s %-16s %-8s %-16s %s\n", "ID", "ROLE", "INDEX", "NAME",
-           "STATE", "EXPERTS", "KV USED/TOTAL", "RUNNING", "BUSY/WAIT s",
+    printf("%-4s %-10s %-5s %-14s %-8s %-10s %-12s %-16s %-8s %-16s %s\n", "ID", "ROLE", "INDEX",
+           "NAME", "STATE", "BACKEND", "EXPERTS", "KV USED/TOTAL", "RUNNING", "BUSY/WAIT s",
            "PEER: LATENCY[/ANSWER] (mean us)");
     const cJSON *n;
     cJSON_ArrayForEach(n, cJSON_GetObjectItem(root, "nodes"))
     {
-        char experts[32] = "-", kv[32] = "-", run[16] = "-", lat[256] = "", busy[48] = "-";
+        char experts[32] = "-", kv[32] = "-", run[16] = "-", lat[256] = "", busy[48] = "-",
+             backend[32] = "-";
+        if (*jstr(n, "backend"))
+            snprintf(backend, sizeof(backend), jnum(n, "ranks") > 1 ? "%s x%.0f" : "%s",
+                     jstr(n, "backend"), jnum(n, "ranks"));
         const cJSON *e = cJSON_GetObjectItem(n, "experts");
         if (e)
             snprintf(experts, sizeof(experts), "%d..%d", cJSON_GetArrayItem(e, 0)->valueint,
@@ -589,9 +593,9 @@ static void print_nodes(const cJSON *root)
             lat + k, sizeof(lat) - k,
             cJSON_GetObjectItem(l, "answer_mean_us") ? "%s%.0f:%.0f/%.0f" : "%s%.0f:%.0f",
             k ? " " : "", jnum(l, "peer"), jnum(l, "mean_us"), jnum(l, "answer_mean_us"));
-        printf("%-4.0f %-10s %-5.0f %-14s %-8s %-12s %-16s %-8s %-16s %s\n", jnum(n, "id"),
-               jstr(n, "role"), jnum(n, "index"), jstr(n, "name"), jstr(n, "state"), experts, kv,
-               run, busy, lat);
+        printf("%-4.0f %-10s %-5.0f %-14s %-8s %-10s %-12s %-16s %-8s %-16s %s\n", jnum(n, "id"),
+               jstr(n, "role"), jnum(n, "index"), jstr(n, "name"), jstr(n, "state"), backend,
+               experts, kv, run, busy, lat);
     }
 }
 

@@ -51,7 +51,9 @@ typedef struct coord_node {
     uint32_t epoch_connected;
     uint64_t kv_blocks, kv_reserved;
     uint32_t kv_block_size, max_batch_tokens, max_seqs; /* max_seqs: the node's --max-seqs */
-    int running;                                        /* sequences placed on it */
+    char backend[16]; /* what it computes on, as it says (letters, digits, '-') */
+    uint32_t ranks;   /* its tensor-parallel ranks (1 when it did not say) */
+    int running;      /* sequences placed on it */
     uint64_t last_seen_us;
     Afd__Heartbeat *last_hb;
     uint32_t expert_begin, expert_end;

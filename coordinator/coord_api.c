@@ -957,6 +957,8 @@ static void handle_status(coord_t *c, net_http_req_t *req)
                                     ? "joining"
                                     : states[n->state]);
         cJSON_AddBoolToObject(o, "member", n->member);
+        cJSON_AddStringToObject(o, "backend", n->backend);
+        cJSON_AddNumberToObject(o, "ranks", n->ranks);
         if (n->role == AFD__ROLE__ROLE_FFN) {
             cJSON *e = cJSON_AddArrayToObject(o, "experts");
             cJSON_AddItemToArray(e, cJSON_CreateNumber(n->expert_begin));

@@ -153,6 +153,13 @@ static void on_hello(coord_node_t *n, const Afd__Hello *h)
     n->kv_block_size = h->kv_block_size;
     n->max_batch_tokens = h->max_batch_tokens;
     n->max_seqs = h->max_seqs;
+    /* shown to operators only: bounded and reduced to a plain name */
+    size_t bl = 0;
+    for (const char *b = h->backend ? h->backend : ""; *b && bl < sizeof(n->backend) - 1; b++)
+        if ((*b >= 'a' && *b <= 'z') || (*b >= '0' && *b <= '9') || *b == '-')
+            n->backend[bl++] = *b;
+    n->backend[bl] = 0;
+    n->ranks = h->ranks >= 1 && h->ranks <= 1024 ? h->ranks : 1;
     n->kv_reserved = 0;
     n->running = 0;
     n->member = 0;

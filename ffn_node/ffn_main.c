@@ -408,6 +408,8 @@ int main(int argc, char **argv)
     hello.name = f.o.name ? f.o.name : name;
     hello.model_id = f.o.model;
     hello.pid = (uint32_t)getpid();
+    hello.backend = f.o.backend;
+    hello.ranks = (uint32_t)f.o.tp;
     if (f.o.trace_file && afd_trace_open(&f.trace, f.o.trace_file, (size_t)f.o.trace_events,
                                          hello.name, (uint32_t)getpid()))
         return 1;

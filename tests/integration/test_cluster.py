@@ -109,6 +109,12 @@ for dt in ("bf16", "fp8"):
                                for i in range(ffn))
                 ck.check(f"{dt}: each FFN node says it runs {tp} ranks",
                          logs.count(f"on {tp} tensor-parallel ranks") == ffn, logs[-300:])
+                from cluster import get  # noqa: E402
+                nodes = get(c.admin, "/admin/status")[1]["nodes"]
+                ck.check(f"{dt}: the admin status shows each node's backend and ranks",
+                         all(n["backend"] == "cpu" and
+                             n["ranks"] == (tp if n["role"] == "ffn" else 1) for n in nodes),
+                         str([(n["role"], n.get("backend"), n.get("ranks")) for n in nodes]))
         except Exception as e:
             ck.check(label, False, str(e)[:300])
 
