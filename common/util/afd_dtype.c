@@ -498,21 +498,44 @@ size_t afd_rows_bytes(afd_dtype_t dt, size_t rows, size_t dim)
     return b;
 }
 
+/* The scales of packed e4m3 rows sit right after rows * dim bytes, so they need not be
+ * 4-byte aligned: through an aligned copy when they are not. */
 void afd_rows_encode(afd_dtype_t dt, const float *x, size_t rows, size_t dim, void *dst)
 {
-    if (dt == AFD_DTYPE_E4M3)
-        afd_fp8_quantize_rows(x, rows, dim, dst, (float *)(void *)((uint8_t *)dst + rows * dim));
-    else
+    if (dt != AFD_DTYPE_E4M3) {
         afd_convert_from_f32(dt, x, dst, rows * dim);
+        return;
+    }
+    uint8_t *q = dst, *sp = q + rows * dim;
+    size_t ns = rows * ((dim + AFD_FP8_GROUP - 1) / AFD_FP8_GROUP);
+    if (((uintptr_t)sp & 3) == 0) {
+        afd_fp8_quantize_rows(x, rows, dim, q, (float *)(void *)sp);
+        return;
+    }
+    float *sc = malloc(sizeof(float) * (ns ? ns : 1));
+    AFD_ASSERT(sc);
+    afd_fp8_quantize_rows(x, rows, dim, q, sc);
+    memcpy(sp, sc, sizeof(float) * ns);
+    free(sc);
 }
 
 void afd_rows_decode(afd_dtype_t dt, const void *src, size_t rows, size_t dim, float *x)
 {
-    if (dt == AFD_DTYPE_E4M3)
-        afd_fp8_dequantize_rows(
-            src, (const float *)(const void *)((const uint8_t *)src + rows * dim), rows, dim, x);
-    else
+    if (dt != AFD_DTYPE_E4M3) {
         afd_convert_to_f32(dt, src, x, rows * dim);
+        return;
+    }
+    const uint8_t *q = src, *sp = q + rows * dim;
+    size_t ns = rows * ((dim + AFD_FP8_GROUP - 1) / AFD_FP8_GROUP);
+    if (((uintptr_t)sp & 3) == 0) {
+        afd_fp8_dequantize_rows(q, (const float *)(const void *)sp, rows, dim, x);
+        return;
+    }
+    float *sc = malloc(sizeof(float) * (ns ? ns : 1));
+    AFD_ASSERT(sc);
+    memcpy(sc, sp, sizeof(float) * ns);
+    afd_fp8_dequantize_rows(q, sc, rows, dim, x);
+    free(sc);
 }
 
 void afd_rows_add(afd_dtype_t dt, const void *src, size_t rows, size_t dim, float *out)
@@ -526,23 +549,12 @@ void afd_rows_add(afd_dtype_t dt, const void *src, size_t rows, size_t dim, floa
         const uint16_t *s = src;
         for (size_t i = 0; i < n; i++)
             out[i] += afd_bf16_to_f32(s[i]);
-    } else { /* rare: through a temporary row */
-        float *t = malloc(sizeof(float) * (dim ? dim : 1));
+    } else { /* rare: through the unpacked rows */
+        float *t = malloc(sizeof(float) * (n ? n : 1));
         AFD_ASSERT(t);
-        size_t rb = afd_rows_bytes(dt, 1, dim);
-        for (size_t r = 0; r < rows; r++) {
-            if (dt == AFD_DTYPE_E4M3) { /* a row's scales sit after all the rows' bytes */
-                size_t groups = (dim + AFD_FP8_GROUP - 1) / AFD_FP8_GROUP;
-                afd_fp8_dequantize_rows(
-                    (const uint8_t *)src + r * dim,
-                    (const float *)(const void *)((const uint8_t *)src + rows * dim) + r * groups,
-                    1, dim, t);
-            } else {
-                afd_convert_to_f32(dt, (const uint8_t *)src + r * rb, t, dim);
-            }
-            for (size_t c = 0; c < dim; c++)
-                out[r * dim + c] += t[c];
-        }
+        afd_rows_decode(dt, src, rows, dim, t);
+        for (size_t i = 0; i < n; i++)
+            out[i] += t[i];
         free(t);
     }
 }
