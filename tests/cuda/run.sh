@@ -6,8 +6,9 @@
 #   3. the whole-model check: tiny checkpoints through afd_run --backend cuda vs cpu, and a
 #      whole cluster on loopback with cuda nodes (FFN with one and two tensor-parallel
 #      ranks) against afd_run on the cpu (cluster_check.py);
-#   4. a 1A1F cluster on the GPU decoding the mini model (afd_bench decode), the GPU
-#      benchmarks at Step3 shapes (cuda_bench) and the projected throughput;
+#   4. a 1A1F cluster on the GPU decoding the mini model (afd_bench decode), one decode
+#      layer through the ops table at Step3 shapes (afd_layer_bench), the GPU benchmarks
+#      at Step3 shapes (cuda_bench) and the projected throughput;
 #   5. compute-sanitizer memcheck over the small checks, when the tool is there.
 # A failing step never stops the next one. The summary goes to SUMMARY_DIR/cuda_summary.txt
 # (SUMMARY_DIR: the first argument, else $OUT, else $BUILD), the whole log beside it.
@@ -81,7 +82,8 @@ fi
 J=$(nproc 2>/dev/null || echo 4)
 step build 300 make -j"$J" BUILD="$BUILD" CUDA=1 "${MAKEVARS[@]}" "$BUILD/lib/libafdcuda.so" \
     "$BUILD/bin/afd_run" "$BUILD/bin/afd_mkmodel" "$BUILD/bin/afdctl" "$BUILD/bin/attn_node" \
-    "$BUILD/bin/ffn_node" "$BUILD/bin/afd_coordinator" "$BUILD/bin/afd_bench" "$BUILD/tests/cuda_check" \
+    "$BUILD/bin/ffn_node" "$BUILD/bin/afd_coordinator" "$BUILD/bin/afd_bench" \
+    "$BUILD/bin/afd_layer_bench" "$BUILD/tests/cuda_check" \
     "$BUILD/tests/cuda_bench"
 BIN=$ROOT/$BUILD/bin
 CHECK=$ROOT/$BUILD/tests/cuda_check
@@ -115,6 +117,13 @@ if [ -x "$BIN/afd_mkmodel" ]; then
     step decode 120 "$BIN/afd_bench" decode --model "$MODELS/mini-fp8" --attn 1 --ffn 1 \
         --micro-batches 3 --batch 96 --context 128 --tokens 32 --baseline=false \
         --local-up-arg=--backend --local-up-arg=cuda
+fi
+
+# one decode layer through the ops table as the nodes run it, at Step3's shapes: an
+# attention GPU's micro-batch (128 sequences at 4K), an FFN GPU's share in 2A2F
+if [ -x "$BIN/afd_layer_bench" ]; then
+    step layer 150 "$BIN/afd_layer_bench" --backend cuda --batch 128 --context 4096 \
+        --tokens 2048 --experts-here 24 --tp 8 --share-inter 3072
 fi
 
 if [ -x "$ROOT/$BUILD/tests/cuda_bench" ]; then

@@ -3,7 +3,8 @@ prints the vllm-style block with zero failed requests and writes JSON whose coun
 the coordinator's admin API and /metrics report; with an API key configured, requests without
 it all fail and the exit status says so; the decode benchmark prints AFD and monolithic
 throughput and the pipeline efficiency; a sweep writes a results file and a well-formed SVG;
-afd_plan on the paper's inputs gives the paper's 2A2F sizing."""
+afd_plan on the paper's inputs gives the paper's 2A2F sizing; afd_layer_bench runs one
+decode layer through the ops table on the cpu and cpu-dev backends at small shapes."""
 import json
 import os
 import subprocess
@@ -256,5 +257,23 @@ p = subprocess.run([plan, "--paper", "--tpot-ms", "0.01"], capture_output=True, 
                    timeout=60)
 ck.check("afd_plan: an impossible target is an error", p.returncode == 1 and
          "no deployment" in p.stderr, p.stderr)
+
+# afd_layer_bench: one layer of each side at small shapes, on cpu and on cpu-dev (the
+# device paths of mdl_attn / mdl_ffn), both printing their figures
+import re  # noqa: E402
+small = ["--hidden", "256", "--heads", "4", "--head-dim", "64", "--share-q", "128",
+         "--experts", "8", "--experts-here", "4", "--moe-inter", "256", "--share-inter", "256",
+         "--batch", "8", "--context", "100", "--tokens", "64", "--reps", "2"]
+for be, extra in (("cpu", ["--dtype", "bf16"]), ("cpu-dev", ["--tp", "2"])):
+    p = subprocess.run([os.path.join(BIN, "afd_layer_bench"), "--backend", be, *small, *extra],
+                       capture_output=True, text=True, timeout=120)
+    att = re.search(r"layer attention: 8 sequences at context 100, .* ([0-9.]+) us per layer",
+                    p.stdout)
+    ffn = re.search(r"layer ffn: 64 tokens x top 3 over 8 experts, 4 here x (\d+) columns "
+                    r"\((\d+) routed rows\).* ([0-9.]+) us per layer", p.stdout)
+    ck.check(f"afd_layer_bench --backend {be}: both sides timed",
+             p.returncode == 0 and att and ffn and float(att.group(1)) > 0 and
+             float(ffn.group(3)) > 0 and int(ffn.group(1)) == (256 if be == "cpu" else 128) and
+             0 < int(ffn.group(2)) <= 64 * 3, p.stdout + p.stderr[-300:])
 
 sys.exit(ck.done())
