@@ -330,5 +330,31 @@ int main(int argc, char **argv)
            N, K, E, EH, I, routed, SI, o.dtype, be->ops->name, t_ffn * 1e6, flops / t_ffn / 1e12,
            q_ffn * 1e6);
     printf("(weights loaded in %.1f s)\n", t_load);
+
+    free(hid);
+    free(hw);
+    free(tables);
+    free(seqs);
+    free(tok);
+    free(pos);
+    void *bufs[] = {gin, out, x, g, ids, wts, al.in_norm, al.inter_norm, al.post_norm};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
+        be->ops->free(be, bufs[i]);
+    mdl_ws_free(&m, &ws);
+    mdl_kv_destroy(kv);
+    kn_weight_t *wl[] = {&al.q_proj, &al.wq,   &al.k_proj, &al.v_proj, &al.o_proj,
+                         &al.router, &fl.gate, &fl.up,     &fl.down};
+    for (size_t i = 0; i < sizeof(wl) / sizeof(wl[0]); i++)
+        if (wl[i]->data) be->ops->weight_free(be, wl[i]);
+    for (int e = 0; e < EH; e++) {
+        be->ops->weight_free(be, &fl.egate[e]);
+        be->ops->weight_free(be, &fl.eup[e]);
+        be->ops->weight_free(be, &fl.edown[e]);
+    }
+    free(fl.egate);
+    free(fl.eup);
+    free(fl.edown);
+    be->ops->destroy(be);
+    afd_opts_free(lb_table, &o);
     return 0;
 }
