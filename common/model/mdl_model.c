@@ -588,11 +588,24 @@ void mdl_ffn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const float *g, int 
     be->ops->upload(be, ws->rw, ws->h_w, sizeof(float) * (size_t)total);
     be->ops->gather(be, g, H, ws->rows, total, ws->xe);
     size_t ni = (size_t)(f->ei1 - f->ei0);
-    /* each projection of every expert in one segmented call, one SwiGLU over all rows */
-    kn_matmul_segments(be, ws->xe, ws->h_off, ne, f->egate, ws->ge);
-    kn_matmul_segments(be, ws->xe, ws->h_off, ne, f->eup, ws->ue);
-    be->ops->swiglu(be, ws->ge, ws->ue, (size_t)total * ni, ws->ge);
-    kn_matmul_segments(be, ws->ge, ws->h_off, ne, f->edown, ws->ye);
+    if (be->ops->matmul_segments) {
+        /* a device: each projection of every expert in one segmented call (a few launches
+         * for the layer), one SwiGLU over all rows */
+        kn_matmul_segments(be, ws->xe, ws->h_off, ne, f->egate, ws->ge);
+        kn_matmul_segments(be, ws->xe, ws->h_off, ne, f->eup, ws->ue);
+        be->ops->swiglu(be, ws->ge, ws->ue, (size_t)total * ni, ws->ge);
+        kn_matmul_segments(be, ws->ge, ws->h_off, ne, f->edown, ws->ye);
+    } else {
+        /* the cpu: expert by expert, so that each one's intermediate rows stay in cache
+         * between its GEMMs */
+        for (int e = 0; e < ne; e++) {
+            size_t o = (size_t)ws->h_off[e];
+            int cnt = ws->h_off[e + 1] - ws->h_off[e];
+            if (cnt)
+                mlp(be, &f->egate[e], &f->eup[e], &f->edown[e], ws->xe + o * H, cnt, ws->ge, ws->ue,
+                    ws->ye + o * H, 0);
+        }
+    }
     be->ops->scatter_add(be, out, H, ws->rows, ws->rw, total, ws->ye);
 }
 

@@ -437,8 +437,8 @@ afd_status_t kn_cpu_create(int threads, kn_backend_t **out)
  * the optional ops a device backend has. Its memory is still host memory and its ops
  * finish in order, so it computes exactly what cpu does; what it adds is that the nodes
  * and the runner take their device paths (staging, packing through the backend, sibling
- * queues, tensor-parallel groups, sampling from candidates), which the tests then run on
- * machines without a GPU.
+ * queues, tensor-parallel groups, segmented expert GEMMs, sampling from candidates),
+ * which the tests then run on machines without a GPU.
  */
 static kn_ops_t cpu_dev_ops;
 
@@ -446,6 +446,17 @@ static kn_backend_t *cpu_dev_fork(kn_backend_t *be)
 {
     kn_backend_t *out = NULL;
     return cpu_create_with(&cpu_dev_ops, be->threads, &out) == AFD_OK ? out : NULL;
+}
+
+/* the segmented GEMMs a device has, here segment by segment: callers take the path a
+ * device takes (one SwiGLU over all rows) */
+static void cpu_dev_matmul_segments(kn_backend_t *be, const float *x, const int32_t *off, int nseg,
+                                    const kn_weight_t *w, float *y)
+{
+    for (int s = 0; s < nseg; s++)
+        if (off[s + 1] > off[s])
+            cpu_matmul(be, x + (size_t)off[s] * (size_t)w[s].cols, off[s + 1] - off[s], &w[s],
+                       y + (size_t)off[s] * (size_t)w[s].rows, 0);
 }
 
 static void cpu_dev_download_async(kn_backend_t *be, void *dst, const void *src, size_t bytes)
@@ -549,6 +560,7 @@ afd_status_t kn_cpu_dev_create(int threads, kn_backend_t **out)
         cpu_dev_ops.host_memory = 0;
         cpu_dev_ops.fork = cpu_dev_fork;
         cpu_dev_ops.download_async = cpu_dev_download_async;
+        cpu_dev_ops.matmul_segments = cpu_dev_matmul_segments;
         cpu_dev_ops.rows_encode = cpu_dev_rows_encode;
         cpu_dev_ops.rows_decode = cpu_dev_rows_decode;
         cpu_dev_ops.rows_add = cpu_dev_rows_add;
