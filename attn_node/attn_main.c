@@ -469,17 +469,6 @@ static void mb_free(attn_node_t *a, attn_mb_t *mb)
     memset(mb, 0, sizeof(*mb));
 }
 
-/* the backend's host memory for the data plane's buffers (pinned on a device backend) */
-static void *node_host_alloc(void *be, size_t bytes)
-{
-    return kn_host_alloc(be, bytes);
-}
-
-static void node_host_free(void *be, void *p)
-{
-    kn_host_free(be, p);
-}
-
 /* ---- the pipeline ---- */
 
 static void send_heartbeat(attn_node_t *a);
@@ -1241,8 +1230,8 @@ int main(int argc, char **argv)
                          .err_cb = attn_peer_err,
                          .arg = &a};
     if (!be->ops->host_memory) { /* data-plane buffers the device copies into and out of */
-        uo.host_alloc = node_host_alloc;
-        uo.host_free = node_host_free;
+        uo.host_alloc = kn_host_alloc_cb;
+        uo.host_free = kn_host_free_cb;
         uo.host_arg = be;
     }
     if (net_ucx_create(&uo, &a.ucx)) return 1;

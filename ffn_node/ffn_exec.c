@@ -7,13 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct rank_arg {
-    ffn_exec_t *x;
-    int rank;
-} rank_arg_t;
-
-static rank_arg_t g_rank_args[KN_GROUP_MAX];
-
 static void rank_run(ffn_exec_t *x, int i, int layer, int n)
 {
     kn_backend_t *be = x->grp->rank[i];
@@ -29,7 +22,7 @@ static void rank_run(ffn_exec_t *x, int i, int layer, int n)
 
 static void *rank_main(void *arg)
 {
-    rank_arg_t *ra = arg;
+    ffn_rank_arg_t *ra = arg;
     ffn_exec_t *x = ra->x;
     unsigned seen = 0;
     pthread_mutex_lock(&x->mu);
@@ -59,8 +52,8 @@ afd_status_t ffn_exec_open(ffn_exec_t *x, const char *backend, int threads, int 
     pthread_cond_init(&x->go, NULL);
     pthread_cond_init(&x->done, NULL);
     for (int i = 1; i < tp; i++) {
-        g_rank_args[i] = (rank_arg_t){x, i};
-        if (pthread_create(&x->th[i], NULL, rank_main, &g_rank_args[i])) {
+        x->arg[i] = (ffn_rank_arg_t){x, i};
+        if (pthread_create(&x->th[i], NULL, rank_main, &x->arg[i])) {
             afd_error("tensor-parallel rank %d: no thread", i);
             ffn_exec_close(x);
             return AFD_ERR_NOMEM;

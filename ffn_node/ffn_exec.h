@@ -19,6 +19,12 @@
 
 #define FFN_EXEC_MAX_SLICES 64 /* A2F slices per run: one per attention node */
 
+struct ffn_exec;
+typedef struct ffn_rank_arg { /* what a rank's thread is started with */
+    struct ffn_exec *x;
+    int rank;
+} ffn_rank_arg_t;
+
 typedef struct ffn_exec {
     kn_group_t *grp;
     int tp;
@@ -39,6 +45,7 @@ typedef struct ffn_exec {
     afd_dtype_t slice_dt[FFN_EXEC_MAX_SLICES];
     size_t slice_at[FFN_EXEC_MAX_SLICES], in_bytes;
     pthread_t th[KN_GROUP_MAX];
+    ffn_rank_arg_t arg[KN_GROUP_MAX];
     int nth;
     pthread_mutex_t mu;
     pthread_cond_t go, done;

@@ -204,17 +204,6 @@ static void ffn_peer_err(void *arg, uint32_t peer, afd_status_t status)
     f->errors++;
 }
 
-/* the backend's host memory for the data plane's buffers (pinned on a device backend) */
-static void *node_host_alloc(void *be, size_t bytes)
-{
-    return kn_host_alloc(be, bytes);
-}
-
-static void node_host_free(void *be, void *p)
-{
-    kn_host_free(be, p);
-}
-
 /* Runs one complete (step, layer, micro-batch) and answers every attention node. */
 static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
 {
@@ -446,8 +435,8 @@ int main(int argc, char **argv)
                          .arg = &f};
     kn_backend_t *be = f.x.grp->rank[0];
     if (!be->ops->host_memory) { /* data-plane buffers the device copies into and out of */
-        uo.host_alloc = node_host_alloc;
-        uo.host_free = node_host_free;
+        uo.host_alloc = kn_host_alloc_cb;
+        uo.host_free = kn_host_free_cb;
         uo.host_arg = be;
     }
     if (net_ucx_create(&uo, &f.ucx)) return 1;

@@ -34,6 +34,16 @@ void *kn_host_alloc(kn_backend_t *be, size_t bytes)
     return malloc(bytes ? bytes : 1);
 }
 
+void *kn_host_alloc_cb(void *be, size_t bytes)
+{
+    return kn_host_alloc(be, bytes);
+}
+
+void kn_host_free_cb(void *be, void *p)
+{
+    kn_host_free(be, p);
+}
+
 void kn_host_free(kn_backend_t *be, void *p)
 {
     if (!p) return;
@@ -47,10 +57,7 @@ void kn_host_free(kn_backend_t *be, void *p)
 
 kn_backend_t *kn_fork(kn_backend_t *be)
 {
-    kn_backend_t *out = NULL;
-    if (be->ops->fork) return be->ops->fork(be);
-    if (!strcmp(be->ops->name, "cpu") && kn_cpu_create(be->threads, &out) == AFD_OK) return out;
-    return NULL;
+    return be->ops->fork ? be->ops->fork(be) : NULL;
 }
 
 void kn_download_async(kn_backend_t *be, void *dst, const void *src, size_t bytes)
@@ -79,24 +86,6 @@ int kn_event_done(kn_backend_t *be, void *ev)
 void kn_event_free(kn_backend_t *be, void *ev)
 {
     if (ev && be->ops->event_free) be->ops->event_free(be, ev);
-}
-
-/* ---- segmented GEMMs ---- */
-
-void kn_matmul_segments(kn_backend_t *be, const float *x, const int32_t *off, int nseg,
-                        const kn_weight_t *w, float *y)
-{
-    if (nseg <= 0 || off[nseg] <= off[0]) return;
-    if (be->ops->matmul_segments) {
-        be->ops->matmul_segments(be, x, off, nseg, w, y);
-        return;
-    }
-    for (int s = 0; s < nseg; s++) {
-        int n = off[s + 1] - off[s];
-        if (n > 0)
-            be->ops->matmul(be, x + (size_t)off[s] * (size_t)w[s].cols, n, &w[s],
-                            y + (size_t)off[s] * (size_t)w[s].rows, 0);
-    }
 }
 
 /* ---- packed rows ---- */

@@ -117,7 +117,8 @@ typedef struct kn_ops {
     /* x <- dequant(quant(x)) in dtype (fp8 with per-128 scales, bf16, or f32: no-op) */
     void (*round)(kn_backend_t *be, float *x, int rows, int dim, afd_dtype_t dt);
     /*
-     * Optional (NULL: matmul per segment): the GEMMs of a MoE layer's experts at once.
+     * Optional (NULL: the caller runs matmul per segment): the GEMMs of a MoE layer's experts
+     * at once.
      * Rows [off[s], off[s+1]) of x times w[s]^T into the same rows of y, for s < nseg;
      * every w[s] has the same shape. A device backend converts or quantises x once for
      * all rows and widens every output in one pass.
@@ -232,8 +233,8 @@ void kn_group_reduce(kn_group_t *g, float *const *bufs, size_t count);
 void kn_group_bcast(kn_group_t *g, void *const *bufs, size_t bytes);
 void kn_group_destroy(kn_group_t *g);
 
-/* A queue of its own on be's device (ops->fork), or a new backend of the same kind where
- * ops complete in order anyway (cpu); NULL on failure. Destroy it before be. */
+/* A queue of its own on be's device (ops->fork; on the cpu a new backend, its ops
+ * finishing in order anyway); NULL on failure or without the op. Destroy it before be. */
 kn_backend_t *kn_fork(kn_backend_t *be);
 /* The optional asynchronous ops with their synchronous meaning where a backend has none:
  * kn_event_new may return NULL (then kn_event_done is always 1). */
@@ -243,11 +244,6 @@ void kn_event_record(kn_backend_t *be, void *ev);
 int kn_event_done(kn_backend_t *be, void *ev);
 void kn_event_free(kn_backend_t *be, void *ev);
 
-/* Segmented GEMMs (ops->matmul_segments, else one matmul per non-empty segment); w is an
- * array of nseg weights, off (host) nseg + 1 row offsets. */
-void kn_matmul_segments(kn_backend_t *be, const float *x, const int32_t *off, int nseg,
-                        const kn_weight_t *w, float *y);
-
 /* The packed-row codec on a backend (its op, or afd_rows_* for host memory). */
 void kn_rows_encode(kn_backend_t *be, afd_dtype_t dt, const float *x, int rows, int dim, void *dst);
 void kn_rows_decode(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, int dim, float *x);
@@ -256,6 +252,9 @@ void kn_rows_add(kn_backend_t *be, afd_dtype_t dt, const void *src, int rows, in
 /* host staging memory of a backend (pinned where it has such a thing) */
 void *kn_host_alloc(kn_backend_t *be, size_t bytes);
 void kn_host_free(kn_backend_t *be, void *p);
+/* The same as allocator callbacks (be passed as the callback's argument). */
+void *kn_host_alloc_cb(void *be, size_t bytes);
+void kn_host_free_cb(void *be, void *p);
 
 /*
  * The routed rows of a MoE layer grouped by local expert (tokens sorted by expert), so each

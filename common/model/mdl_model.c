@@ -591,10 +591,10 @@ void mdl_ffn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const float *g, int 
     if (be->ops->matmul_segments) {
         /* a device: each projection of every expert in one segmented call (a few launches
          * for the layer), one SwiGLU over all rows */
-        kn_matmul_segments(be, ws->xe, ws->h_off, ne, f->egate, ws->ge);
-        kn_matmul_segments(be, ws->xe, ws->h_off, ne, f->eup, ws->ue);
+        be->ops->matmul_segments(be, ws->xe, ws->h_off, ne, f->egate, ws->ge);
+        be->ops->matmul_segments(be, ws->xe, ws->h_off, ne, f->eup, ws->ue);
         be->ops->swiglu(be, ws->ge, ws->ue, (size_t)total * ni, ws->ge);
-        kn_matmul_segments(be, ws->ge, ws->h_off, ne, f->edown, ws->ye);
+        be->ops->matmul_segments(be, ws->ge, ws->h_off, ne, f->edown, ws->ye);
     } else {
         /* the cpu: expert by expert, so that each one's intermediate rows stay in cache
          * between its GEMMs */

@@ -390,6 +390,15 @@ static void cpu_round(kn_backend_t *be, float *x, int rows, int dim, afd_dtype_t
     }
 }
 
+static afd_status_t cpu_create_with(const kn_ops_t *ops, int threads, kn_backend_t **out);
+
+/* a sibling: a backend of its own with the same ops (they finish in order anyway) */
+static kn_backend_t *cpu_fork(kn_backend_t *be)
+{
+    kn_backend_t *out = NULL;
+    return cpu_create_with(be->ops, be->threads, &out) == AFD_OK ? out : NULL;
+}
+
 static const kn_ops_t cpu_ops = {
     .name = "cpu",
     .host_memory = 1,
@@ -414,6 +423,7 @@ static const kn_ops_t cpu_ops = {
     .kv_write = cpu_kv_write,
     .attention = cpu_attention,
     .round = cpu_round,
+    .fork = cpu_fork,
 };
 
 static afd_status_t cpu_create_with(const kn_ops_t *ops, int threads, kn_backend_t **out)
@@ -441,12 +451,6 @@ afd_status_t kn_cpu_create(int threads, kn_backend_t **out)
  * which the tests then run on machines without a GPU.
  */
 static kn_ops_t cpu_dev_ops;
-
-static kn_backend_t *cpu_dev_fork(kn_backend_t *be)
-{
-    kn_backend_t *out = NULL;
-    return cpu_create_with(&cpu_dev_ops, be->threads, &out) == AFD_OK ? out : NULL;
-}
 
 /* the segmented GEMMs a device has, here segment by segment: callers take the path a
  * device takes (one SwiGLU over all rows) */
@@ -558,7 +562,6 @@ afd_status_t kn_cpu_dev_create(int threads, kn_backend_t **out)
         cpu_dev_ops = cpu_ops;
         cpu_dev_ops.name = "cpu-dev";
         cpu_dev_ops.host_memory = 0;
-        cpu_dev_ops.fork = cpu_dev_fork;
         cpu_dev_ops.download_async = cpu_dev_download_async;
         cpu_dev_ops.matmul_segments = cpu_dev_matmul_segments;
         cpu_dev_ops.rows_encode = cpu_dev_rows_encode;

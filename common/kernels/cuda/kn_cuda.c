@@ -1112,6 +1112,36 @@ static const kn_ops_t cuda_ops = {
 
 /* A sibling on the same device: its own stream, cuBLASLt handle (plans, workspace) and
  * arena, the parent's start-up findings (fp8 probe, scale orders, attention kernel). */
+/* A backend's queue: its stream, cuBLASLt handle (plans, workspace) and arena; logged
+ * and undone on failure. */
+static afd_status_t queue_open(kn_cuda_t *c)
+{
+    cudaError_t e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
+    if (e != cudaSuccess) {
+        cu_log(LOG_ERROR, "backend cuda: stream: %s", cudaGetErrorString(e));
+        cudaGetLastError();
+        return AFD_ERR_UNSUPPORTED;
+    }
+    afd_status_t st = kn_gemm_create(KN_GEMM_WS, &c->gemm);
+    if (st) {
+        cu_log(LOG_ERROR, "backend cuda: cuBLASLt: %s", afd_status_str(st));
+        cudaStreamDestroy(c->stream);
+        return st;
+    }
+    if (cudaMalloc(&c->arena_mem, KN_ARENA_INITIAL) != cudaSuccess) {
+        cu_log(LOG_ERROR, "backend cuda: no device memory for the %zu MiB arena",
+               KN_ARENA_INITIAL >> 20);
+        cudaGetLastError();
+        kn_gemm_destroy(c->gemm);
+        cudaStreamDestroy(c->stream);
+        return AFD_ERR_NOMEM;
+    }
+    kn_arena_init(&c->arena, KN_ARENA_INITIAL);
+    return AFD_OK;
+}
+
+/* A sibling on the same device: a queue of its own, the parent's start-up findings (fp8
+ * probe, scale orders, attention kernel). */
 static kn_backend_t *cuda_fork(kn_backend_t *be)
 {
     kn_cuda_t *p = cu(be);
@@ -1125,24 +1155,10 @@ static kn_backend_t *cuda_fork(kn_backend_t *be)
     c->order_x = p->order_x;
     c->attn_tc = p->attn_tc;
     c->warned_fp8_shape = p->warned_fp8_shape;
-    if (cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking) != cudaSuccess) {
-        cudaGetLastError();
+    if (queue_open(c)) {
         free(c);
         return NULL;
     }
-    if (kn_gemm_create(KN_GEMM_WS, &c->gemm) != AFD_OK) {
-        cudaStreamDestroy(c->stream);
-        free(c);
-        return NULL;
-    }
-    if (cudaMalloc(&c->arena_mem, KN_ARENA_INITIAL) != cudaSuccess) {
-        cudaGetLastError();
-        kn_gemm_destroy(c->gemm);
-        cudaStreamDestroy(c->stream);
-        free(c);
-        return NULL;
-    }
-    kn_arena_init(&c->arena, KN_ARENA_INITIAL);
     /* the parent's queued work (weight and cache set-up) is visible to the sibling */
     CU_CHECK(cudaStreamSynchronize(p->stream));
     return &c->base;
@@ -1213,27 +1229,11 @@ KN_EXPORT afd_status_t kn_cuda_open(const kn_cuda_env_t *env, int threads, int d
     c->base.threads = 1;
     c->device = dev;
     c->num_sms = prop.multiProcessorCount;
-    if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess) {
-        cu_log(LOG_ERROR, "backend cuda: stream: %s", cudaGetErrorString(e));
-        free(c);
-        return AFD_ERR_UNSUPPORTED;
-    }
-    afd_status_t st = kn_gemm_create(KN_GEMM_WS, &c->gemm);
+    afd_status_t st = queue_open(c);
     if (st) {
-        cu_log(LOG_ERROR, "backend cuda: cuBLASLt: %s", afd_status_str(st));
-        cudaStreamDestroy(c->stream);
         free(c);
         return st;
     }
-    if (cudaMalloc(&c->arena_mem, KN_ARENA_INITIAL) != cudaSuccess) {
-        cu_log(LOG_ERROR, "backend cuda: no device memory for the %zu MiB arena",
-               KN_ARENA_INITIAL >> 20);
-        kn_gemm_destroy(c->gemm);
-        cudaStreamDestroy(c->stream);
-        free(c);
-        return AFD_ERR_NOMEM;
-    }
-    kn_arena_init(&c->arena, KN_ARENA_INITIAL);
     if (g_multi_device == -2)
         g_multi_device = dev;
     else if (g_multi_device != dev)
