@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(KN_ATTN_MAX_THREADS(EPT))
                           const int32_t *ctx_lens, const float *q, int nheads, float scale,
                           int chunk, int tile, int splits, float *ws_o, float *ws_ml)
 {
-    extern __shared__ float sm[];
+    KN_DYN_SMEM(float, sm);
     const int hd = kv.head_dim, tph = hd / EPT;
     const int seq = blockIdx.y, split = blockIdx.x;
     const int h = threadIdx.x / tph, r = threadIdx.x % tph;
@@ -108,8 +108,8 @@ cudaError_t kn_attn_combine(const float *ws_o, const float *ws_ml, int splits, i
                             int nseq, float *out, cudaStream_t stream)
 {
     int threads = hd >= 1024 ? 1024 : (hd + 31) / 32 * 32;
-    kn_attn_combine_kernel<<<dim3(nheads, nseq), threads, 0, stream>>>(ws_o, ws_ml, splits, nheads,
-                                                                       hd, out);
+    KN_LAUNCH(kn_attn_combine_kernel, dim3(nheads, nseq), threads, 0, stream)
+    (ws_o, ws_ml, splits, nheads, hd, out);
     return cudaGetLastError();
 }
 
@@ -128,9 +128,9 @@ static cudaError_t kn_decode_launch(const kn_attn_plan_t *p, const kn_cu_kv_t *k
         smem_set = smem;
     }
     dim3 grid(p->splits, nseq);
-    kn_attn_decode_kernel<EPT>
-        <<<grid, p->threads, smem, stream>>>(*kv, layer, bts, bt_stride, ctx_lens, q, nheads, scale,
-                                             p->chunk, p->tile, p->splits, ws_o, ws_ml);
+    KN_LAUNCH(kn_attn_decode_kernel<EPT>, grid, p->threads, smem, stream)
+    (*kv, layer, bts, bt_stride, ctx_lens, q, nheads, scale, p->chunk, p->tile, p->splits, ws_o,
+     ws_ml);
     return cudaGetLastError();
 }
 

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(KN_TC_THREADS)
                              const int32_t *ctx_lens, const float *q, int nh, float scale,
                              int chunk, int splits, float *ws_o, float *ws_ml)
 {
-    extern __shared__ __align__(128) unsigned char smem[];
+    KN_DYN_SMEM(unsigned char, smem);
     const int hd = kv.head_dim, T = KN_TC_TILE;
     const kn_tc_smem L = kn_tc_layout(nh, hd);
     __nv_bfloat16 *Qs = (__nv_bfloat16 *)(smem + L.q), *Ks = (__nv_bfloat16 *)(smem + L.k),
@@ -225,9 +225,9 @@ extern "C" cudaError_t kn_cu_attn_decode_tc(const kn_attn_plan_t *p, const kn_cu
     }
     float *ws_o = ws;
     float *ws_ml = ws + (size_t)nseq * p->splits * nheads * kv->head_dim;
-    kn_attn_decode_tc_kernel<<<dim3(p->splits, nseq), KN_TC_THREADS, smem, stream>>>(
-        *kv, layer, block_tables, bt_stride, ctx_lens, q, nheads, scale, p->chunk, p->splits, ws_o,
-        ws_ml);
+    KN_LAUNCH(kn_attn_decode_tc_kernel, dim3(p->splits, nseq), KN_TC_THREADS, smem, stream)
+    (*kv, layer, block_tables, bt_stride, ctx_lens, q, nheads, scale, p->chunk, p->splits, ws_o,
+     ws_ml);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     return kn_attn_combine(ws_o, ws_ml, p->splits, nheads, kv->head_dim, nseq, out, stream);

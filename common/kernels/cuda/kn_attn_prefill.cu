@@ -15,7 +15,7 @@ __global__ void __launch_bounds__(KN_PF_THREADS)
     kn_attn_prefill_kernel(kn_cu_kv_t kv, int layer, const int32_t *bt, int pos0, const float *q,
                            int nheads, float scale, float *out)
 {
-    extern __shared__ float sm[];
+    KN_DYN_SMEM(float, sm);
     const int t = blockIdx.x, h = blockIdx.y, hd = kv.head_dim;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     float *qs = sm, *S = sm + hd;
@@ -85,7 +85,7 @@ extern "C" cudaError_t kn_cu_attn_prefill(const kn_cu_kv_t *kv, int layer,
     if (kv->head_dim <= 0 || kv->head_dim > 1024 || nheads <= 0 || nheads > 65535)
         return cudaErrorInvalidValue;
     size_t smem = sizeof(float) * ((size_t)kv->head_dim + KN_PF_TILE);
-    kn_attn_prefill_kernel<<<dim3(ntok, nheads), KN_PF_THREADS, smem, stream>>>(
-        *kv, layer, block_table, pos0, q, nheads, scale, out);
+    KN_LAUNCH(kn_attn_prefill_kernel, dim3(ntok, nheads), KN_PF_THREADS, smem, stream)
+    (*kv, layer, block_table, pos0, q, nheads, scale, out);
     KN_LAUNCH_CHECK();
 }

@@ -89,4 +89,20 @@ __device__ __forceinline__ size_t kn_sidx(int order, int64_t outer, int64_t inne
 
 #define KN_LAUNCH_CHECK() return cudaGetLastError()
 
+/*
+ * Launches and dynamic shared memory are spelled through these two macros so that the
+ * kernels also build as plain C++ against the CPU emulator of tests/cuda/emu
+ * (KN_CUDA_EMU), which runs them in make test:
+ *   KN_LAUNCH(kernel, grid, block, smem, stream)(args...);
+ *   KN_DYN_SMEM(type, name);   the block's dynamic shared memory as type name[],
+ *                              128-byte aligned
+ */
+#ifdef KN_CUDA_EMU
+#define KN_LAUNCH(k, grid, block, smem, stream) kn_emu::launcher(k, #k, grid, block, smem, stream)
+#define KN_DYN_SMEM(type, name)                 type *name = (type *)kn_emu::dyn_smem()
+#else
+#define KN_LAUNCH(k, grid, block, smem, stream) k<<<grid, block, smem, stream>>>
+#define KN_DYN_SMEM(type, name)                 extern __shared__ __align__(128) type name[]
+#endif
+
 #endif

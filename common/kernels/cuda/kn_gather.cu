@@ -59,7 +59,7 @@ extern "C" cudaError_t kn_cu_gather(const float *src, int dim, const int32_t *ro
                                     float *dst, cudaStream_t stream)
 {
     if (n <= 0 || dim <= 0) return cudaSuccess;
-    kn_gather_kernel<<<n, kn_row_threads(dim), 0, stream>>>(src, dim, rows, dst);
+    KN_LAUNCH(kn_gather_kernel, n, kn_row_threads(dim), 0, stream)(src, dim, rows, dst);
     KN_LAUNCH_CHECK();
 }
 
@@ -68,7 +68,7 @@ extern "C" cudaError_t kn_cu_scatter_add(float *dst, int dim, const int32_t *row
                                          cudaStream_t stream)
 {
     if (n <= 0 || dim <= 0) return cudaSuccess;
-    kn_scatter_add_kernel<<<n, kn_row_threads(dim), 0, stream>>>(dst, dim, rows, scale, src);
+    KN_LAUNCH(kn_scatter_add_kernel, n, kn_row_threads(dim), 0, stream)(dst, dim, rows, scale, src);
     KN_LAUNCH_CHECK();
 }
 
@@ -77,7 +77,7 @@ extern "C" cudaError_t kn_cu_add(float *y, const float *x, size_t n, cudaStream_
     if (n == 0) return cudaSuccess;
     size_t blocks = (n + 255) / 256;
     if (blocks > 65536) blocks = 65536;
-    kn_add_kernel<<<(unsigned)blocks, 256, 0, stream>>>(y, x, n);
+    KN_LAUNCH(kn_add_kernel, (unsigned)blocks, 256, 0, stream)(y, x, n);
     KN_LAUNCH_CHECK();
 }
 
@@ -87,7 +87,7 @@ extern "C" cudaError_t kn_cu_embed(const void *table, const float *scale, kn_sca
 {
     if (n <= 0 || cols <= 0) return cudaSuccess;
     if (scale && (rows % 128 || cols % 128)) return cudaErrorInvalidValue;
-    kn_embed_kernel<<<n, kn_row_threads((int)(cols < 256 ? cols : 256)), 0, stream>>>(
-        table, scale, order, rows, cols, ids, out);
+    KN_LAUNCH(kn_embed_kernel, n, kn_row_threads((int)(cols < 256 ? cols : 256)), 0, stream)
+    (table, scale, order, rows, cols, ids, out);
     KN_LAUNCH_CHECK();
 }

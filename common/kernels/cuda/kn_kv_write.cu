@@ -49,7 +49,7 @@ extern "C" cudaError_t kn_cu_kv_write(const kn_cu_kv_t *kv, int layer, const int
     if (kv->head_dim <= 0 || kv->block_size <= 0) return cudaErrorInvalidValue;
     int hd = kv->head_dim;
     int threads = hd >= 256 ? 256 : (hd + 31) / 32 * 32;
-    kn_kv_write_kernel<<<ntok, threads, 0, stream>>>(*kv, layer, block_table, pos0, k, v);
+    KN_LAUNCH(kn_kv_write_kernel, ntok, threads, 0, stream)(*kv, layer, block_table, pos0, k, v);
     KN_LAUNCH_CHECK();
 }
 
@@ -71,6 +71,6 @@ extern "C" cudaError_t kn_cu_kv_write_slots(const kn_cu_kv_t *kv, const int64_t 
     if (kv->head_dim <= 0) return cudaErrorInvalidValue;
     int hd = kv->head_dim;
     int threads = hd >= 256 ? 256 : (hd + 31) / 32 * 32;
-    kn_kv_write_slots_kernel<<<ntok, threads, 0, stream>>>(*kv, slots, k, v);
+    KN_LAUNCH(kn_kv_write_slots_kernel, ntok, threads, 0, stream)(*kv, slots, k, v);
     KN_LAUNCH_CHECK();
 }

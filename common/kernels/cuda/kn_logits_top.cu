@@ -21,8 +21,7 @@ __device__ __forceinline__ bool kn_top_before(float av, int ai, float bv, int bi
  * fewer than k entries pads with (-inf, INT_MAX), after every real entry.
  */
 __global__ void kn_top_part_kernel(const float *logits, int vocab, int k, int nchunks,
-                                   float *cand_v, int *cand_id, float *part_max,
-                                   double *part_sum)
+                                   float *cand_v, int *cand_id, float *part_max, double *part_sum)
 {
     __shared__ float sv[KN_TOP_CHUNK];
     __shared__ float red_m[KN_TOP_WARPS];
@@ -96,7 +95,7 @@ __global__ void kn_top_merge_kernel(const float *cand_v, const int *cand_id, int
                                     int k, const float *part_max, const double *part_sum,
                                     int nchunks, int *top_id, float *top_v, double *lse)
 {
-    extern __shared__ unsigned char smem[];
+    KN_DYN_SMEM(unsigned char, smem);
     float *v = (float *)smem;
     int *id = (int *)(v + p);
     int row = blockIdx.x;
@@ -148,8 +147,7 @@ extern "C" size_t kn_cu_logits_top_ws(int rows, int vocab, int k)
 }
 
 extern "C" cudaError_t kn_cu_logits_top(const float *logits, int rows, int vocab, int k, void *ws,
-                                        int *top_id, float *top_v, double *lse,
-                                        cudaStream_t stream)
+                                        int *top_id, float *top_v, double *lse, cudaStream_t stream)
 {
     if (rows <= 0) return cudaSuccess;
     if (vocab <= 0 || k < 1 || k > KN_TOP_MAX) return cudaErrorInvalidValue;
@@ -164,8 +162,9 @@ extern "C" cudaError_t kn_cu_logits_top(const float *logits, int rows, int vocab
     int *cand_id = (int *)(cand_v + (size_t)rows * ncand);
     double *part_sum = (double *)(cand_id + (size_t)rows * ncand); /* 8-byte aligned */
     float *part_max = (float *)(part_sum + (size_t)rows * nchunks);
-    kn_top_part_kernel<<<dim3((unsigned)nchunks, (unsigned)rows), KN_TOP_WARPS * 32, 0, stream>>>(
-        logits, vocab, k, nchunks, cand_v, cand_id, part_max, part_sum);
+    KN_LAUNCH(kn_top_part_kernel, dim3((unsigned)nchunks, (unsigned)rows), KN_TOP_WARPS * 32, 0,
+              stream)
+    (logits, vocab, k, nchunks, cand_v, cand_id, part_max, part_sum);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     if (smem > 48 * 1024) {
@@ -173,7 +172,7 @@ extern "C" cudaError_t kn_cu_logits_top(const float *logits, int rows, int vocab
                                  (int)smem);
         if (e != cudaSuccess) return e;
     }
-    kn_top_merge_kernel<<<(unsigned)rows, 1024, smem, stream>>>(
-        cand_v, cand_id, ncand, p, k, part_max, part_sum, nchunks, top_id, top_v, lse);
+    KN_LAUNCH(kn_top_merge_kernel, (unsigned)rows, 1024, smem, stream)
+    (cand_v, cand_id, ncand, p, k, part_max, part_sum, nchunks, top_id, top_v, lse);
     KN_LAUNCH_CHECK();
 }

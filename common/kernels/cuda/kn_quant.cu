@@ -167,8 +167,8 @@ __global__ void kn_rows_decode_fp8_kernel(const uint8_t *q, const uint8_t *scale
          i += (size_t)gridDim.x * blockDim.x) {
         size_t r = i / (size_t)dim, c = i % (size_t)dim;
         const uint8_t *sp = scales + (r * groups + c / 128) * 4;
-        uint32_t bits = (uint32_t)sp[0] | (uint32_t)sp[1] << 8 | (uint32_t)sp[2] << 16 |
-                        (uint32_t)sp[3] << 24;
+        uint32_t bits =
+            (uint32_t)sp[0] | (uint32_t)sp[1] << 8 | (uint32_t)sp[2] << 16 | (uint32_t)sp[3] << 24;
         x[i] = kn_e4m3_to_f32(q[i]) * __uint_as_float(bits);
     }
 }
@@ -179,8 +179,8 @@ extern "C" cudaError_t kn_cu_rows_encode_fp8(const float *x, int rows, int dim, 
     if (rows <= 0 || dim <= 0) return cudaSuccess;
     size_t warps = (size_t)rows * (size_t)((dim + 127) / 128);
     uint8_t *q = (uint8_t *)dst;
-    kn_rows_encode_fp8_kernel<<<(unsigned)((warps + 7) / 8), 256, 0, stream>>>(
-        x, rows, dim, q, q + (size_t)rows * dim);
+    KN_LAUNCH(kn_rows_encode_fp8_kernel, (unsigned)((warps + 7) / 8), 256, 0, stream)
+    (x, rows, dim, q, q + (size_t)rows * dim);
     KN_LAUNCH_CHECK();
 }
 
@@ -190,7 +190,7 @@ extern "C" cudaError_t kn_cu_rows_decode_fp8(const void *src, int rows, int dim,
     size_t n = (size_t)(rows > 0 ? rows : 0) * (size_t)(dim > 0 ? dim : 0);
     if (n == 0) return cudaSuccess;
     const uint8_t *q = (const uint8_t *)src;
-    kn_rows_decode_fp8_kernel<<<KN_GRID(n), 256, 0, stream>>>(q, q + n, rows, dim, x);
+    KN_LAUNCH(kn_rows_decode_fp8_kernel, KN_GRID(n), 256, 0, stream)(q, q + n, rows, dim, x);
     KN_LAUNCH_CHECK();
 }
 
@@ -198,7 +198,7 @@ extern "C" cudaError_t kn_cu_f32_to_bf16(const float *x, uint16_t *out, size_t n
                                          cudaStream_t stream)
 {
     if (n == 0) return cudaSuccess;
-    kn_f32_to_bf16_kernel<<<KN_GRID(n), 256, 0, stream>>>(x, out, n);
+    KN_LAUNCH(kn_f32_to_bf16_kernel, KN_GRID(n), 256, 0, stream)(x, out, n);
     KN_LAUNCH_CHECK();
 }
 
@@ -206,7 +206,7 @@ extern "C" cudaError_t kn_cu_bf16_to_f32(const uint16_t *d, float *y, size_t n, 
                                          cudaStream_t stream)
 {
     if (n == 0) return cudaSuccess;
-    kn_bf16_to_f32_kernel<<<KN_GRID(n), 256, 0, stream>>>(d, y, n, accumulate);
+    KN_LAUNCH(kn_bf16_to_f32_kernel, KN_GRID(n), 256, 0, stream)(d, y, n, accumulate);
     KN_LAUNCH_CHECK();
 }
 
@@ -216,8 +216,8 @@ extern "C" cudaError_t kn_cu_quant_fp8(const float *x, int n, int dim, uint8_t *
     if (n <= 0) return cudaSuccess;
     if (dim <= 0 || dim % 128) return cudaErrorInvalidValue;
     size_t warps = (size_t)n * (dim / 128);
-    kn_quant_fp8_kernel<<<(unsigned)((warps + 7) / 8), 256, 0, stream>>>(x, n, dim, q, scales,
-                                                                         order, 0);
+    KN_LAUNCH(kn_quant_fp8_kernel, (unsigned)((warps + 7) / 8), 256, 0, stream)
+    (x, n, dim, q, scales, order, 0);
     KN_LAUNCH_CHECK();
 }
 
@@ -228,17 +228,17 @@ extern "C" cudaError_t kn_cu_round(float *x, int rows, int dim, int dtype, cudaS
     if (dtype == AFD_DTYPE_E4M3) {
         if (dim % 128 == 0) {
             size_t warps = (size_t)rows * (dim / 128);
-            kn_quant_fp8_kernel<<<(unsigned)((warps + 7) / 8), 256, 0, stream>>>(
-                x, rows, dim, NULL, NULL, KN_SCALE_OUTER_FAST, 1);
+            KN_LAUNCH(kn_quant_fp8_kernel, (unsigned)((warps + 7) / 8), 256, 0, stream)
+            (x, rows, dim, NULL, NULL, KN_SCALE_OUTER_FAST, 1);
         } else {
             size_t groups = (size_t)rows * ((dim + 127) / 128);
-            kn_round_fp8_tail_kernel<<<(unsigned)((groups + 127) / 128), 128, 0, stream>>>(x, rows,
-                                                                                           dim);
+            KN_LAUNCH(kn_round_fp8_tail_kernel, (unsigned)((groups + 127) / 128), 128, 0, stream)
+            (x, rows, dim);
         }
         KN_LAUNCH_CHECK();
     }
     if (dtype != AFD_DTYPE_BF16 && dtype != AFD_DTYPE_F16) return cudaErrorInvalidValue;
-    kn_round_kernel<<<KN_GRID(n), 256, 0, stream>>>(x, n, dtype);
+    KN_LAUNCH(kn_round_kernel, KN_GRID(n), 256, 0, stream)(x, n, dtype);
     KN_LAUNCH_CHECK();
 }
 
@@ -250,8 +250,8 @@ extern "C" cudaError_t kn_cu_weight_to_bf16(int src_dtype, const void *raw, int6
     size_t n = (size_t)rows * (size_t)cols;
     if (n == 0) return cudaSuccess;
     if (src_dtype == AFD_DTYPE_E4M3 && !scale) return cudaErrorInvalidValue;
-    kn_weight_to_bf16_kernel<<<KN_GRID(n), 256, 0, stream>>>(src_dtype, raw, rows, cols, scale,
-                                                             row0, col0, full_bc, out);
+    KN_LAUNCH(kn_weight_to_bf16_kernel, KN_GRID(n), 256, 0, stream)
+    (src_dtype, raw, rows, cols, scale, row0, col0, full_bc, out);
     KN_LAUNCH_CHECK();
 }
 
@@ -259,6 +259,6 @@ extern "C" cudaError_t kn_cu_fill(void *p, int dtype, size_t n, uint64_t seed, f
                                   cudaStream_t stream)
 {
     if (n == 0) return cudaSuccess;
-    kn_fill_kernel<<<KN_GRID(n), 256, 0, stream>>>(p, dtype, n, seed, amp);
+    KN_LAUNCH(kn_fill_kernel, KN_GRID(n), 256, 0, stream)(p, dtype, n, seed, amp);
     KN_LAUNCH_CHECK();
 }

@@ -36,6 +36,6 @@ extern "C" cudaError_t kn_cu_rmsnorm(float *x, const float *add, int n, int dim,
     if (n <= 0) return cudaSuccess;
     if (dim <= 0) return cudaErrorInvalidValue;
     int threads = dim >= 1024 ? 1024 : (dim + 31) / 32 * 32;
-    kn_rmsnorm_kernel<<<n, threads, 0, stream>>>(x, add, dim, w, eps, out);
+    KN_LAUNCH(kn_rmsnorm_kernel, n, threads, 0, stream)(x, add, dim, w, eps, out);
     KN_LAUNCH_CHECK();
 }

@@ -26,6 +26,6 @@ extern "C" cudaError_t kn_cu_rope(float *x, int n, int nheads, int head_dim, con
     if (nheads <= 0 || head_dim <= 0 || head_dim % 2) return cudaErrorInvalidValue;
     int work = nheads * head_dim / 2;
     int threads = work >= 512 ? 512 : (work + 31) / 32 * 32;
-    kn_rope_kernel<<<n, threads, 0, stream>>>(x, nheads, head_dim, pos, theta);
+    KN_LAUNCH(kn_rope_kernel, n, threads, 0, stream)(x, nheads, head_dim, pos, theta);
     KN_LAUNCH_CHECK();
 }

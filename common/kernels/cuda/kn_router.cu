@@ -9,7 +9,7 @@
 __global__ void kn_router_kernel(const float *logits, int nexp, int k, int renorm, int32_t *ids,
                                  float *weights)
 {
-    extern __shared__ float p[];
+    KN_DYN_SMEM(float, p);
     __shared__ float red[32];
     __shared__ float best_v[32];
     __shared__ int best_i[32];
@@ -73,7 +73,7 @@ extern "C" cudaError_t kn_cu_router_topk(const float *logits, int n, int nexp, i
 {
     if (n <= 0) return cudaSuccess;
     if (nexp < 1 || nexp > KN_ROUTER_MAX_EXP || k < 1 || k > nexp) return cudaErrorInvalidValue;
-    kn_router_kernel<<<n, KN_ROUTER_THREADS, sizeof(float) * (size_t)nexp, stream>>>(
-        logits, nexp, k, renorm, ids, weights);
+    KN_LAUNCH(kn_router_kernel, n, KN_ROUTER_THREADS, sizeof(float) * (size_t)nexp, stream)
+    (logits, nexp, k, renorm, ids, weights);
     KN_LAUNCH_CHECK();
 }

@@ -17,6 +17,6 @@ extern "C" cudaError_t kn_cu_swiglu(const float *gate, const float *up, size_t n
     if (n == 0) return cudaSuccess;
     size_t blocks = (n + 255) / 256;
     if (blocks > 65536) blocks = 65536;
-    kn_swiglu_kernel<<<(unsigned)blocks, 256, 0, stream>>>(gate, up, n, out);
+    KN_LAUNCH(kn_swiglu_kernel, (unsigned)blocks, 256, 0, stream)(gate, up, n, out);
     KN_LAUNCH_CHECK();
 }
