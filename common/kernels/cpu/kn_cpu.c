@@ -6,17 +6,34 @@
 #define _GNU_SOURCE
 #include "kn_ops.h"
 #include "afd_log.h"
+#include "kn_cuda_host.h"
 
 #include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+/*
+ * The reference for device backends (AFD_CPU_GEMM_ROUND, read at creation): GEMM inputs
+ * rounded as the cuda backend rounds them, so that a check can hold it to a tight bound.
+ *   bf16:   every GEMM's activations to bf16 (bf16 weights, or fp8 ones dequantised to
+ *           bf16 at load: the cuda backend without the block-scaled fp8 GEMM)
+ *   device: the same, except weights the device keeps in fp8 (whole 128x128 blocks,
+ *           kn_fp8_native_ok): e4m3 activations with per-128 scales and a bf16 result
+ *           (the cuda backend with the block-scaled fp8 GEMM)
+ * Unset (the default), the cpu computes in float32 throughout.
+ */
+enum { KN_CPU_ROUND_NONE, KN_CPU_ROUND_BF16, KN_CPU_ROUND_DEVICE };
+
 typedef struct kn_cpu {
     kn_backend_t base;
     float *scratch; /* attention: gathered K, V and scores */
     size_t scratch_cap;
+    int gemm_round; /* KN_CPU_ROUND_* */
 } kn_cpu_t;
+
+/* a cpu weight's aux: set (to this marker) for weights a device keeps in fp8 */
+static const char kn_cpu_fp8_marker;
 
 #define KN_ATTN_MAX_SCORES (1u << 22) /* floats of scores per query tile */
 
@@ -102,17 +119,22 @@ static void cpu_sync(kn_backend_t *be)
 
 static afd_status_t cpu_weight_load(kn_backend_t *be, const kn_src_t *src, kn_weight_t *w)
 {
-    (void)be;
+    int mode = ((kn_cpu_t *)be)->gemm_round;
     AFD_ASSERT(src->row0 >= 0 && src->col0 >= 0 && src->row0 + src->rows <= src->full_rows &&
                src->col0 + src->cols <= src->full_cols);
     size_t nel = (size_t)(src->rows * src->cols);
     float *d = malloc(sizeof(float) * (nel ? nel : 1));
     if (!d) return AFD_ERR_NOMEM;
     kn_src_dequant(src, d);
+    int fp8 = kn_fp8_native_ok(src);
+    /* the reference modes: a device keeps every other weight in bf16 */
+    if (mode != KN_CPU_ROUND_NONE && !(mode == KN_CPU_ROUND_DEVICE && fp8))
+        for (size_t i = 0; i < nel; i++)
+            d[i] = afd_round_bf16(d[i]);
     w->rows = src->rows;
     w->cols = src->cols;
     w->data = d;
-    w->aux = NULL;
+    w->aux = fp8 ? (void *)&kn_cpu_fp8_marker : NULL;
     return AFD_OK;
 }
 
@@ -123,13 +145,42 @@ static void cpu_weight_free(kn_backend_t *be, kn_weight_t *w)
     w->data = NULL;
 }
 
+/* the reference modes' GEMM (AFD_CPU_GEMM_ROUND): inputs rounded to bf16, or for fp8
+ * weights to e4m3 with per-128 scales and the product to bf16 before it is added */
+static void matmul_rounded(const float *x, int n, const kn_weight_t *w, float *y, int accumulate,
+                           int fp8)
+{
+    size_t nk = (size_t)n * (size_t)w->cols, nm = (size_t)n * (size_t)w->rows;
+    float *xr = malloc(sizeof(float) * nk), *t = fp8 ? malloc(sizeof(float) * nm) : NULL;
+    AFD_ASSERT(xr && (t || !fp8));
+    memcpy(xr, x, sizeof(float) * nk);
+    if (fp8) {
+        afd_fp8_round_rows(xr, (size_t)n, (size_t)w->cols);
+    } else {
+        for (size_t i = 0; i < nk; i++)
+            xr[i] = afd_round_bf16(xr[i]);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, (int)w->rows, (int)w->cols, 1.0f, xr,
+                (int)w->cols, w->data, (int)w->cols, accumulate && !fp8 ? 1.0f : 0.0f, fp8 ? t : y,
+                (int)w->rows);
+    if (fp8)
+        for (size_t i = 0; i < nm; i++)
+            y[i] = (accumulate ? y[i] : 0.0f) + afd_round_bf16(t[i]);
+    free(xr);
+    free(t);
+}
+
 static void cpu_matmul(kn_backend_t *be, const float *x, int n, const kn_weight_t *w, float *y,
                        int accumulate)
 {
-    (void)be;
     if (n <= 0) return;
     if (w->rows == 0 || w->cols == 0) {
         if (!accumulate) memset(y, 0, sizeof(float) * (size_t)n * (size_t)w->rows);
+        return;
+    }
+    int mode = ((kn_cpu_t *)be)->gemm_round;
+    if (mode != KN_CPU_ROUND_NONE) {
+        matmul_rounded(x, n, w, y, accumulate, mode == KN_CPU_ROUND_DEVICE && w->aux);
         return;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, (int)w->rows, (int)w->cols, 1.0f, x,
@@ -431,6 +482,18 @@ static afd_status_t cpu_create_with(const kn_ops_t *ops, int threads, kn_backend
     kn_cpu_t *c = calloc(1, sizeof(*c));
     if (!c) return AFD_ERR_NOMEM;
     c->base.ops = ops;
+    const char *r = getenv("AFD_CPU_GEMM_ROUND");
+    if (r && *r) {
+        if (!strcmp(r, "bf16")) {
+            c->gemm_round = KN_CPU_ROUND_BF16;
+        } else if (!strcmp(r, "device")) {
+            c->gemm_round = KN_CPU_ROUND_DEVICE;
+        } else {
+            afd_error("backend cpu: AFD_CPU_GEMM_ROUND=%s: expected bf16 or device", r);
+            free(c);
+            return AFD_ERR_INVALID;
+        }
+    }
     if (threads > 0) openblas_set_num_threads(threads);
     c->base.threads = openblas_get_num_threads();
     *out = &c->base;
