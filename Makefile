@@ -43,13 +43,11 @@ LDFLAGS := -pthread -Wl,--as-needed $(SANFLAGS)
 LDLIBS := -lucp -lucs -luv -lprotobuf-c -lcjson -lopenblas -lpcre2-8 -lm
 
 COMMON_SRC := $(wildcard common/util/*.c common/model/*.c common/kernels/*.c common/kernels/cpu/*.c common/net/*.c common/tok/*.c common/bench/*.c)
-# the cuda backend's host planning is plain C, built (and unit-tested) everywhere; with
-# CUDA its loader goes into every program (-u: a weak reference pulls no archive member)
-COMMON_SRC += common/kernels/cuda/kn_cuda_host.c
-ifeq ($(HAVE_CUDA),1)
-COMMON_SRC += common/kernels/cuda/kn_cuda_load.c
+# the cuda backend's host planning is plain C, built (and unit-tested) everywhere; its
+# loader goes into every program (-u: a weak reference pulls no archive member), so that
+# any build can load a libafdcuda.so: the real one, or the CPU emulator's (AFD_CUDA_LIB)
+COMMON_SRC += common/kernels/cuda/kn_cuda_host.c common/kernels/cuda/kn_cuda_load.c
 LDFLAGS += -Wl,--undefined=kn_cuda_create
-endif
 PROTO_SRC := $(wildcard proto/*.proto)
 PROTO_C := $(PROTO_SRC:proto/%.proto=$(BUILD)/proto/%.pb-c.c)
 PROTO_H := $(PROTO_C:.c=.h)
@@ -175,21 +173,71 @@ $(CUDA_SO): $(CUDA_OBJ)
 	$(Q)$(CC) -shared -Wl,--no-undefined $(SANFLAGS) $^ $(CUDA_LIBS) -lstdc++ -lm -o $@
 
 all: $(CUDA_SO)
-tests: $(BUILD)/tests/cuda_check $(BUILD)/tests/cuda_bench
+tests: $(BUILD)/tests/cuda_bench
+$(BUILD)/tests/cuda_check: | $(CUDA_SO)
 
-$(BUILD)/obj/tests/cuda/%.o: CFLAGS += -I$(CUDA_HOME)/include
-
-# the whole-backend check goes through kn_backend_create like every program
-$(BUILD)/tests/cuda_check: $(BUILD)/obj/tests/cuda/cuda_check.o $(LIBCOMMON) | $(CUDA_SO)
-	$(call msg,LD,$@)
-	@mkdir -p $(dir $@)
-	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+$(BUILD)/obj/tests/cuda/cuda_bench.o: CFLAGS += -I$(CUDA_HOME)/include
 
 # the benchmark calls the launchers and GEMMs directly
 $(BUILD)/tests/cuda_bench: $(BUILD)/obj/tests/cuda/cuda_bench.o $(LIBCOMMON) $(CUDA_SO)
 	$(call msg,LD,$@)
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ -Wl,-rpath,'$$ORIGIN/../lib' $(CUDA_LIBS) $(LDLIBS) -o $@
+endif
+
+# the whole-backend check goes through kn_backend_create like every program: it runs on a
+# GPU (tests/cuda/run.sh) and on the CPU emulator below (make test)
+tests: $(BUILD)/tests/cuda_check
+$(BUILD)/tests/cuda_check: $(BUILD)/obj/tests/cuda/cuda_check.o $(LIBCOMMON)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+# ---- the cuda backend on the CPU emulator (tests/cuda/emu): the same sources, the kernels
+# compiled as C++, linked with an emulated CUDA runtime and cuBLASLt into
+# $(BUILD)/emu/lib/libafdcuda.so (AFD_CUDA_LIB selects it). Needs no CUDA toolkit; not in
+# sanitizer builds (the emulator switches stacks).
+ifneq ($(SANITIZE),1)
+CXX := $(if $(filter default,$(origin CXX)),g++,$(CXX))
+EMU_DIR := tests/cuda/emu
+EMU_SO := $(BUILD)/emu/lib/libafdcuda.so
+EMU_OBJ := $(patsubst common/kernels/cuda/%.cu,$(BUILD)/emu/obj/%.o,$(wildcard common/kernels/cuda/*.cu)) \
+	$(patsubst common/kernels/cuda/%.c,$(BUILD)/emu/obj/%.o,common/kernels/cuda/kn_cuda.c \
+	common/kernels/cuda/kn_cuda_gemm.c common/kernels/cuda/kn_cuda_host.c) $(BUILD)/emu/obj/kn_emu.o
+EMU_CXXFLAGS := -std=c++17 -O2 -g -fPIC -fvisibility=hidden -Wall -Wextra -Werror \
+	-Wno-unknown-pragmas -MMD -MP -DKN_CUDA_EMU -I$(EMU_DIR)/include $(INCLUDES)
+
+$(BUILD)/emu/obj/%.o: common/kernels/cuda/%.cu
+	$(call msg,EMU,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(CXX) -x c++ $(EMU_CXXFLAGS) -c $< -o $@
+
+$(BUILD)/emu/obj/%.o: common/kernels/cuda/%.c
+	$(call msg,EMU,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) -I$(EMU_DIR)/include $(CFLAGS) -fPIC -fvisibility=hidden -c $< -o $@
+
+$(BUILD)/emu/obj/kn_emu.o: $(EMU_DIR)/kn_emu.cc
+	$(call msg,EMU,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+
+$(EMU_SO): $(EMU_OBJ)
+	$(call msg,LD,$@)
+	@mkdir -p $(dir $@)
+	$(Q)$(CXX) -shared -Wl,--no-undefined $^ -pthread -ldl -lm -o $@
+
+# the emulator's own checks: kernels and faults of its own, linked with it directly
+$(BUILD)/emu/obj/emu_selftest.o: $(EMU_DIR)/emu_selftest.cc
+	$(call msg,EMU,$<)
+	@mkdir -p $(dir $@)
+	$(Q)$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+
+$(BUILD)/emu/emu_selftest: $(BUILD)/emu/obj/emu_selftest.o $(BUILD)/emu/obj/kn_emu.o
+	$(call msg,LD,$@)
+	$(Q)$(CXX) $^ -pthread -ldl -lm -o $@
+
+tests: $(EMU_SO) $(BUILD)/emu/emu_selftest
 endif
 
 # ---- fuzz targets (docs/fuzzing.md): libFuzzer + ASan + UBSan with clang, in $(BUILD)/fuzz.
@@ -290,4 +338,4 @@ clean:
 .PHONY: all tests deps test demo bench format clean
 .SECONDARY:
 
--include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD)/obj $(BUILD)/emu/obj -name '*.d' 2>/dev/null)

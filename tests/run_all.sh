@@ -74,9 +74,10 @@ for t in tests/integration/test_*.sh tests/integration/test_*.py; do
     esac
 done
 
-# the CUDA checks need a GPU: tests/cuda/run.sh runs them where there is one
+# the CUDA checks need a GPU: tests/cuda/run.sh runs them where there is one (the same
+# checks run on the CPU emulator in integration/test_cuda_emu.sh)
 if [ -z "$pattern" ]; then
-    if [ ! -x "$BUILD/tests/cuda_check" ]; then
+    if [ ! -f "$BUILD/lib/libafdcuda.so" ] || [ ! -x "$BUILD/tests/cuda_check" ]; then
         echo "skip CUDA checks: this build has no CUDA backend (CUDA=0, or no nvcc)"
     elif why=$("$BUILD/tests/cuda_check" --probe 2>&1); then
         echo "note: a GPU is usable here: tests/cuda/run.sh runs the CUDA checks"
