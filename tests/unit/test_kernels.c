@@ -165,6 +165,95 @@ static void test_matmul(void **state)
     }
 }
 
+/*
+ * The reference modes for device checks (AFD_CPU_GEMM_ROUND): bf16 rounds a float32
+ * weight to bf16 at load and the activations to bf16 per call; device keeps a weight of
+ * whole 128x128 e4m3 blocks exact, quantises the activations to e4m3 per 128 columns and
+ * rounds the product to bf16 before adding it; an unknown value is refused. Reference in
+ * double from the rounded operands; tolerance: float32 sums, plus one bf16 unit of the
+ * result where the product is rounded.
+ */
+static void test_matmul_device_rounding(void **state)
+{
+    (void)state;
+    g_rng = 11;
+    enum { N = 3, R = 128, C = 256 };
+    float *x = xmalloc(sizeof(float) * N * C), *y = xmalloc(sizeof(float) * N * R);
+    float *y0 = xmalloc(sizeof(float) * N * R), *w = xmalloc(sizeof(float) * R * C);
+    float *xr = xmalloc(sizeof(float) * N * C);
+    uint8_t *q = xmalloc((size_t)R * C);
+    float scales[2] = {0.03125f, 0.0078125f}; /* (1, 2) blocks */
+    fill(x, (size_t)N * C, -2, 2);
+    fill(y0, (size_t)N * R, -1, 1);
+    for (int i = 0; i < R * C; i++) {
+        float v;
+        fill(&v, 1, -300, 300);
+        q[i] = afd_f32_to_e4m3(v);
+    }
+    kn_src_t e4 = {.dtype = AFD_DTYPE_E4M3,
+                   .data = q,
+                   .full_rows = R,
+                   .full_cols = C,
+                   .rows = R,
+                   .cols = C,
+                   .scale = scales};
+    kn_src_t f32 = {
+        .dtype = AFD_DTYPE_F32, .data = w, .full_rows = R, .full_cols = C, .rows = R, .cols = C};
+    fill(w, (size_t)R * C, -1, 1);
+    const char *modes[] = {"bf16", "device"};
+    for (int m = 0; m < 2; m++) {
+        setenv("AFD_CPU_GEMM_ROUND", modes[m], 1);
+        kn_backend_t *rb = NULL;
+        assert_int_equal(kn_cpu_create(1, &rb), AFD_OK);
+        for (int src = 0; src < 2; src++) { /* the e4m3 weight, then the float32 one */
+            kn_weight_t kw;
+            assert_int_equal(rb->ops->weight_load(rb, src ? &f32 : &e4, &kw), AFD_OK);
+            int fp8 = m == 1 && src == 0; /* what the device keeps in fp8 */
+            memcpy(xr, x, sizeof(float) * N * C);
+            if (fp8)
+                afd_fp8_round_rows(xr, N, C);
+            else
+                for (int i = 0; i < N * C; i++)
+                    xr[i] = afd_round_bf16(x[i]);
+            for (int acc = 0; acc < 2; acc++) {
+                memcpy(y, y0, sizeof(float) * N * R);
+                rb->ops->matmul(rb, x, N, &kw, y, acc);
+                for (int i = 0; i < N; i++)
+                    for (int r = 0; r < R; r++) {
+                        double ref = 0, mag = 0;
+                        for (int c = 0; c < C; c++) {
+                            double wv =
+                                src ? (double)afd_round_bf16(w[r * C + c])
+                                    : (double)afd_e4m3_to_f32(q[r * C + c]) * scales[c / 128];
+                            if (!fp8 && !src) wv = afd_round_bf16((float)wv);
+                            ref += (double)xr[i * C + c] * wv;
+                            mag += fabs((double)xr[i * C + c] * wv);
+                        }
+                        double tol = (C + 2) * EPS32 * mag + (fp8 ? fabs(ref) / 256 : 0);
+                        if (acc) {
+                            ref += y0[i * R + r];
+                            tol += 2 * EPS32 * fabs(ref);
+                        }
+                        check_close(fp8 ? "matmul device fp8" : "matmul device bf16",
+                                    (size_t)(i * R + r), y[i * R + r], ref, tol);
+                    }
+            }
+            rb->ops->weight_free(rb, &kw);
+        }
+        rb->ops->destroy(rb);
+    }
+    setenv("AFD_CPU_GEMM_ROUND", "fp4", 1);
+    kn_backend_t *bad = NULL;
+    assert_int_equal(kn_cpu_create(1, &bad), AFD_ERR_INVALID);
+    unsetenv("AFD_CPU_GEMM_ROUND");
+    free(x);
+    free(y);
+    free(y0);
+    free(w);
+    free(xr);
+    free(q);
+}
+
 /* rmsnorm: the sum of squares is in double; 1/rms rounded to float, then two float
  * products: <= 1.5 ulp; we allow 4 * 2^-24 relative. */
 static void test_rmsnorm(void **state)
@@ -1228,6 +1317,7 @@ int main(void)
     /* clang-format off */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_device_rounding),
         cmocka_unit_test(test_rmsnorm),
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_swiglu_add),
