@@ -103,6 +103,14 @@ typedef struct attn_tx {
     struct attn_tx *next; /* on the retired list */
 } attn_tx_t;
 
+/* A decode layer recorded as a graph (backends with graph ops), for one key: the batch's
+ * launch shapes and the buffers it reads and writes. */
+#define ATTN_GRAPH_WAYS 4 /* shapes kept per layer */
+typedef struct attn_graph {
+    void *g;
+    uint64_t key, used;
+} attn_graph_t;
+
 typedef struct attn_mb {
     kn_backend_t *be; /* this micro-batch's queue (cuda: its own stream), a kn_fork */
     void *ev;         /* recorded after the A2F rows' copy to the host */
@@ -128,6 +136,12 @@ typedef struct attn_mb {
     uint64_t sent_us;               /* when that layer's A2F went out */
     int want_layer;
     mdl_ws_t ws;
+    /* mdl_attn_prepare ran for this step's batch; its tables are on the device (graphable)
+     * with launch shapes `shape` */
+    int prepared, graphable;
+    uint64_t shape;
+    attn_graph_t *graphs; /* (num_layers, ATTN_GRAPH_WAYS), allocated at the first graph */
+    uint64_t graph_tick;
 } attn_mb_t;
 
 #define ATTN_MAX_PLANS 16
@@ -182,6 +196,7 @@ typedef struct attn_node {
     /* stats */
     uint64_t attn_us, wait_us, idle_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens,
         preemptions;
+    uint64_t graph_launches, graph_captures, graph_fallbacks;
 } attn_node_t;
 
 static volatile sig_atomic_t g_stop;
@@ -453,6 +468,11 @@ static void mb_free(attn_node_t *a, attn_mb_t *mb)
     kn_backend_t *be = mb->be;
     if (!be) return;
     be->ops->sync(be);
+    if (mb->graphs) {
+        for (int i = 0; i < a->cfg.num_layers * ATTN_GRAPH_WAYS; i++)
+            if (mb->graphs[i].g) be->ops->graph_free(be, mb->graphs[i].g);
+        free(mb->graphs);
+    }
     mdl_ws_free(a->m, &mb->ws);
     void *dev[] = {mb->x, mb->g, mb->wts, mb->ids, mb->d_wire};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
@@ -604,6 +624,76 @@ static void add_f2a(attn_node_t *a, attn_mb_t *mb)
     }
 }
 
+static uint64_t mix64(uint64_t h, uint64_t v)
+{
+    h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+    return h * 0xff51afd7ed558ccdull;
+}
+
+/* What a recorded layer depends on besides its weights and the KV cache: the launch
+ * shapes, and every buffer it reads or writes (a reallocated one has another address). */
+static uint64_t graph_key(const attn_mb_t *mb)
+{
+    uint64_t k = mix64(mb->shape, (uint64_t)mb->ntok);
+    k = mix64(k, (uint64_t)mb->nseq);
+    k = mix64(k, (uint64_t)mb->ws.cap);
+    const void *bufs[] = {mb->x, mb->g, mb->ids, mb->wts, mb->ws.h, mb->ws.pos};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
+        k = mix64(k, (uint64_t)(uintptr_t)bufs[i]);
+    return k;
+}
+
+/*
+ * One layer's attention of a prepared decode batch as a graph (backends with graph ops):
+ * the layer's graph for this key is replayed, or recorded and then replayed. 0 when the
+ * caller runs the layer directly (graphs disabled, or the recording could not hold it:
+ * nothing of it ran).
+ */
+static int layer_graph(attn_node_t *a, attn_mb_t *mb, int layer, const mdl_batch_t *b)
+{
+    kn_backend_t *be = mb->be;
+    const kn_ops_t *op = be->ops;
+    if (!mb->graphable || !op->graph_begin) return 0;
+    uint64_t key = graph_key(mb);
+    attn_graph_t *set = mb->graphs ? mb->graphs + (size_t)layer * ATTN_GRAPH_WAYS : NULL;
+    attn_graph_t *slot = NULL;
+    for (int w = 0; set && w < ATTN_GRAPH_WAYS; w++) {
+        if (!set[w].g || set[w].key != key) continue;
+        if (op->graph_launch(be, set[w].g) == 0) {
+            set[w].used = ++mb->graph_tick;
+            a->graph_launches++;
+            return 1;
+        }
+        op->graph_free(be, set[w].g); /* stale: record it again */
+        set[w].g = NULL;
+    }
+    if (!op->graph_begin(be)) return 0;
+    mdl_attn(a->m, &mb->ws, layer, &a->kv->store, b, mb->x, mb->g, mb->ids, mb->wts);
+    void *g = op->graph_end(be);
+    if (g && !mb->graphs &&
+        !(mb->graphs = calloc((size_t)a->cfg.num_layers * ATTN_GRAPH_WAYS, sizeof(attn_graph_t)))) {
+        op->graph_free(be, g);
+        g = NULL;
+    }
+    if (!g || op->graph_launch(be, g) != 0) {
+        if (g) op->graph_free(be, g);
+        a->graph_fallbacks++;
+        return 0;
+    }
+    set = mb->graphs + (size_t)layer * ATTN_GRAPH_WAYS;
+    for (int w = 0; w < ATTN_GRAPH_WAYS; w++) /* an empty way, else the least recently used */
+        if (!slot || !set[w].g || (slot->g && set[w].used < slot->used)) slot = &set[w];
+    if (slot->g) op->graph_free(be, slot->g);
+    *slot = (attn_graph_t){g, key, ++mb->graph_tick};
+    if (!a->graph_captures)
+        afd_info("attention: decode layers replay as CUDA graphs (%d sequences, layer %d recorded "
+                 "first)",
+                 mb->nseq, layer);
+    a->graph_captures++;
+    a->graph_launches++;
+    return 1;
+}
+
 /* Attention of one layer for micro-batch i, then its A2F (sent at once when the packed
  * rows are already on the host, else by a later a2f_poll). */
 static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
@@ -611,9 +701,14 @@ static afd_status_t mb_layer(attn_node_t *a, int i, int layer)
     attn_mb_t *mb = &a->mb[i];
     uint64_t t0 = net_now_us();
     if (mb->ntok) {
-        mdl_batch_t b = {
-            .nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos, .seqs = mb->ks};
-        mdl_attn(a->m, &mb->ws, layer, &a->kv->store, &b, mb->x, mb->g, mb->ids, mb->wts);
+        mdl_batch_t b = {.nseq = mb->nseq,
+                         .ntok = mb->ntok,
+                         .tokens = mb->tok,
+                         .pos = mb->pos,
+                         .seqs = mb->ks,
+                         .prepared = mb->prepared};
+        if (!layer_graph(a, mb, layer, &b))
+            mdl_attn(a->m, &mb->ws, layer, &a->kv->store, &b, mb->x, mb->g, mb->ids, mb->wts);
     }
     uint64_t t1 = net_now_us();
     afd_trace_span(a->trace, "attention", t0, t1, mb->step, layer, i, mb->ntok);
@@ -831,10 +926,15 @@ static afd_status_t mb_start(attn_node_t *a, int i, attn_plan_t *p)
     mb->step = plan->step;
     mb->nmb = (int)plan->micro_batches;
     mb->deadline_us = net_now_us() + (uint64_t)a->o.step_deadline_ms * 1000;
+    mb->prepared = mb->graphable = 0;
     if (mb->ntok) {
         mdl_batch_t b = {
             .nseq = mb->nseq, .ntok = mb->ntok, .tokens = mb->tok, .pos = mb->pos, .seqs = mb->ks};
         mdl_embed(a->m, &mb->ws, &b, mb->x);
+        /* what the step's layers share goes to the backend once (positions, and on
+         * devices the decode tables: then the layers can replay as graphs) */
+        mb->graphable = mdl_attn_prepare(a->m, &mb->ws, &a->kv->store, &b, &mb->shape);
+        mb->prepared = b.prepared;
     }
     plans_gc(a);
     afd_trace_span(a->trace, "schedule+embed", t0, net_now_us(), mb->step, -1, i, mb->ntok);
@@ -1316,6 +1416,11 @@ int main(int argc, char **argv)
         }
     }
     afd_info("stopping");
+    if (a.graph_launches || a.graph_fallbacks)
+        afd_info("graphs: %llu decode layers replayed, %llu recorded, %llu run directly after a "
+                 "recording that could not hold them",
+                 (unsigned long long)a.graph_launches, (unsigned long long)a.graph_captures,
+                 (unsigned long long)a.graph_fallbacks);
     net_metrics_stop(a.metrics);
     net_node_close(&a.ctl);
     for (int k = 0; k < a.nplans; k++)

@@ -191,6 +191,28 @@ typedef struct kn_ops {
      * far; each rank's later work waits for its copy, and rank 0's for all of them */
     void (*group_bcast)(void *grp, void *const *bufs, size_t bytes);
     void (*group_close)(void *grp);
+
+    /*
+     * Optional (NULL: none), for replaying a decode layer as a CUDA graph.
+     * batch_prepare puts a batch's per-step tables (KV slots, block tables, context
+     * lengths) on the device, so that kv_write_batch and attention_batch called with the
+     * same seqs and nseq (until the next batch_prepare, which the caller makes before
+     * changing seqs) do no host work. It returns 1 when it did (every sequence decodes one
+     * token) and sets *shape to a signature of everything its launches depend on, else 0
+     * (those ops then work as before).
+     * graph_begin: from now the backend records its work instead of queueing it; 1, or 0
+     * when it does not (graphs disabled: AFD_CUDA_GRAPHS=1 enables them on cuda).
+     * graph_end: what was recorded, as a graph; NULL when some of it could not be recorded
+     * (an upload, a sync, a workspace that had to grow): nothing of it ran, and the caller
+     * runs it again directly. graph_launch queues a graph: 0, or -1 when memory the graph
+     * refers to has since been replaced (free it and record again).
+     */
+    int (*batch_prepare)(kn_backend_t *be, const kn_kv_t *kv, const kn_seq_t *seqs, int nseq,
+                         int nheads, uint64_t *shape);
+    int (*graph_begin)(kn_backend_t *be);
+    void *(*graph_end)(kn_backend_t *be);
+    int (*graph_launch)(kn_backend_t *be, void *graph);
+    void (*graph_free)(kn_backend_t *be, void *graph);
 } kn_ops_t;
 
 struct kn_backend {

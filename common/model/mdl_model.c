@@ -506,6 +506,18 @@ void mdl_embed(const mdl_model_t *m, mdl_ws_t *ws, const mdl_batch_t *b, float *
     be->ops->embed(be, &m->embed, ws->rows, b->ntok, x);
 }
 
+int mdl_attn_prepare(const mdl_model_t *m, mdl_ws_t *ws, const kn_kv_t *kv, mdl_batch_t *b,
+                     uint64_t *shape)
+{
+    kn_backend_t *be = ws_be(m, ws);
+    AFD_ASSERT(b->ntok <= ws->cap);
+    *shape = 0;
+    if (b->ntok > 0) be->ops->upload(be, ws->pos, b->pos, sizeof(int32_t) * (size_t)b->ntok);
+    b->prepared = 1;
+    if (!be->ops->batch_prepare || b->ntok <= 0) return 0;
+    return be->ops->batch_prepare(be, kv, b->seqs, b->nseq, m->cfg.num_heads, shape);
+}
+
 void mdl_attn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const kn_kv_t *kv,
               const mdl_batch_t *b, float *x, float *g, int32_t *ids, float *weights)
 {
@@ -522,7 +534,7 @@ void mdl_attn(const mdl_model_t *m, mdl_ws_t *ws, int layer, const kn_kv_t *kv,
     op->matmul(be, ws->ql, n, &a->wq, ws->q, 0);
     op->matmul(be, ws->h, n, &a->k_proj, ws->k, 0);
     op->matmul(be, ws->h, n, &a->v_proj, ws->v, 0);
-    op->upload(be, ws->pos, b->pos, sizeof(int32_t) * (size_t)n);
+    if (!b->prepared) op->upload(be, ws->pos, b->pos, sizeof(int32_t) * (size_t)n);
     op->rope(be, ws->q, n, NH, HD, ws->pos, c->rope_theta);
     op->rope(be, ws->k, n, 1, HD, ws->pos, c->rope_theta);
     float scale = 1.0f / sqrtf((float)HD);

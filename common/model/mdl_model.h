@@ -107,7 +107,19 @@ typedef struct mdl_batch {
     const int32_t *tokens; /* (ntok) host */
     const int32_t *pos;    /* (ntok) host: each token's position */
     const kn_seq_t *seqs;  /* (nseq) */
+    int prepared;          /* mdl_attn_prepare ran for this batch (positions are on the
+                            * backend); the caller keeps pos and seqs as they are meanwhile */
 } mdl_batch_t;
+
+/*
+ * What every layer's mdl_attn of a batch shares, done once: the positions uploaded, and
+ * on backends with batch_prepare the KV slots, block tables and context lengths too. Sets
+ * b->prepared. Returns 1 when the backend prepared its tables (every sequence decodes one
+ * token), with *shape the signature of the layer's launch shapes (what a graph of the
+ * layer depends on besides the buffers), else 0.
+ */
+int mdl_attn_prepare(const mdl_model_t *m, mdl_ws_t *ws, const kn_kv_t *kv, mdl_batch_t *b,
+                     uint64_t *shape);
 
 /* x (ntok, H) <- embedding rows of the batch tokens */
 void mdl_embed(const mdl_model_t *m, mdl_ws_t *ws, const mdl_batch_t *b, float *x);

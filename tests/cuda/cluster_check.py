@@ -8,7 +8,8 @@ pinned data-plane buffers), and serves greedy completions over HTTP. Cases: one 
 FFN node with float32 and with the production wire (fp8 A2F, bf16 F2A; afd_run rounds at
 the same points); two tensor-parallel ranks on one device (the
 partial sums added on the device after a cross-stream wait); two ranks on devices 0 and 1
-(NCCL) when the machine has two GPUs. Each answer is held to afd_run --backend cpu like
+(NCCL) when the machine has two GPUs; and the attention node replaying its decode layers
+as CUDA graphs (AFD_CUDA_GRAPHS=1, production wire). Each answer is held to afd_run --backend cpu like
 model_check, whose notes say why the reference rounds its GEMM inputs as the device
 does (AFD_CPU_GEMM_ROUND=device; on these tiny models every weight is bf16 on the
 device) and why the bound is TOL: every token equal except at a near tie (the cpu's
@@ -92,22 +93,27 @@ def main():
              ("cluster_cuda_1a1f_fp8_wire", (), ()),
              ("cluster_cuda_ffn_tp2_one_device", ("--ffn-tp", "2", "--ffn-devices", f"{dev},{dev}"),
               F32)]
+    cases = [c + ({},) for c in cases]
+    if backend == "cuda":  # the attention node's decode layers replayed as CUDA graphs
+        cases.append(("cluster_cuda_1a1f_graphs", (), (), {"AFD_CUDA_GRAPHS": "1"}))
     if backend == "cuda" and gpu_count() >= 2:
         cases.append(("cluster_cuda_ffn_tp2_two_devices", ("--ffn-tp", "2", "--ffn-devices", "0,1"),
-                      F32))
+                      F32, {}))
     elif backend == "cuda":
         print("# one GPU: tensor-parallel ranks on two devices (NCCL) not checked")
     failed = 0
     for dt in ("bf16", "fp8"):
         model = f"{models}/tiny-{dt}"
         refs = {}
-        for name, extra, wire in cases:
+        for name, extra, wire, env in cases:
             if wire not in refs:
                 refs[wire] = cpu_reference(bin_dir, model, wire, gemm_round)
             ref = refs[wire]
             label = f"{name}_{dt}".replace("cuda", backend)
             logdir = None
             before = set(os.listdir(tmp))
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
             try:
                 with LocalUp(model, 1, 1, 2, extra=("--backend", backend, "--ready-timeout-s",
                                                     "90") + wire + extra, timeout=120) as c:
@@ -124,8 +130,21 @@ def main():
                         else:
                             line = [x for x in log.splitlines() if "tensor-parallel ranks" in x]
                             detail += "; " + line[0].split("info: ")[-1][:140]
+                if ok and env.get("AFD_CUDA_GRAPHS"):
+                    log = open(os.path.join(logdir, "attn-0.log")).read()
+                    line = [x for x in log.splitlines() if "graphs: " in x]
+                    if "decode layers replay as CUDA graphs" not in log or not line:
+                        ok, detail = False, "the attention node replayed no graph"
+                    else:
+                        detail += "; " + line[-1].split("info: ")[-1][:140]
             except Exception as e:  # a cluster that does not start fails this case only
                 ok, worst, detail = False, float("nan"), str(e)[:400]
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             print(f"{'ok' if ok else 'not ok'} - {label} max_err={worst:.3g} tol={tol} ({detail})",
                   flush=True)
             failed += not ok

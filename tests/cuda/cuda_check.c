@@ -389,6 +389,8 @@ static int check_matmul(void)
     /* fp8 cut inside blocks (the tiny model, FFN slices): dequantised to bf16 at load */
     rc |= matmul_case("matmul_fp8_unaligned", AFD_DTYPE_E4M3, 192, 320, 9, 0, 0, 192, 320, 1e-2);
     rc |= segments_case("matmul_segments_bf16", AFD_DTYPE_BF16, 256, 512, 1e-4);
+    /* M not a multiple of the grouped GEMM's 64-column tiles */
+    rc |= segments_case("matmul_segments_bf16_m100", AFD_DTYPE_BF16, 100, 96, 1e-4);
     rc |= segments_case("matmul_segments_fp8", AFD_DTYPE_E4M3, 256, 512, 1e-2);
     rc |= segments_case("matmul_segments_fp8_k640", AFD_DTYPE_E4M3, 384, 640, 1e-2);
     return rc;
@@ -508,11 +510,14 @@ static int attn_case(const char *name, afd_dtype_t dt, int nh, int hd, int ctx, 
  * kv_write and attention per sequence; the gpu its batched ops (one KV-write launch, one
  * decode launch per run of one-token sequences). Outputs within tol, cache bytes equal.
  */
-static int attn_batch_case(const char *name, afd_dtype_t dt, int nh, int hd, double tol)
+/* prepared: every sequence decodes one token and the batch's tables go up first
+ * (batch_prepare, as the attention node does at the start of a step) */
+static int attn_batch_case(const char *name, afd_dtype_t dt, int nh, int hd, double tol,
+                           int prepared)
 {
     enum { NS = 6 };
     static const int ctx[NS] = {1, 700, 33, 4096, 250, 17}; /* positions after this step */
-    static const int nnew[NS] = {1, 1, 1, 1, 9, 1};         /* sequence 4 is a prefill chunk */
+    int nnew[NS] = {1, 1, 1, 1, prepared ? 1 : 9, 1};       /* sequence 4: a prefill chunk */
     int bs = 16, layers = 2, layer = 1, blocks = 0, nbs[NS];
     for (int i = 0; i < NS; i++)
         blocks += nbs[i] = (ctx[i] + bs - 1) / bs;
@@ -562,6 +567,12 @@ static int attn_batch_case(const char *name, afd_dtype_t dt, int nh, int hd, dou
     if (tc && tol < 1e-2) tol = 1e-2;
     float *dq = up(q, 4 * qn), *dk = up(k, 4 * kn), *dv = up(v, 4 * kn);
     float *dout = gpu->ops->alloc(gpu, 4 * qn);
+    uint64_t shape = 0;
+    if (prepared && (!gpu->ops->batch_prepare ||
+                     gpu->ops->batch_prepare(gpu, &kg, seqs, NS, nh, &shape) != 1)) {
+        printf("not ok - %s (batch_prepare did not take a decode batch)\n", name);
+        return 1;
+    }
     gpu->ops->kv_write_batch(gpu, &kg, layer, seqs, NS, dk, dv);
     gpu->ops->attention_batch(gpu, &kg, layer, seqs, NS, dq, nh, scale, dout);
     float *got = down(dout, qn);
@@ -573,9 +584,10 @@ static int attn_batch_case(const char *name, afd_dtype_t dt, int nh, int hd, dou
         bad += hk[i] != ((unsigned char *)kc.k)[i];
     char d[160];
     snprintf(d, sizeof(d),
-             "%s KV, %d heads x %d, %d sequences (one prefill)%s; %zu of %zu K "
+             "%s KV, %d heads x %d, %d sequences (%s)%s; %zu of %zu K "
              "cache bytes differ",
-             afd_dtype_name(dt), nh, hd, NS, tc ? ", tensor cores" : "", bad, kvb);
+             afd_dtype_name(dt), nh, hd, NS, prepared ? "decode, tables prepared" : "one prefill",
+             tc ? ", tensor cores" : "", bad, kvb);
     int rc = report(name, bad ? 1.0 : rel_err(ref, got, qn), tol, d);
     free(hk);
     return rc;
@@ -598,9 +610,11 @@ static int check_attention(void)
     rc |= attn_case("attn_decode_tiny", AFD_DTYPE_BF16, 4, 64, 300, 1, 1e-4);
     rc |= attn_case("attn_prefill_fp8", AFD_DTYPE_E4M3, 8, 128, 300, 300, 1e-4);
     rc |= attn_case("attn_prefill_tiny", AFD_DTYPE_BF16, 4, 64, 50, 50, 1e-4);
-    rc |= attn_batch_case("attn_batch_bf16", AFD_DTYPE_BF16, 64, 256, 1e-4);
-    rc |= attn_batch_case("attn_batch_fp8", AFD_DTYPE_E4M3, 64, 256, 1e-4);
-    rc |= attn_batch_case("attn_batch_tiny", AFD_DTYPE_BF16, 4, 64, 1e-4);
+    rc |= attn_batch_case("attn_batch_bf16", AFD_DTYPE_BF16, 64, 256, 1e-4, 0);
+    rc |= attn_batch_case("attn_batch_fp8", AFD_DTYPE_E4M3, 64, 256, 1e-4, 0);
+    rc |= attn_batch_case("attn_batch_tiny", AFD_DTYPE_BF16, 4, 64, 1e-4, 0);
+    rc |= attn_batch_case("attn_batch_prepared_fp8", AFD_DTYPE_E4M3, 64, 256, 1e-4, 1);
+    rc |= attn_batch_case("attn_batch_prepared_tiny", AFD_DTYPE_BF16, 4, 64, 1e-4, 1);
     return rc;
 }
 

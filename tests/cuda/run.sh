@@ -6,7 +6,8 @@
 #   3. the whole-model check: tiny checkpoints through afd_run --backend cuda vs cpu;
 #   4. the GPU benchmarks at Step3 shapes (cuda_bench) and the projected throughput;
 #   then, while the run is within BUDGET_S (270 s), each skipped with a line otherwise:
-#   5. one decode layer through the ops table at Step3 shapes (afd_layer_bench);
+#   5. one decode layer through the ops table at Step3 shapes (afd_layer_bench), and the
+#      FFN share's bf16 expert GEMMs per expert and grouped in one launch;
 #   6. whole clusters on loopback with cuda nodes (FFN with one and two tensor-parallel
 #      ranks) against afd_run on the cpu (cluster_check.py);
 #   7. a 1A1F cluster decoding the mini model on the GPU (afd_bench decode);
@@ -93,6 +94,7 @@ if [ -x "$CHECK" ]; then
         step "check $name" 90 "$CHECK" "$name"
     done
     step "check attention (tensor-core decode kernel)" 90 env AFD_CUDA_ATTN=tc "$CHECK" attention
+    step "check matmul (grouped expert GEMMs)" 90 env AFD_CUDA_MOE=grouped "$CHECK" matmul
 else
     say "[checks] skipped: no cuda_check (the build failed)"
     failed=$((failed + 1))
@@ -133,6 +135,15 @@ later() { # name: whether there is time for it
 if [ -x "$BIN/afd_layer_bench" ] && later layer; then
     step layer 90 "$BIN/afd_layer_bench" --backend cuda --batch 128 --context 4096 \
         --tokens 2048 --experts-here 24 --tp 8 --share-inter 3072
+fi
+# the FFN share with bf16 weights, its expert GEMMs one launch per expert (cuBLASLt) and
+# one launch for all of them (the grouped kernel), side by side
+if [ -x "$BIN/afd_layer_bench" ] && later layer-grouped; then
+    for moe in segmented grouped; do
+        step "layer ffn bf16 $moe" 60 env AFD_CUDA_MOE=$moe "$BIN/afd_layer_bench" \
+            --backend cuda --dtype bf16 --batch 8 --context 64 --tokens 2048 --experts-here 24 \
+            --tp 8 --share-inter 3072
+    done
 fi
 if [ -x "$BIN/afd_mkmodel" ]; then
     later cluster && step cluster 150 python3 tests/cuda/cluster_check.py "$BIN" "$MODELS"

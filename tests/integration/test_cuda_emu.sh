@@ -8,7 +8,7 @@
 # only when waited for, checked copies and launches); its own checks come first. Some
 # runs change the emulator's thread order, the scale layout its block-scaled GEMM reads,
 # or take that GEMM away (the backend's bf16 fallback), or ask for the tensor-core
-# decode attention.
+# decode attention or the grouped expert GEMMs.
 set -u
 cd "$ROOT"
 lib="$ROOT/$BUILD/emu/lib/libafdcuda.so"
@@ -37,6 +37,18 @@ step() { # name command...: its ok/not ok lines, prefixed; a crash or a bad exit
     fi
 }
 
+ran() { # name command...: ok when it exits 0 (a program without check lines)
+    local name=$1 log="$TEST_TMP/$1.log"
+    shift
+    if "$@" >"$log" 2>&1; then
+        echo "ok - $name: $(tail -n 1 "$log" | cut -c1-160)"
+    else
+        echo "not ok - $name: exit $?"
+        tail -n 15 "$log" | sed 's/^/#   /'
+        fails=$((fails + 1))
+    fi
+}
+
 for order in forward reverse random; do
     step "selftest_$order" env KN_EMU_ORDER=$order "$BUILD/emu/emu_selftest"
 done
@@ -44,7 +56,16 @@ step kernels "$check"
 step kernels_reverse_inner_scales env KN_EMU_ORDER=reverse KN_EMU_SCALE_X=inner_fast \
     KN_EMU_SCALE_W=outer_tight "$check" --quick
 step kernels_no_fp8_gemm env KN_EMU_FP8=0 "$check" --quick matmul
+step kernels_grouped_moe env AFD_CUDA_MOE=grouped KN_EMU_ORDER=random "$check" --quick matmul
 step attention_tc_random env AFD_CUDA_ATTN=tc KN_EMU_ORDER=random "$check" --quick attention
+# one decode layer through the ops table as the nodes run it (run.sh's layer step, small)
+small=(--hidden 512 --heads 16 --head-dim 128 --share-q 256 --experts 8 --experts-here 8
+    --moe-inter 512 --share-inter 256 --tokens 64 --batch 4 --context 40 --reps 1)
+ran layer_bench_bf16 "$BIN/afd_layer_bench" --backend cuda --dtype bf16 "${small[@]}"
+ran layer_bench_fp8_tp2 "$BIN/afd_layer_bench" --backend cuda --dtype fp8 --tp 2 \
+    "${small[@]}" --experts-here 4
+ran layer_bench_bf16_grouped env AFD_CUDA_MOE=grouped "$BIN/afd_layer_bench" --backend cuda \
+    --dtype bf16 "${small[@]}"
 M="$MODELS"
 [ -f "$M/blk128-fp8/config.json" ] ||
     "$BIN/afd_mkmodel" --out "$M/blk128-fp8" --preset tiny --dtype fp8 --hidden 512 \

@@ -48,9 +48,27 @@ typedef struct kn_cuda {
     kn_cu_block_t cache[KN_CACHE_MAX]; /* freed buffers kept for reuse */
     int ncache;
     int warned_fp8_shape;
-    int attn_tc; /* decode attention on the tensor cores (AFD_CUDA_ATTN=tc) */
-    void *hbuf;  /* host (pageable) scratch for per-call tables: copied when queued */
+    int attn_tc;     /* decode attention on the tensor cores (AFD_CUDA_ATTN=tc) */
+    int moe_grouped; /* bf16 expert GEMMs in one launch (AFD_CUDA_MOE=grouped) */
+    void *hbuf;      /* host (pageable) scratch for per-call tables: copied when queued */
     size_t hbuf_cap;
+    /* graphs (AFD_CUDA_GRAPHS=1): whether enabled, a recording in progress and whether
+     * it holds something it could not record; generations of the memory graphs refer
+     * to (the arena, the prepared tables), bumped when it is replaced */
+    int graphs, capturing, capture_bad;
+    uint64_t arena_gen;
+    /* the tables of the batch batch_prepare was last given (valid when ok) */
+    struct {
+        const kn_seq_t *seqs;
+        int nseq, ok, stride, nheads;
+        kn_attn_plan_t plan;
+        int64_t *slots; /* (nseq) layer-relative cache slots */
+        int32_t *bt;    /* (nseq, stride) block tables */
+        int32_t *len;   /* (nseq) context lengths */
+        int cap;        /* nseq the buffers hold */
+        size_t bt_cap;  /* int32 the block-table buffer holds */
+        uint64_t gen;   /* bumped when the buffers are replaced */
+    } prep;
 } kn_cuda_t;
 
 /* what a weight's aux points at */
@@ -112,7 +130,13 @@ static kn_cuda_t *cu(kn_backend_t *be)
 /* Makes the arena hold at least `bytes` and empties it; growing waits for queued work. */
 static void scratch_begin(kn_cuda_t *c, size_t bytes)
 {
+    if (bytes > c->arena.cap && c->capturing) { /* no growing inside a graph recording */
+        c->capture_bad = 1;
+        kn_arena_reset(&c->arena);
+        return;
+    }
     if (bytes > c->arena.cap) {
+        c->arena_gen++;
         size_t cap = c->arena.cap * 2 > bytes ? c->arena.cap * 2 : bytes;
         cap = (cap + ((size_t)1 << 20) - 1) & ~(((size_t)1 << 20) - 1);
         CU_CHECK(cudaStreamSynchronize(c->stream));
@@ -127,7 +151,12 @@ static void scratch_begin(kn_cuda_t *c, size_t bytes)
 static void *scratch_take(kn_cuda_t *c, size_t bytes)
 {
     size_t off;
-    CU_ASSERT(kn_arena_take(&c->arena, bytes, 256, &off) == AFD_OK);
+    if (kn_arena_take(&c->arena, bytes, 256, &off) != AFD_OK) {
+        /* only while recording a graph that will be dropped (it needed a larger arena):
+         * what is recorded never runs */
+        CU_ASSERT(c->capturing && c->capture_bad);
+        return c->arena_mem;
+    }
     return (char *)c->arena_mem + off;
 }
 
@@ -186,15 +215,23 @@ static void cuda_free(kn_backend_t *be, void *p)
     CU_CHECK(cudaFree(p));
 }
 
+/* Host work a graph recording cannot hold: the recording is dropped (the caller runs the
+ * work directly), and the call does nothing now. */
+static int capture_refuses(kn_cuda_t *c)
+{
+    if (c->capturing) c->capture_bad = 1;
+    return c->capturing;
+}
+
 static void cuda_upload(kn_backend_t *be, void *dst, const void *src, size_t bytes)
 {
-    if (!bytes) return;
+    if (!bytes || capture_refuses(cu(be))) return;
     CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cu(be)->stream));
 }
 
 static void cuda_download(kn_backend_t *be, void *dst, const void *src, size_t bytes)
 {
-    if (!bytes) return;
+    if (!bytes || capture_refuses(cu(be))) return;
     CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cu(be)->stream));
     CU_CHECK(cudaStreamSynchronize(cu(be)->stream)); /* the host reads it next */
 }
@@ -349,6 +386,7 @@ static void cuda_zero(kn_backend_t *be, void *p, size_t bytes)
 
 static void cuda_sync(kn_backend_t *be)
 {
+    if (capture_refuses(cu(be))) return;
     CU_CHECK(cudaStreamSynchronize(cu(be)->stream));
 }
 
@@ -362,6 +400,9 @@ static void cuda_destroy(kn_backend_t *be)
         cudaFree(c->live[i].p);
     free(c->live);
     free(c->hbuf);
+    cudaFree(c->prep.slots);
+    cudaFree(c->prep.bt);
+    cudaFree(c->prep.len);
     if (c->arena_mem) cudaFree(c->arena_mem);
     kn_gemm_destroy(c->gemm);
     cudaStreamDestroy(c->stream);
@@ -475,6 +516,19 @@ static void cuda_weight_free(kn_backend_t *be, kn_weight_t *w)
     w->aux = NULL;
 }
 
+/* Host scratch for tables built per call (uploads from pageable memory are staged when
+ * queued, so the next call may overwrite it). */
+static void *host_scratch(kn_cuda_t *c, size_t bytes)
+{
+    if (bytes > c->hbuf_cap) {
+        void *p = realloc(c->hbuf, bytes);
+        CU_ASSERT(p);
+        c->hbuf = p;
+        c->hbuf_cap = bytes;
+    }
+    return c->hbuf;
+}
+
 /* ---- GEMM ---- */
 
 static void matmul_bf16(kn_cuda_t *c, const float *x, int n, const uint16_t *wb, int M, int K,
@@ -557,6 +611,28 @@ static void cuda_matmul_segments(kn_backend_t *be, const float *x, const int32_t
     const float *x0 = x + (size_t)off[0] * K;
     float *y0 = y + (size_t)off[0] * M;
     size_t nk = (size_t)total * K, nm = (size_t)total * M;
+    if (!fp8 && c->moe_grouped && kn_cu_grouped_gemm_ok(M, K)) {
+        /* every segment's tiles in one launch: the tile list and the weights' addresses
+         * go up with the call */
+        int max_tiles = total / 64 + nseg;
+        size_t tb = sizeof(int32_t) * 3 * (size_t)max_tiles, pb = sizeof(void *) * (size_t)nseg;
+        char *h = host_scratch(c, SCR(tb) + pb);
+        int32_t *tiles = (int32_t *)h;
+        const void **ptrs = (const void **)(h + SCR(tb));
+        int ntiles = kn_cu_grouped_gemm_tiles(off, nseg, tiles, max_tiles);
+        CU_ASSERT(ntiles >= 0);
+        for (int s = 0; s < nseg; s++)
+            ptrs[s] = w[s].data;
+        scratch_begin(c, SCR(2 * nk) + SCR(tb) + SCR(pb));
+        uint16_t *xb = scratch_take(c, 2 * nk);
+        int32_t *dt = scratch_take(c, tb);
+        const uint16_t **dp = scratch_take(c, pb);
+        cuda_upload(be, dt, tiles, sizeof(int32_t) * 3 * (size_t)ntiles);
+        cuda_upload(be, dp, ptrs, pb);
+        CU_CHECK(kn_cu_f32_to_bf16(x0, xb, nk, c->stream));
+        CU_CHECK(kn_cu_grouped_gemm_bf16(xb, dp, dt, ntiles, M, K, y0, c->stream));
+        return;
+    }
     if (!fp8) {
         scratch_begin(c, SCR(2 * nk));
         uint16_t *xb = scratch_take(c, 2 * nk);
@@ -740,24 +816,24 @@ static void cuda_attention(kn_backend_t *be, const kn_kv_t *kv, int layer, const
         kn_cu_attn_prefill(&dk, layer, bt, seq->pos0, seq->ntok, q, nheads, scale, out, c->stream));
 }
 
-/* Host scratch for tables built per call (uploads from pageable memory are staged when
- * queued, so the next call may overwrite it). */
-static void *host_scratch(kn_cuda_t *c, size_t bytes)
+/* whether seqs/nseq is the batch batch_prepare put on the device */
+static int prepared(const kn_cuda_t *c, const kn_seq_t *seqs, int nseq)
 {
-    if (bytes > c->hbuf_cap) {
-        void *p = realloc(c->hbuf, bytes);
-        CU_ASSERT(p);
-        c->hbuf = p;
-        c->hbuf_cap = bytes;
-    }
-    return c->hbuf;
+    return c->prep.ok && c->prep.seqs == seqs && c->prep.nseq == nseq;
 }
 
-/* The KV rows of a whole batch in one launch: each token's cache slot computed here. */
+/* The KV rows of a whole batch in one launch: each token's cache slot computed here (or
+ * by batch_prepare), the layer's offset added on the device. */
 static void cuda_kv_write_batch(kn_backend_t *be, const kn_kv_t *kv, int layer,
                                 const kn_seq_t *seqs, int nseq, const float *k, const float *v)
 {
     kn_cuda_t *c = cu(be);
+    kn_cu_kv_t dk = cu_kv(kv);
+    int64_t slot0 = (int64_t)layer * kv->num_blocks * kv->block_size;
+    if (prepared(c, seqs, nseq)) {
+        CU_CHECK(kn_cu_kv_write_slots(&dk, c->prep.slots, slot0, nseq, k, v, c->stream));
+        return;
+    }
     size_t total = 0;
     for (int i = 0; i < nseq; i++)
         total += (size_t)(seqs[i].ntok > 0 ? seqs[i].ntok : 0);
@@ -769,14 +845,12 @@ static void cuda_kv_write_batch(kn_backend_t *be, const kn_kv_t *kv, int layer,
             int p = seqs[i].pos0 + j;
             int32_t blk = seqs[i].block_table[p / kv->block_size];
             CU_ASSERT(blk >= 0 && blk < kv->num_blocks);
-            slots[t++] =
-                ((int64_t)layer * kv->num_blocks + blk) * kv->block_size + p % kv->block_size;
+            slots[t++] = (int64_t)blk * kv->block_size + p % kv->block_size;
         }
     scratch_begin(c, SCR(sizeof(int64_t) * total));
     int64_t *d = scratch_take(c, sizeof(int64_t) * total);
     cuda_upload(be, d, slots, sizeof(int64_t) * total);
-    kn_cu_kv_t dk = cu_kv(kv);
-    CU_CHECK(kn_cu_kv_write_slots(&dk, d, (int)total, k, v, c->stream));
+    CU_CHECK(kn_cu_kv_write_slots(&dk, d, slot0, (int)total, k, v, c->stream));
 }
 
 /* Attention of a batch: each run of one-token (decode) sequences in one launch of the
@@ -788,6 +862,19 @@ static void cuda_attention_batch(kn_backend_t *be, const kn_kv_t *kv, int layer,
     kn_cuda_t *c = cu(be);
     size_t row = (size_t)nheads * (size_t)kv->head_dim, off = 0;
     kn_cu_kv_t dk = cu_kv(kv);
+    if (prepared(c, seqs, nseq) && nheads == c->prep.nheads) {
+        const kn_attn_plan_t *plan = &c->prep.plan;
+        size_t ws = kn_attn_ws_bytes(plan, nseq, nheads, kv->head_dim);
+        scratch_begin(c, SCR(ws));
+        float *wsp = scratch_take(c, ws);
+        if (c->attn_tc && kn_cu_attn_decode_tc_ok(nheads, kv->head_dim, (int)kv->dtype))
+            CU_CHECK(kn_cu_attn_decode_tc(plan, &dk, layer, c->prep.bt, c->prep.stride, c->prep.len,
+                                          nseq, q, nheads, scale, wsp, out, c->stream));
+        else
+            CU_CHECK(kn_cu_attn_decode(plan, &dk, layer, c->prep.bt, c->prep.stride, c->prep.len,
+                                       nseq, q, nheads, scale, wsp, out, c->stream));
+        return;
+    }
     for (int i = 0; i < nseq;) {
         if (seqs[i].ntok != 1) {
             cuda_attention(be, kv, layer, &seqs[i], q + off * row, nheads, scale, out + off * row);
@@ -838,6 +925,147 @@ static void cuda_attention_batch(kn_backend_t *be, const kn_kv_t *kv, int layer,
         off += (size_t)nd;
         i = j;
     }
+}
+
+/* ---- decode layers as graphs ---- */
+
+/* contexts are planned in steps of this many positions, so that a batch keeps its launch
+ * shapes (and its graphs) while its sequences grow */
+#define KN_PREP_CTX_STEP 256
+
+static uint64_t mix64(uint64_t h, uint64_t v)
+{
+    h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+    return h * 0xff51afd7ed558ccdull;
+}
+
+static int cuda_batch_prepare(kn_backend_t *be, const kn_kv_t *kv, const kn_seq_t *seqs, int nseq,
+                              int nheads, uint64_t *shape)
+{
+    kn_cuda_t *c = cu(be);
+    c->prep.ok = 0;
+    if (nseq <= 0 || c->capturing) return 0;
+    int max_ctx = 0;
+    for (int i = 0; i < nseq; i++) {
+        if (seqs[i].ntok != 1) return 0; /* prefill: the per-call path */
+        if (seqs[i].pos0 + 1 > max_ctx) max_ctx = seqs[i].pos0 + 1;
+    }
+    int ctx_b = (max_ctx + KN_PREP_CTX_STEP - 1) / KN_PREP_CTX_STEP * KN_PREP_CTX_STEP;
+    kn_attn_plan_t plan;
+    if (kn_attn_plan(nheads, kv->head_dim, ctx_b, nseq, c->num_sms, &plan) != AFD_OK) return 0;
+    int stride = (ctx_b + kv->block_size - 1) / kv->block_size;
+    size_t nbt = (size_t)nseq * (size_t)stride;
+    if (nseq > c->prep.cap || nbt > c->prep.bt_cap) { /* grow: graphs using the old go stale */
+        CU_CHECK(cudaStreamSynchronize(c->stream));
+        cudaFree(c->prep.slots);
+        cudaFree(c->prep.bt);
+        cudaFree(c->prep.len);
+        int cap = nseq > c->prep.cap ? nseq : c->prep.cap;
+        size_t bcap = nbt > c->prep.bt_cap ? nbt : c->prep.bt_cap;
+        if (cudaMalloc((void **)&c->prep.slots, sizeof(int64_t) * (size_t)cap) != cudaSuccess ||
+            cudaMalloc((void **)&c->prep.bt, sizeof(int32_t) * bcap) != cudaSuccess ||
+            cudaMalloc((void **)&c->prep.len, sizeof(int32_t) * (size_t)cap) != cudaSuccess) {
+            cudaGetLastError();
+            c->prep.slots = NULL;
+            c->prep.bt = c->prep.len = NULL;
+            c->prep.cap = 0;
+            c->prep.bt_cap = 0;
+            c->prep.gen++;
+            return 0;
+        }
+        c->prep.cap = cap;
+        c->prep.bt_cap = bcap;
+        c->prep.gen++;
+    }
+    size_t sb = sizeof(int64_t) * (size_t)nseq, bb = sizeof(int32_t) * nbt;
+    char *h = host_scratch(c, sb + bb + sizeof(int32_t) * (size_t)nseq);
+    int64_t *slots = (int64_t *)h;
+    int32_t *bt = (int32_t *)(h + sb), *len = (int32_t *)(h + sb + bb);
+    for (int i = 0; i < nseq; i++) {
+        int p = seqs[i].pos0, ctx = p + 1, nb = (ctx + kv->block_size - 1) / kv->block_size;
+        for (int b = 0; b < stride; b++) {
+            int32_t blk = b < nb ? seqs[i].block_table[b] : 0; /* beyond ctx: never read */
+            CU_ASSERT(blk >= 0 && blk < kv->num_blocks);
+            bt[(size_t)i * stride + b] = blk;
+        }
+        slots[i] =
+            (int64_t)seqs[i].block_table[p / kv->block_size] * kv->block_size + p % kv->block_size;
+        len[i] = ctx;
+    }
+    cuda_upload(be, c->prep.slots, slots, sb);
+    cuda_upload(be, c->prep.bt, bt, bb);
+    cuda_upload(be, c->prep.len, len, sizeof(int32_t) * (size_t)nseq);
+    c->prep.seqs = seqs;
+    c->prep.nseq = nseq;
+    c->prep.stride = stride;
+    c->prep.nheads = nheads;
+    c->prep.plan = plan;
+    c->prep.ok = 1;
+    uint64_t sig = mix64(0, (uint64_t)nseq);
+    sig = mix64(sig, (uint64_t)stride);
+    sig = mix64(sig, (uint64_t)nheads);
+    sig = mix64(sig, ((uint64_t)plan.splits << 32) | (uint64_t)plan.chunk);
+    sig = mix64(sig, ((uint64_t)plan.tile << 32) | (uint64_t)plan.threads);
+    sig = mix64(sig, (uint64_t)plan.ept);
+    *shape = mix64(sig, c->prep.gen);
+    return 1;
+}
+
+typedef struct kn_cu_graph {
+    cudaGraphExec_t exec;
+    uint64_t arena_gen, prep_gen;
+} kn_cu_graph_t;
+
+static int cuda_graph_begin(kn_backend_t *be)
+{
+    kn_cuda_t *c = cu(be);
+    if (!c->graphs || c->capturing) return 0;
+    if (cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    c->capturing = 1;
+    c->capture_bad = 0;
+    return 1;
+}
+
+static void *cuda_graph_end(kn_backend_t *be)
+{
+    kn_cuda_t *c = cu(be);
+    if (!c->capturing) return NULL;
+    cudaGraph_t g = NULL;
+    cudaError_t e = cudaStreamEndCapture(c->stream, &g);
+    c->capturing = 0;
+    kn_cu_graph_t *out = NULL;
+    if (e == cudaSuccess && g && !c->capture_bad && (out = calloc(1, sizeof(*out))) &&
+        cudaGraphInstantiate(&out->exec, g, 0) == cudaSuccess) {
+        out->arena_gen = c->arena_gen;
+        out->prep_gen = c->prep.gen;
+    } else {
+        free(out);
+        out = NULL;
+    }
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    return out;
+}
+
+static int cuda_graph_launch(kn_backend_t *be, void *graph)
+{
+    kn_cuda_t *c = cu(be);
+    kn_cu_graph_t *g = graph;
+    if (g->arena_gen != c->arena_gen || g->prep_gen != c->prep.gen) return -1;
+    CU_CHECK(cudaGraphLaunch(g->exec, c->stream));
+    return 0;
+}
+
+static void cuda_graph_free(kn_backend_t *be, void *graph)
+{
+    kn_cu_graph_t *g = graph;
+    (void)be;
+    if (!g) return;
+    cudaGraphExecDestroy(g->exec);
+    free(g);
 }
 
 /* ---- tensor-parallel groups ---- */
@@ -1108,6 +1336,11 @@ static const kn_ops_t cuda_ops = {
     .group_reduce = cuda_group_reduce,
     .group_bcast = cuda_group_bcast,
     .group_close = cuda_group_close,
+    .batch_prepare = cuda_batch_prepare,
+    .graph_begin = cuda_graph_begin,
+    .graph_end = cuda_graph_end,
+    .graph_launch = cuda_graph_launch,
+    .graph_free = cuda_graph_free,
 };
 
 /* A sibling on the same device: its own stream, cuBLASLt handle (plans, workspace) and
@@ -1154,6 +1387,8 @@ static kn_backend_t *cuda_fork(kn_backend_t *be)
     c->order_w = p->order_w;
     c->order_x = p->order_x;
     c->attn_tc = p->attn_tc;
+    c->moe_grouped = p->moe_grouped;
+    c->graphs = p->graphs;
     c->warned_fp8_shape = p->warned_fp8_shape;
     if (queue_open(c)) {
         free(c);
@@ -1240,6 +1475,10 @@ KN_EXPORT afd_status_t kn_cuda_open(const kn_cuda_env_t *env, int threads, int d
         g_multi_device = -1;
     const char *at = getenv("AFD_CUDA_ATTN");
     c->attn_tc = at && !strcmp(at, "tc");
+    const char *moe = getenv("AFD_CUDA_MOE");
+    c->moe_grouped = moe && !strcmp(moe, "grouped");
+    const char *gr = getenv("AFD_CUDA_GRAPHS");
+    c->graphs = gr && !strcmp(gr, "1");
     const char *f8 = getenv("AFD_CUDA_FP8");
     char why[160] = "disabled by AFD_CUDA_FP8=0";
     double rel = 0;

@@ -56,6 +56,21 @@ cudaError_t kn_cu_embed(const void *table, const float *scale, kn_scale_order_t 
 /* ---- conversions and fp8 ---- */
 
 cudaError_t kn_cu_f32_to_bf16(const float *x, uint16_t *out, size_t n, cudaStream_t stream);
+
+/* ---- grouped expert GEMMs (kn_grouped_gemm.cu) ---- */
+
+/* Whether the grouped GEMM takes (M, K): K a multiple of 32. */
+int kn_cu_grouped_gemm_ok(int M, int K);
+/* The tiles of segments off[0..nseg] (rows relative to off[0]) as (segment, first row,
+ * rows) triples into tiles (3 x max_tiles ints, host); their number, or -1 if more. At
+ * most total / 64 + nseg. */
+int kn_cu_grouped_gemm_tiles(const int32_t *off, int nseg, int32_t *tiles, int max_tiles);
+/* y[r, M] = x[r, K] . w[seg]^T for every row r of every tile, in one launch: x bf16 (rows,
+ * K), w a device array of the segments' bf16 (M, K) weights, tiles a device copy of
+ * kn_cu_grouped_gemm_tiles's triples, y float32 (rows, M). */
+cudaError_t kn_cu_grouped_gemm_bf16(const uint16_t *x, const uint16_t *const *w,
+                                    const int32_t *tiles, int ntiles, int M, int K, float *y,
+                                    cudaStream_t stream);
 /* y = (accumulate ? y : 0) + float(d) for bf16 d */
 cudaError_t kn_cu_bf16_to_f32(const uint16_t *d, float *y, size_t n, int accumulate,
                               cudaStream_t stream);
@@ -112,10 +127,11 @@ typedef struct kn_cu_kv {
 cudaError_t kn_cu_kv_write(const kn_cu_kv_t *kv, int layer, const int32_t *block_table, int pos0,
                            int ntok, const float *k, const float *v, cudaStream_t stream);
 
-/* Writes k, v (ntok, head_dim) at cache slots[t] = (layer * num_blocks + block) *
- * block_size + offset (device; checked on the host), one launch for a whole batch. */
-cudaError_t kn_cu_kv_write_slots(const kn_cu_kv_t *kv, const int64_t *slots, int ntok,
-                                 const float *k, const float *v, cudaStream_t stream);
+/* Writes k, v (ntok, head_dim) at cache slots slot0 + slots[t], where slots[t] = block *
+ * block_size + offset (device; checked on the host) and slot0 = layer * num_blocks *
+ * block_size, one launch for a whole batch. */
+cudaError_t kn_cu_kv_write_slots(const kn_cu_kv_t *kv, const int64_t *slots, int64_t slot0,
+                                 int ntok, const float *k, const float *v, cudaStream_t stream);
 
 /*
  * MFA decode attention: one new query token per sequence, nheads heads sharing the one KV

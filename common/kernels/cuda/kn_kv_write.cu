@@ -53,24 +53,25 @@ extern "C" cudaError_t kn_cu_kv_write(const kn_cu_kv_t *kv, int layer, const int
     KN_LAUNCH_CHECK();
 }
 
-/* one block per token, its cache slot (layer, block, offset) given */
-__global__ void kn_kv_write_slots_kernel(kn_cu_kv_t kv, const int64_t *slots, const float *k,
-                                         const float *v)
+/* one block per token, its cache slot (block, offset) given, slot0 added (the layer's) */
+__global__ void kn_kv_write_slots_kernel(kn_cu_kv_t kv, const int64_t *slots, int64_t slot0,
+                                         const float *k, const float *v)
 {
     __shared__ float red[32];
     int t = blockIdx.x;
-    size_t tok = (size_t)slots[t];
+    size_t tok = (size_t)(slot0 + slots[t]);
     kn_kv_store(kv, kv.k, kv.k_scale, tok, k + (size_t)t * kv.head_dim, red);
     kn_kv_store(kv, kv.v, kv.v_scale, tok, v + (size_t)t * kv.head_dim, red);
 }
 
-extern "C" cudaError_t kn_cu_kv_write_slots(const kn_cu_kv_t *kv, const int64_t *slots, int ntok,
-                                            const float *k, const float *v, cudaStream_t stream)
+extern "C" cudaError_t kn_cu_kv_write_slots(const kn_cu_kv_t *kv, const int64_t *slots,
+                                            int64_t slot0, int ntok, const float *k, const float *v,
+                                            cudaStream_t stream)
 {
     if (ntok <= 0) return cudaSuccess;
     if (kv->head_dim <= 0) return cudaErrorInvalidValue;
     int hd = kv->head_dim;
     int threads = hd >= 256 ? 256 : (hd + 31) / 32 * 32;
-    KN_LAUNCH(kn_kv_write_slots_kernel, ntok, threads, 0, stream)(*kv, slots, k, v);
+    KN_LAUNCH(kn_kv_write_slots_kernel, ntok, threads, 0, stream)(*kv, slots, slot0, k, v);
     KN_LAUNCH_CHECK();
 }

@@ -266,6 +266,55 @@ int main(void)
         cudaStreamDestroy(s);
     }
 
+    /* a captured graph replays its work, reading memory when it runs; a pageable copy
+     * in a capture invalidates it */
+    {
+        cudaStream_t s;
+        cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+        float h[32], got[32];
+        for (int i = 0; i < 32; i++)
+            h[i] = (float)i;
+        float *in = dev_floats(h, 32), *out = dev_floats(NULL, 1);
+        cudaGraph_t g = NULL;
+        cudaGraphExec_t ex = NULL;
+        cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+        KN_LAUNCH(block_sum, 1, 32, 0, s)(in, out);
+        cudaError_t ee = cudaStreamEndCapture(s, &g);
+        cudaError_t ei = cudaGraphInstantiate(&ex, g, 0);
+        float before = -1.0f, first = -1.0f, second = -1.0f;
+        cudaMemcpy(&before, out, sizeof(float), cudaMemcpyDeviceToHost); /* nothing ran */
+        cudaGraphLaunch(ex, s);
+        cudaStreamSynchronize(s);
+        cudaMemcpy(&first, out, sizeof(float), cudaMemcpyDeviceToHost);
+        for (int i = 0; i < 32; i++)
+            h[i] = 1.0f;
+        cudaMemcpy(in, h, sizeof(h), cudaMemcpyHostToDevice);
+        cudaGraphLaunch(ex, s);
+        cudaStreamSynchronize(s);
+        cudaMemcpy(&second, out, sizeof(float), cudaMemcpyDeviceToHost);
+        char d[128];
+        snprintf(d, sizeof(d), "(before %g, first launch %g, second %g)", before, first, second);
+        report("graph_replays",
+               ee == cudaSuccess && ei == cudaSuccess && before != 496.0f && first == 496.0f &&
+                   second == 32.0f,
+               d);
+        cudaGraphExecDestroy(ex);
+        cudaGraphDestroy(g);
+        cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+        cudaError_t ec = cudaMemcpyAsync(in, h, sizeof(h), cudaMemcpyHostToDevice, s);
+        cudaError_t es = cudaStreamSynchronize(s);
+        g = NULL;
+        ee = cudaStreamEndCapture(s, &g);
+        cudaGetLastError();
+        report("graph_capture_refuses_pageable_and_sync",
+               ec == cudaErrorStreamCaptureUnsupported && es == cudaErrorStreamCaptureUnsupported &&
+                   ee == cudaErrorStreamCaptureInvalidated && !g);
+        cudaFree(in);
+        cudaFree(out);
+        (void)got;
+        cudaStreamDestroy(s);
+    }
+
     /* copies stay inside their allocation */
     {
         float h[8] = {0};

@@ -321,6 +321,18 @@ struct kn_emu_stream {
     int device = 0;
     uint64_t next = 1, done = 0;
     std::deque<op_t> q;
+    /* capturing: what is queued goes to `captured`; `capture_bad` once an operation that a
+     * capture cannot hold was asked for (the capture then ends invalidated) */
+    bool capturing = false, capture_bad = false;
+    std::vector<std::function<void()>> captured;
+};
+
+struct kn_emu_graph {
+    std::vector<std::function<void()>> ops;
+};
+
+struct kn_emu_graph_exec {
+    std::shared_ptr<const std::vector<std::function<void()>>> ops;
 };
 
 struct kn_emu_event {
@@ -371,9 +383,27 @@ void flush_all()
         flush(s);
 }
 
+/* the stream this thread is capturing into, if any (cudaStreamCaptureModeThreadLocal:
+ * its unsafe calls are refused while it captures) */
+thread_local kn_emu_stream *t_capturing;
+
+/* an operation a capture cannot hold, asked for while this thread captures: the capture
+ * ends invalidated, and the call fails as on a GPU */
+bool capture_refuses(const char *what)
+{
+    if (!t_capturing) return false;
+    complain("%s while stream capture is active: not allowed in a capture", what);
+    t_capturing->capture_bad = true;
+    return true;
+}
+
 uint64_t enqueue(cudaStream_t st, std::function<void()> fn)
 {
     kn_emu_stream *s = stream_of(st);
+    if (s->capturing) {
+        s->captured.push_back(std::move(fn));
+        return 0;
+    }
     uint64_t seq = s->next++;
     s->q.push_back(op_t{seq, std::move(fn)});
     return seq;
@@ -436,6 +466,14 @@ cudaError_t copy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, 
         (dev_src ? !dev_range_ok(src, bytes, w) : !host_range_ok(src, w)))
         return fail(cudaErrorInvalidValue);
     kn_emu_stream *s = stream_of(st);
+    if (!async && capture_refuses(what)) return fail(cudaErrorStreamCaptureUnsupported);
+    if (async && s->capturing &&
+        ((kind == cudaMemcpyHostToDevice && !g_mem.is_pinned(src)) ||
+         (kind == cudaMemcpyDeviceToHost && !g_mem.is_pinned(dst)))) {
+        complain("%s: pageable host memory in a stream capture", what);
+        s->capture_bad = true;
+        return fail(cudaErrorStreamCaptureUnsupported);
+    }
     if (!async) { /* cudaMemcpy: in order on the legacy stream (non-blocking streams go on) */
         flush(&g_legacy);
         dev_access a;
@@ -829,6 +867,7 @@ EXPORT cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int device)
 EXPORT cudaError_t cudaDeviceSynchronize(void)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (capture_refuses("cudaDeviceSynchronize")) return fail(cudaErrorStreamCaptureUnsupported);
     flush_all();
     return cudaSuccess;
 }
@@ -891,6 +930,7 @@ EXPORT const char *cudaGetErrorString(cudaError_t e)
 EXPORT cudaError_t cudaMalloc(void **p, size_t bytes)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (capture_refuses("cudaMalloc")) return fail(cudaErrorStreamCaptureUnsupported);
     *p = g_mem.alloc(bytes);
     return *p ? cudaSuccess : fail(cudaErrorMemoryAllocation);
 }
@@ -898,6 +938,7 @@ EXPORT cudaError_t cudaMalloc(void **p, size_t bytes)
 EXPORT cudaError_t cudaFree(void *p)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (capture_refuses("cudaFree")) return fail(cudaErrorStreamCaptureUnsupported);
     if (!p) return cudaSuccess;
     flush_all(); /* cudaFree synchronises the device */
     if (!g_mem.release(p)) {
@@ -911,6 +952,7 @@ EXPORT cudaError_t cudaHostAlloc(void **p, size_t bytes, unsigned flags)
 {
     (void)flags;
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (capture_refuses("cudaHostAlloc")) return fail(cudaErrorStreamCaptureUnsupported);
     size_t sz = (std::max<size_t>(bytes, 1) + 4095) & ~(size_t)4095;
     void *m = aligned_alloc(4096, sz);
     if (!m) return fail(cudaErrorMemoryAllocation);
@@ -922,6 +964,7 @@ EXPORT cudaError_t cudaHostAlloc(void **p, size_t bytes, unsigned flags)
 EXPORT cudaError_t cudaFreeHost(void *p)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (capture_refuses("cudaFreeHost")) return fail(cudaErrorStreamCaptureUnsupported);
     if (!p) return cudaSuccess;
     flush_all();
     if (!g_mem.pinned.erase((uintptr_t)p)) {
@@ -1007,6 +1050,7 @@ static cudaError_t memset_impl(void *p, int value, size_t bytes, cudaStream_t st
     if (!dev_range_ok(p, bytes, async ? "cudaMemsetAsync" : "cudaMemset"))
         return fail(cudaErrorInvalidValue);
     if (!async) {
+        if (capture_refuses("cudaMemset")) return fail(cudaErrorStreamCaptureUnsupported);
         flush(&g_legacy);
         dev_access a;
         fill(p, value, bytes);
@@ -1052,6 +1096,7 @@ EXPORT cudaError_t cudaStreamDestroy(cudaStream_t s)
 EXPORT cudaError_t cudaStreamSynchronize(cudaStream_t s)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (capture_refuses("cudaStreamSynchronize")) return fail(cudaErrorStreamCaptureUnsupported);
     if (!stream_ok(s)) return fail(cudaErrorInvalidResourceHandle);
     flush(stream_of(s));
     return cudaSuccess;
@@ -1078,6 +1123,11 @@ EXPORT cudaError_t cudaEventDestroy(cudaEvent_t e)
 EXPORT cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (stream_of(s)->capturing) { /* not emulated: the backend captures no events */
+        complain("cudaEventRecord on a capturing stream: not emulated");
+        stream_of(s)->capture_bad = true;
+        return fail(cudaErrorStreamCaptureUnsupported);
+    }
     if (!g_events.count(e) || !stream_ok(s)) return fail(cudaErrorInvalidResourceHandle);
     kn_emu_stream *st = stream_of(s);
     e->stream = st;
@@ -1094,6 +1144,7 @@ static bool event_pending(cudaEvent_t e)
 EXPORT cudaError_t cudaEventQuery(cudaEvent_t e)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (capture_refuses("cudaEventQuery")) return fail(cudaErrorStreamCaptureUnsupported);
     if (!g_events.count(e)) return fail(cudaErrorInvalidResourceHandle);
     if (!event_pending(e)) return cudaSuccess;
     /* the work runs now; this query still finds it pending, as a GPU's first one would */
@@ -1104,6 +1155,7 @@ EXPORT cudaError_t cudaEventQuery(cudaEvent_t e)
 EXPORT cudaError_t cudaEventSynchronize(cudaEvent_t e)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (capture_refuses("cudaEventSynchronize")) return fail(cudaErrorStreamCaptureUnsupported);
     if (!g_events.count(e)) return fail(cudaErrorInvalidResourceHandle);
     if (event_pending(e)) flush_until(e->stream, e->seq);
     return cudaSuccess;
@@ -1121,6 +1173,11 @@ EXPORT cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned f
 {
     (void)flags;
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (stream_of(s)->capturing) {
+        complain("cudaStreamWaitEvent on a capturing stream: not emulated");
+        stream_of(s)->capture_bad = true;
+        return fail(cudaErrorStreamCaptureUnsupported);
+    }
     if (!g_events.count(e) || !stream_ok(s)) return fail(cudaErrorInvalidResourceHandle);
     kn_emu_stream *other = e->stream;
     uint64_t seq = e->seq;
@@ -1129,6 +1186,84 @@ EXPORT cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned f
     enqueue(s, [other, seq]() {
         if (g_streams.count(other) || other == &g_legacy) flush_until(other, seq);
     });
+    return cudaSuccess;
+}
+
+EXPORT cudaError_t cudaStreamBeginCapture(cudaStream_t s, enum cudaStreamCaptureMode mode)
+{
+    std::lock_guard<std::recursive_mutex> lk(g_mu);
+    /* the legacy stream cannot capture; one capture per thread here */
+    if (!s || !g_streams.count(s) || s->capturing || t_capturing ||
+        mode != cudaStreamCaptureModeThreadLocal)
+        return fail(cudaErrorInvalidValue);
+    s->capturing = true;
+    s->capture_bad = false;
+    s->captured.clear();
+    t_capturing = s;
+    return cudaSuccess;
+}
+
+EXPORT cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph)
+{
+    std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (!s || !g_streams.count(s) || !s->capturing || t_capturing != s)
+        return fail(cudaErrorInvalidValue);
+    s->capturing = false;
+    t_capturing = nullptr;
+    *graph = nullptr;
+    std::vector<std::function<void()>> ops;
+    ops.swap(s->captured);
+    if (s->capture_bad) return fail(cudaErrorStreamCaptureInvalidated);
+    *graph = new kn_emu_graph{std::move(ops)};
+    return cudaSuccess;
+}
+
+EXPORT cudaError_t cudaStreamIsCapturing(cudaStream_t s, enum cudaStreamCaptureStatus *status)
+{
+    std::lock_guard<std::recursive_mutex> lk(g_mu);
+    kn_emu_stream *st = stream_of(s);
+    *status = !st->capturing    ? cudaStreamCaptureStatusNone
+              : st->capture_bad ? cudaStreamCaptureStatusInvalidated
+                                : cudaStreamCaptureStatusActive;
+    return cudaSuccess;
+}
+
+EXPORT cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph,
+                                        unsigned long long flags)
+{
+    std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (!graph || flags) return fail(cudaErrorInvalidValue);
+    *exec = new kn_emu_graph_exec{
+        std::make_shared<const std::vector<std::function<void()>>>(graph->ops)};
+    return cudaSuccess;
+}
+
+EXPORT cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s)
+{
+    std::lock_guard<std::recursive_mutex> lk(g_mu);
+    if (!exec || !stream_ok(s)) return fail(cudaErrorInvalidValue);
+    if (stream_of(s)->capturing) {
+        complain("cudaGraphLaunch into a capture: not emulated");
+        stream_of(s)->capture_bad = true;
+        return fail(cudaErrorStreamCaptureUnsupported);
+    }
+    auto ops = exec->ops;
+    enqueue(s, [ops]() {
+        for (const auto &op : *ops)
+            op();
+    });
+    return cudaSuccess;
+}
+
+EXPORT cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec)
+{
+    delete exec;
+    return cudaSuccess;
+}
+
+EXPORT cudaError_t cudaGraphDestroy(cudaGraph_t graph)
+{
+    delete graph;
     return cudaSuccess;
 }
 

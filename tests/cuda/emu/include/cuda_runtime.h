@@ -32,6 +32,11 @@ struct __attribute__((aligned(16))) uint4 {
     unsigned x, y, z, w;
 };
 
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w)
+{
+    return uint4{x, y, z, w};
+}
+
 struct __attribute__((aligned(16))) float4 {
     float x, y, z, w;
 };
