@@ -138,6 +138,7 @@ typedef struct parser {
     size_t errlen;
     jmp_buf jb;
     int depth;
+    int in_macro; /* parsing a macro's body: its slot in t->macros is not taken yet */
 } parser_t;
 
 static void perr(parser_t *ps, const char *fmt, ...)
@@ -762,6 +763,7 @@ static const char *p_body(parser_t *ps, body_t *out, const char *const *stop, pe
         } else if (!strcmp(kw, "macro")) {
             static const char *const st[] = {"endmacro", NULL};
             tok_tmpl_t *t = ps->t;
+            if (ps->in_macro) perr(ps, "a macro defined inside a macro is not supported");
             if (t->nmacros == TMPL_MAX_MACROS) perr(ps, "more than %d macros", TMPL_MAX_MACROS);
             macro_t *m = &t->macros[t->nmacros];
             memset(m, 0, sizeof(*m));
@@ -776,7 +778,9 @@ static const char *p_body(parser_t *ps, body_t *out, const char *const *stop, pe
                 expect(ps, ")");
             }
             if (!at_end(ps)) perr(ps, "unexpected '%.20s' in macro", ps->x);
+            ps->in_macro = 1;
             p_body(ps, &m->body, st, pd, lstrip_next);
+            ps->in_macro = 0;
             t->nmacros++; /* callable after its definition (no recursion) */
             continue;
         } else if (!strcmp(kw, "generation") || !strcmp(kw, "endgeneration")) {

@@ -495,6 +495,8 @@ static void test_template_errors(void **state)
         "{% macro f(a=1) %}x{% endmacro %}",
         "{{ later() }}{% macro later() %}{% endmacro %}",
         "{% macro m() %}unclosed",
+        /* a macro defined in a macro's body (it would take the outer one's slot) */
+        "{% macro a() %}{% macro b() %}x{% endmacro %}{% endmacro %}{{ a() }}",
         "{{ x | shuffle }}",
         "{% if x %}unclosed",
         "{{ foo( }}",
