@@ -10,7 +10,8 @@
 #      FFN share's bf16 expert GEMMs per expert and grouped in one launch;
 #   6. whole clusters on loopback with cuda nodes (FFN with one and two tensor-parallel
 #      ranks) against afd_run on the cpu (cluster_check.py);
-#   7. a 1A1F cluster decoding the mini model on the GPU (afd_bench decode);
+#   7. a 1A1F cluster decoding the mini model on the GPU (afd_bench decode), without and
+#      with the attention node's decode layers as CUDA graphs;
 #   8. compute-sanitizer memcheck over the small checks, when the tool is there.
 # A failing step never stops the next one. The summary goes to SUMMARY_DIR/cuda_summary.txt
 # (SUMMARY_DIR: the first argument, else $OUT, else $BUILD), the whole log beside it.
@@ -136,15 +137,6 @@ if [ -x "$BIN/afd_layer_bench" ] && later layer; then
     step layer 90 "$BIN/afd_layer_bench" --backend cuda --batch 128 --context 4096 \
         --tokens 2048 --experts-here 24 --tp 8 --share-inter 3072
 fi
-# the FFN share with bf16 weights, its expert GEMMs one launch per expert (cuBLASLt) and
-# one launch for all of them (the grouped kernel), side by side
-if [ -x "$BIN/afd_layer_bench" ] && later layer-grouped; then
-    for moe in segmented grouped; do
-        step "layer ffn bf16 $moe" 60 env AFD_CUDA_MOE=$moe "$BIN/afd_layer_bench" \
-            --backend cuda --dtype bf16 --batch 8 --context 64 --tokens 2048 --experts-here 24 \
-            --tp 8 --share-inter 3072
-    done
-fi
 if [ -x "$BIN/afd_mkmodel" ]; then
     later cluster && step cluster 150 python3 tests/cuda/cluster_check.py "$BIN" "$MODELS"
     # the whole system on the GPU: a 1A1F cluster decoding the mini model (272 MB, fp8)
@@ -156,6 +148,23 @@ if [ -x "$BIN/afd_mkmodel" ]; then
             --micro-batches 3 --batch 96 --context 128 --tokens 32 --baseline=false \
             --local-up-arg=--backend --local-up-arg=cuda
     fi
+    # the same with the attention node's decode layers replayed as CUDA graphs
+    if [ -f "$MODELS/mini-fp8/config.json" ] && later decode-graphs; then
+        step "decode graphs" 90 env AFD_CUDA_GRAPHS=1 "$BIN/afd_bench" decode \
+            --model "$MODELS/mini-fp8" --attn 1 --ffn 1 --micro-batches 3 --batch 96 \
+            --context 128 --tokens 32 --baseline=false --local-up-arg=--backend \
+            --local-up-arg=cuda
+    fi
+fi
+
+# the FFN share with bf16 weights, its expert GEMMs one launch per expert (cuBLASLt) and
+# one launch for all of them (the grouped kernel), side by side
+if [ -x "$BIN/afd_layer_bench" ] && later layer-grouped; then
+    for moe in segmented grouped; do
+        step "layer ffn bf16 $moe" 60 env AFD_CUDA_MOE=$moe "$BIN/afd_layer_bench" \
+            --backend cuda --dtype bf16 --batch 8 --context 64 --tokens 2048 --experts-here 24 \
+            --tp 8 --share-inter 3072
+    done
 fi
 
 # memory errors in the kernels, while time is left (memcheck runs kernels far slower)
