@@ -16,7 +16,8 @@ device) and why the bound is TOL: every token equal except at a near tie (the cp
 top two within TOL), and log-probabilities within TOL nats. On the cpu backends the
 reference does not round and the bound is TOL_CPU.
 Prints "ok - NAME ..." / "not ok - NAME ..." lines.
-usage: cluster_check.py BIN_DIR MODEL_DIR
+usage: cluster_check.py BIN_DIR MODEL_DIR [PART]   (PART: only the cases whose name has it;
+CLUSTER_CHECK_GPUS: the device count, instead of nvidia-smi's)
 (CLUSTER_CHECK_BACKEND=cpu runs the same cases on the cpu backend: the script's own check.)
 """
 import json
@@ -70,6 +71,8 @@ def compare(ref, answers, tol):
 
 
 def gpu_count():
+    if os.environ.get("CLUSTER_CHECK_GPUS"):  # a count given (the CPU emulator's devices)
+        return int(os.environ["CLUSTER_CHECK_GPUS"])
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
         return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
@@ -79,6 +82,7 @@ def gpu_count():
 
 def main():
     bin_dir, models = sys.argv[1], sys.argv[2]
+    only = sys.argv[3] if len(sys.argv) > 3 else None  # cases whose name has this in it
     os.environ["BIN"] = bin_dir
     tmp = tempfile.mkdtemp(prefix="cluster_check.")
     os.environ["TEST_TMP"] = tmp
@@ -101,6 +105,8 @@ def main():
                       F32, {}))
     elif backend == "cuda":
         print("# one GPU: tensor-parallel ranks on two devices (NCCL) not checked")
+    if only:
+        cases = [c for c in cases if only in c[0]]
     failed = 0
     for dt in ("bf16", "fp8"):
         model = f"{models}/tiny-{dt}"

@@ -57,6 +57,8 @@ step kernels_reverse_inner_scales env KN_EMU_ORDER=reverse KN_EMU_SCALE_X=inner_
     KN_EMU_SCALE_W=outer_tight "$check" --quick
 step kernels_no_fp8_gemm env KN_EMU_FP8=0 "$check" --quick matmul
 step kernels_grouped_moe env AFD_CUDA_MOE=grouped KN_EMU_ORDER=random "$check" --quick matmul
+# two devices without NCCL: the ranks' partial sums cross by peer copies
+step group_two_devices env KN_EMU_DEVICES=2 AFD_CUDA_NCCL=0 "$check" group
 step attention_tc_random env AFD_CUDA_ATTN=tc KN_EMU_ORDER=random "$check" --quick attention
 # one decode layer through the ops table as the nodes run it (run.sh's layer step, small)
 small=(--hidden 512 --heads 16 --head-dim 128 --share-q 256 --experts 8 --experts-here 8
@@ -73,4 +75,6 @@ M="$MODELS"
         --dense-inter 512 --vocab 1024 --force >/dev/null
 step model python3 tests/cuda/model_check.py "$BIN" "$M"
 step cluster python3 tests/cuda/cluster_check.py "$BIN" "$M"
+step cluster_two_devices env KN_EMU_DEVICES=2 AFD_CUDA_NCCL=0 CLUSTER_CHECK_GPUS=2 \
+    python3 tests/cuda/cluster_check.py "$BIN" "$M" two_devices
 [ "$fails" -eq 0 ]

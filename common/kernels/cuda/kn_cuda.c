@@ -1104,6 +1104,11 @@ typedef struct kn_cu_group {
 static int nccl_load(kn_nccl_t *x, char *why, size_t why_len)
 {
     memset(x, 0, sizeof(*x));
+    const char *off = getenv("AFD_CUDA_NCCL");
+    if (off && !strcmp(off, "0")) { /* peer copies instead, e.g. to rule NCCL out */
+        snprintf(why, why_len, "NCCL disabled by AFD_CUDA_NCCL=0");
+        return -1;
+    }
     x->lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
     if (!x->lib) {
         snprintf(why, why_len, "%s", dlerror());

@@ -3,7 +3,8 @@
  * kernels right and make the faults it claims to expose show: a missing __syncthreads
  * changes the result between thread orders, a barrier some threads never reach is a
  * deadlock, a full-mask shuffle in a partial warp is refused, host code touching device
- * memory dies with a message, a pageable pointer
+ * memory dies with a message, another device's memory or stream is refused without peer
+ * access, a pageable pointer
  * passed to a kernel is refused, an asynchronous copy read before its stream is waited
  * for shows the old bytes, copies out of bounds fail, and dynamic shared memory past the
  * kernel's limit fails to launch. Faults that end the process run in a child.
@@ -146,6 +147,15 @@ static void child_partial_warp(void)
     cudaDeviceSynchronize();
 }
 
+static void child_peer_memory(void)
+{
+    cudaSetDevice(1);
+    float *d1 = dev_floats(NULL, 32); /* device 1's memory */
+    cudaSetDevice(0);
+    KN_LAUNCH(touch, 1, 32, 0, 0)(d1); /* used on device 0 without peer access */
+    cudaDeviceSynchronize();
+}
+
 static void child_host_touch(void)
 {
     float *d = dev_floats(NULL, 4);
@@ -161,6 +171,7 @@ static void child_pageable_arg(void)
 
 int main(void)
 {
+    setenv("KN_EMU_DEVICES", "2", 1); /* before the emulator reads its settings */
     if (cudaSetDevice(0) != cudaSuccess) return 1;
     char seen[512];
 
@@ -341,10 +352,26 @@ int main(void)
         cudaFree(d);
     }
 
+    /* a launch on another device's stream */
+    {
+        cudaStream_t s1;
+        cudaSetDevice(1);
+        cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking);
+        cudaSetDevice(0);
+        float *d = dev_floats(NULL, 32);
+        KN_LAUNCH(touch, 1, 32, 0, s1)(d);
+        cudaError_t e = cudaGetLastError();
+        report("other_device_stream_refused", e == cudaErrorInvalidResourceHandle);
+        cudaStreamDestroy(s1);
+        cudaFree(d);
+    }
+
     bool died = dies_with(child_stuck, "deadlock", seen, sizeof(seen));
     report("deadlock_reported", died, seen);
     died = dies_with(child_partial_warp, "past the block's last thread", seen, sizeof(seen));
     report("partial_warp_shuffle_reported", died, seen);
+    died = dies_with(child_peer_memory, "without peer access", seen, sizeof(seen));
+    report("peer_memory_without_access_reported", died, seen);
     died = dies_with(child_host_touch, "host code touched device memory", seen, sizeof(seen));
     report("host_touch_reported", died, seen);
     died = dies_with(child_pageable_arg, "pageable host memory", seen, sizeof(seen));

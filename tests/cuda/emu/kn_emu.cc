@@ -148,6 +148,7 @@ struct devmem {
     size_t cap = 0, top = 0, hwm = 0;  /* hwm: page-rounded top ever reached */
     std::map<size_t, size_t> free_ext; /* offset -> bytes */
     std::map<uintptr_t, size_t> live;  /* address -> bytes asked for */
+    std::map<uintptr_t, int> dev_of;   /* address -> the device it was allocated on */
     int depth = 0;                     /* open (accessible) while > 0 */
     std::map<uintptr_t, size_t> pinned;
 
@@ -219,6 +220,7 @@ struct devmem {
         }
         char *p = base + off;
         live[(uintptr_t)p] = bytes;
+        dev_of[(uintptr_t)p] = g_device;
         open(); /* cudaMalloc's memory is not zeroed: make that visible */
         memset(p, 0xcd, std::min<size_t>(sz, (size_t)1 << 20));
         close();
@@ -231,6 +233,7 @@ struct devmem {
         size_t off = (size_t)((char *)p - base);
         size_t sz = (std::max<size_t>(it->second, 1) + 255) & ~(size_t)255;
         live.erase(it);
+        dev_of.erase((uintptr_t)p);
         if (sz >= ((size_t)1 << 20)) madvise(p, sz, MADV_DONTNEED);
         auto nx = free_ext.lower_bound(off); /* coalesce with the neighbours */
         if (nx != free_ext.end() && nx->first == off + sz) {
@@ -345,6 +348,7 @@ namespace
 {
 
 kn_emu_stream g_legacy;
+std::set<std::pair<int, int>> g_peer; /* (device, peer) pairs with peer access enabled */
 std::set<kn_emu_stream *> g_streams;
 std::set<kn_emu_event *> g_events;
 
@@ -778,12 +782,17 @@ void *dyn_smem()
 
 static thread_local const char *t_arg_error;
 static thread_local char t_arg_msg[256];
+static thread_local std::vector<std::pair<int, int>> t_arg_devs; /* (argument, device) */
 
 void arg_check(const void *kernel, const char *name, int index, const void *p)
 {
     (void)kernel;
     std::lock_guard<std::recursive_mutex> lk(g_mu);
-    if (!p || g_mem.owner(p, 0) || g_mem.is_pinned(p)) return;
+    if (uintptr_t o = p ? g_mem.owner(p, 0) : 0) {
+        t_arg_devs.push_back({index, g_mem.dev_of[o]});
+        return;
+    }
+    if (!p || g_mem.is_pinned(p)) return;
     snprintf(t_arg_msg, sizeof(t_arg_msg),
              "kernel %s: argument %d (%p) is %s, not device or pinned host memory", name, index, p,
              g_mem.in_region(p) ? "outside every device allocation" : "pageable host memory");
@@ -794,6 +803,8 @@ cudaError_t launch(const void *kernel, const char *name, dim3 grid, dim3 block, 
                    cudaStream_t stream, std::function<void()> body)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    std::vector<std::pair<int, int>> devs; /* what arg_check saw for this launch */
+    devs.swap(t_arg_devs);
     if (t_arg_error) {
         const char *m = t_arg_error;
         t_arg_error = nullptr;
@@ -814,6 +825,19 @@ cudaError_t launch(const void *kernel, const char *name, dim3 grid, dim3 block, 
         return fail(cudaErrorInvalidValue);
     }
     if (!stream_ok(stream)) return fail(cudaErrorInvalidResourceHandle);
+    /* a kernel runs on its stream's device, which must be the current one; memory of
+     * another device needs peer access from this one */
+    int sdev = stream_of(stream)->device;
+    if (stream && sdev != g_device) {
+        complain("kernel %s: launched on a stream of device %d while device %d is current", name,
+                 sdev, g_device);
+        return fail(cudaErrorInvalidResourceHandle);
+    }
+    for (const auto &ad : devs)
+        if (ad.second != g_device && !g_peer.count({g_device, ad.second}))
+            fatal("kernel %s on device %d: argument %d is memory of device %d without peer "
+                  "access (an illegal address on a GPU)",
+                  name, g_device, ad.first, ad.second);
     enqueue(stream, [name, grid, block, smem, body = std::move(body)]() {
         run_launch(name, grid, block, smem, body);
     });
@@ -880,8 +904,8 @@ EXPORT cudaError_t cudaDeviceCanAccessPeer(int *can, int device, int peer)
 
 EXPORT cudaError_t cudaDeviceEnablePeerAccess(int peer, unsigned flags)
 {
-    static std::set<std::pair<int, int>> enabled;
     std::lock_guard<std::recursive_mutex> lk(g_mu);
+    std::set<std::pair<int, int>> &enabled = g_peer;
     if (flags || peer < 0 || peer >= cfg().devices) return fail(cudaErrorInvalidValue);
     if (!enabled.insert({g_device, peer}).second) return fail(cudaErrorPeerAccessAlreadyEnabled);
     return cudaSuccess;
