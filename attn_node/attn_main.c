@@ -103,12 +103,21 @@ typedef struct attn_tx {
     struct attn_tx *next; /* on the retired list */
 } attn_tx_t;
 
-/* A decode layer recorded as a graph (backends with graph ops), for one key: the batch's
- * launch shapes and the buffers it reads and writes. */
-#define ATTN_GRAPH_WAYS 4 /* shapes kept per layer */
+/* What a recorded layer depends on besides its weights and the KV cache: the backend's
+ * launch shapes, the batch, and every buffer it reads or writes (a reallocated one has
+ * another address). Compared whole (built from zeroed memory: no stray padding). */
+typedef struct attn_graph_key {
+    uint64_t shape;
+    int ntok, nseq, cap;
+    const void *bufs[6];
+} attn_graph_key_t;
+
+/* A decode layer recorded as a graph (backends with graph ops), for one key. */
+#define ATTN_GRAPH_WAYS 4 /* keys kept per layer */
 typedef struct attn_graph {
     void *g;
-    uint64_t key, used;
+    attn_graph_key_t key;
+    uint64_t used;
 } attn_graph_t;
 
 typedef struct attn_mb {
@@ -624,23 +633,15 @@ static void add_f2a(attn_node_t *a, attn_mb_t *mb)
     }
 }
 
-static uint64_t mix64(uint64_t h, uint64_t v)
+static void graph_key(const attn_mb_t *mb, attn_graph_key_t *k)
 {
-    h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
-    return h * 0xff51afd7ed558ccdull;
-}
-
-/* What a recorded layer depends on besides its weights and the KV cache: the launch
- * shapes, and every buffer it reads or writes (a reallocated one has another address). */
-static uint64_t graph_key(const attn_mb_t *mb)
-{
-    uint64_t k = mix64(mb->shape, (uint64_t)mb->ntok);
-    k = mix64(k, (uint64_t)mb->nseq);
-    k = mix64(k, (uint64_t)mb->ws.cap);
+    memset(k, 0, sizeof(*k));
+    k->shape = mb->shape;
+    k->ntok = mb->ntok;
+    k->nseq = mb->nseq;
+    k->cap = mb->ws.cap;
     const void *bufs[] = {mb->x, mb->g, mb->ids, mb->wts, mb->ws.h, mb->ws.pos};
-    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
-        k = mix64(k, (uint64_t)(uintptr_t)bufs[i]);
-    return k;
+    memcpy(k->bufs, bufs, sizeof(bufs));
 }
 
 /*
@@ -654,11 +655,11 @@ static int layer_graph(attn_node_t *a, attn_mb_t *mb, int layer, const mdl_batch
     kn_backend_t *be = mb->be;
     const kn_ops_t *op = be->ops;
     if (!mb->graphable || !op->graph_begin) return 0;
-    uint64_t key = graph_key(mb);
+    attn_graph_key_t key;
+    graph_key(mb, &key);
     attn_graph_t *set = mb->graphs ? mb->graphs + (size_t)layer * ATTN_GRAPH_WAYS : NULL;
-    attn_graph_t *slot = NULL;
     for (int w = 0; set && w < ATTN_GRAPH_WAYS; w++) {
-        if (!set[w].g || set[w].key != key) continue;
+        if (!set[w].g || memcmp(&set[w].key, &key, sizeof(key))) continue;
         if (op->graph_launch(be, set[w].g) == 0) {
             set[w].used = ++mb->graph_tick;
             a->graph_launches++;
@@ -681,8 +682,9 @@ static int layer_graph(attn_node_t *a, attn_mb_t *mb, int layer, const mdl_batch
         return 0;
     }
     set = mb->graphs + (size_t)layer * ATTN_GRAPH_WAYS;
-    for (int w = 0; w < ATTN_GRAPH_WAYS; w++) /* an empty way, else the least recently used */
-        if (!slot || !set[w].g || (slot->g && set[w].used < slot->used)) slot = &set[w];
+    attn_graph_t *slot = &set[0]; /* an empty way, else the least recently used */
+    for (int w = 0; w < ATTN_GRAPH_WAYS && slot->g; w++)
+        if (!set[w].g || set[w].used < slot->used) slot = &set[w];
     if (slot->g) op->graph_free(be, slot->g);
     *slot = (attn_graph_t){g, key, ++mb->graph_tick};
     if (!a->graph_captures)
