@@ -6,9 +6,9 @@
 # and whole clusters whose nodes run --backend cuda (cluster_check). The emulator is
 # strict where a GPU is silent (device memory the host cannot touch, streams that run
 # only when waited for, checked copies and launches); its own checks come first. Some
-# runs change the emulator's thread order, the scale layout its block-scaled GEMM reads,
-# or take that GEMM away (the backend's bf16 fallback), or ask for the tensor-core
-# decode attention or the grouped expert GEMMs.
+# runs change the emulator's thread order or the order its streams run in, the scale
+# layout its block-scaled GEMM reads, or take that GEMM away (the backend's bf16
+# fallback), or ask for the tensor-core decode attention or the grouped expert GEMMs.
 set -u
 cd "$ROOT"
 lib="$ROOT/$BUILD/emu/lib/libafdcuda.so"
@@ -52,6 +52,7 @@ ran() { # name command...: ok when it exits 0 (a program without check lines)
 for order in forward reverse random; do
     step "selftest_$order" env KN_EMU_ORDER=$order "$BUILD/emu/emu_selftest"
 done
+step selftest_shuffled_streams env KN_EMU_STREAMS=shuffle "$BUILD/emu/emu_selftest"
 step kernels "$check"
 step kernels_reverse_inner_scales env KN_EMU_ORDER=reverse KN_EMU_SCALE_X=inner_fast \
     KN_EMU_SCALE_W=outer_tight "$check" --quick
@@ -75,6 +76,12 @@ M="$MODELS"
         --dense-inter 512 --vocab 1024 --force >/dev/null
 step model python3 tests/cuda/model_check.py "$BIN" "$M"
 step cluster python3 tests/cuda/cluster_check.py "$BIN" "$M"
+# the streams' work in a random order a device could take (other streams run early): a
+# missing wait between micro-batches, ranks or copies shows as a wrong answer; the seed
+# is in the step's name, to run it again
+seed=$((RANDOM * 32768 + RANDOM))
+step "cluster_shuffled_streams_seed_$seed" env KN_EMU_STREAMS=shuffle KN_EMU_SEED=$seed \
+    python3 tests/cuda/cluster_check.py "$BIN" "$M"
 step cluster_two_devices env KN_EMU_DEVICES=2 AFD_CUDA_NCCL=0 CLUSTER_CHECK_GPUS=2 \
     python3 tests/cuda/cluster_check.py "$BIN" "$M" two_devices
 [ "$fails" -eq 0 ]

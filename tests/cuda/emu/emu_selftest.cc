@@ -6,9 +6,10 @@
  * memory dies with a message, another device's memory or stream is refused without peer
  * access, a pageable pointer
  * passed to a kernel is refused, an asynchronous copy read before its stream is waited
- * for shows the old bytes, copies out of bounds fail, and dynamic shared memory past the
- * kernel's limit fails to launch. Faults that end the process run in a child.
- * Prints "ok - NAME" / "not ok - NAME" lines.
+ * for shows the old bytes, a read that another stream overwrites without waiting shows
+ * the new ones under KN_EMU_STREAMS=shuffle, copies out of bounds fail, and dynamic shared memory
+ * past the kernel's limit fails to launch. Faults that end the process run in a child. Prints "ok -
+ * NAME" / "not ok - NAME" lines.
  */
 #include "kn_cuda_common.cuh"
 
@@ -350,6 +351,49 @@ int main(void)
         report("smem_limit", e1 == cudaErrorInvalidValue && ea == cudaSuccess && e2 == cudaSuccess);
         cudaDeviceSynchronize();
         cudaFree(d);
+    }
+
+    /* A reads a buffer that B then overwrites. Without B waiting for A's event the read
+     * may see the new value (a race); with the wait it never does. In the lazy order the
+     * host's sync of A runs A first, so only KN_EMU_STREAMS=shuffle shows the race. */
+    {
+        cudaStream_t a, b;
+        cudaEvent_t read_done;
+        cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking);
+        cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking);
+        cudaEventCreateWithFlags(&read_done, cudaEventDisableTiming);
+        const char *mode = getenv("KN_EMU_STREAMS");
+        bool shuffle = mode && !strcmp(mode, "shuffle");
+        float one[32], two[32], back[32];
+        for (int i = 0; i < 32; i++) {
+            one[i] = 1.0f;
+            two[i] = 2.0f;
+        }
+        float *buf = dev_floats(NULL, 32), *out = dev_floats(NULL, 32), *src2 = dev_floats(two, 32);
+        int stale[2] = {0, 0};
+        for (int with_wait = 0; with_wait < 2; with_wait++)
+            for (int trial = 0; trial < 32; trial++) {
+                cudaMemcpy(buf, one, sizeof(one), cudaMemcpyHostToDevice);
+                cudaDeviceSynchronize();
+                cudaMemcpyAsync(out, buf, sizeof(one), cudaMemcpyDeviceToDevice, a);
+                cudaEventRecord(read_done, a);
+                if (with_wait) cudaStreamWaitEvent(b, read_done, 0);
+                cudaMemcpyAsync(buf, src2, sizeof(two), cudaMemcpyDeviceToDevice, b);
+                cudaStreamSynchronize(a);
+                cudaMemcpy(back, out, sizeof(back), cudaMemcpyDeviceToHost);
+                stale[with_wait] += back[0] != 1.0f;
+                cudaDeviceSynchronize();
+            }
+        char d[96];
+        snprintf(d, sizeof(d), "(%s: %d of 32 reads raced without the wait, %d with it)",
+                 shuffle ? "shuffle" : "lazy", stale[0], stale[1]);
+        report("stream_order", stale[1] == 0 && (shuffle ? stale[0] > 0 : stale[0] == 0), d);
+        cudaFree(buf);
+        cudaFree(out);
+        cudaFree(src2);
+        cudaEventDestroy(read_done);
+        cudaStreamDestroy(a);
+        cudaStreamDestroy(b);
     }
 
     /* a launch on another device's stream */

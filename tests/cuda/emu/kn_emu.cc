@@ -12,7 +12,10 @@
  *    (cudaStreamSynchronize, cudaEventSynchronize, cudaDeviceSynchronize, cudaFree), when
  *    an event query finds the work pending (the first query answers cudaErrorNotReady),
  *    or when a stream waits for an event. Host code that reads a result, or reuses a
- *    pinned buffer, before it has waited sees what a GPU would let it see. Copies from
+ *    pinned buffer, before it has waited sees what a GPU would let it see. With
+ *    KN_EMU_STREAMS=shuffle, other streams run part of their queued work, chosen at
+ *    random, before a stream is made to run: an order a device running streams at the
+ *    same time could take, so a missing wait between streams changes results. Copies from
  *    pageable memory and to it follow CUDA's rules (the source is read at the call; a
  *    copy to pageable memory waits for its stream).
  *  - Copies and memsets must stay inside one allocation, in the direction their kind
@@ -27,7 +30,8 @@
  * Knobs (environment): KN_EMU_DEVICES (1), KN_EMU_FP8 (1: block-scaled fp8 matmuls
  * exist), KN_EMU_SCALE_W / KN_EMU_SCALE_X (outer_fast, inner_fast, outer_tight: where the
  * block-scaled matmul reads its scales), KN_EMU_PROTECT (1), KN_EMU_ORDER (forward),
- * KN_EMU_MEM_GB (64: the device region's size).
+ * KN_EMU_STREAMS (lazy, shuffle), KN_EMU_SEED (0: the random order's and the shuffle's
+ * seed), KN_EMU_MEM_GB (64: the device region's size).
  */
 #include "cublasLt.h"
 #include "cuda_bf16.h"
@@ -71,9 +75,15 @@ enum order_t { ORDER_FORWARD, ORDER_REVERSE, ORDER_RANDOM };
 struct config {
     int devices, fp8, protect, scale_w, scale_x;
     order_t order;
+    bool shuffle; /* KN_EMU_STREAMS=shuffle: other streams' work runs early, at random */
+    unsigned long long seed;
     size_t mem_bytes;
     config()
     {
+        const char *st = getenv("KN_EMU_STREAMS");
+        shuffle = st && !strcmp(st, "shuffle");
+        const char *sd = getenv("KN_EMU_SEED");
+        seed = sd && *sd ? strtoull(sd, nullptr, 0) : 0;
         devices = env_int("KN_EMU_DEVICES", 1);
         fp8 = env_int("KN_EMU_FP8", 1);
         protect = env_int("KN_EMU_PROTECT", 1);
@@ -97,6 +107,16 @@ const config &cfg()
 {
     static config c;
     return c;
+}
+
+/* the random thread order's and the stream shuffle's generator (xorshift; KN_EMU_SEED) */
+uint64_t rng()
+{
+    static uint64_t x = (0x9e3779b97f4a7c15ull ^ (cfg().seed * 0xbf58476d1ce4e5b9ull)) | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return x;
 }
 
 void vsay(const char *fmt, va_list ap)
@@ -362,17 +382,51 @@ bool stream_ok(cudaStream_t s)
     return !s || g_streams.count(s);
 }
 
-/* runs s's queue up to and including seq */
-void flush_until(kn_emu_stream *s, uint64_t seq)
+void run_until(kn_emu_stream *s, uint64_t seq)
 {
-    if (s->q.empty() || s->q.front().seq > seq) return;
-    dev_access a; /* once for the run of operations */
     while (!s->q.empty() && s->q.front().seq <= seq) {
         op_t op = std::move(s->q.front());
         s->q.pop_front();
         op.fn();
         s->done = op.seq;
     }
+}
+
+int g_flush_depth; /* flushes in progress (a stream waiting for an event flushes another) */
+
+/* KN_EMU_STREAMS=shuffle: before a stream is made to run, other streams run part of their
+ * queued work, chosen at random: the order a device could take when it runs streams at
+ * the same time. Any prefix of a queue may run at any moment (a wait inside it runs what
+ * it waits for first), so every order taken is one CUDA allows; a missing dependency
+ * between streams then shows as a wrong result in some runs and seeds. */
+void shuffle_others(kn_emu_stream *s)
+{
+    std::vector<kn_emu_stream *> others;
+    if (&g_legacy != s && !g_legacy.q.empty()) others.push_back(&g_legacy);
+    for (kn_emu_stream *o : g_streams)
+        if (o != s && !o->q.empty()) others.push_back(o);
+    for (size_t i = others.size(); i > 1; i--)
+        std::swap(others[i - 1], others[rng() % i]);
+    for (kn_emu_stream *o : others) {
+        if (o->q.empty() || rng() % 2) continue; /* emptied by an earlier one's waits */
+        uint64_t first = o->q.front().seq, last = o->q.back().seq;
+        run_until(o, first + rng() % (last - first + 1));
+    }
+}
+
+/* runs s's queue up to and including seq */
+void flush_until(kn_emu_stream *s, uint64_t seq)
+{
+    if (s->q.empty() || s->q.front().seq > seq) return;
+    dev_access a; /* once for the run of operations */
+    if (cfg().shuffle && g_flush_depth == 0) {
+        g_flush_depth++;
+        shuffle_others(s);
+        g_flush_depth--;
+    }
+    g_flush_depth++;
+    run_until(s, seq);
+    g_flush_depth--;
 }
 
 void flush(kn_emu_stream *s)
@@ -615,16 +669,6 @@ void block_on(int state)
     if (!g_cur) fatal("a barrier or warp operation outside a kernel");
     g_cur->state = state;
     to_scheduler();
-}
-
-uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-
-uint64_t rng()
-{
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
 }
 
 void run_block()
