@@ -30,7 +30,7 @@
 
 typedef struct attn_opts {
     char *coordinator, *cluster_token, *model, *backend, *name, *kv_dtype, *a2f_dtype, *f2a_dtype,
-        *trace_file;
+        *trace_file, *data_plane;
     long trace_events, threads, cpu, kv_block, kv_budget_mb, max_batch_tokens, busy_poll_us,
         step_deadline_ms, coordinator_wait_s, heartbeat_ms, max_seqs, metrics_port;
     int ucx_peer_errors;
@@ -58,6 +58,9 @@ static const afd_opt_t attn_table[] = {
     {"max-batch-tokens", AFD_OPT_INT, "512", O(max_batch_tokens), 1, 1 << 20, 0,
      "prefill tokens per step (chunked prefill); decode tokens always run"},
     {"max-seqs", AFD_OPT_INT, "1024", O(max_seqs), 1, 1 << 20, 0, "running sequences at most"},
+    {"data-plane", AFD_OPT_STRING, "auto", O(data_plane), 0, 0, 0,
+     "device backends: A2F sent from and F2A received into device memory (device), or staged "
+     "through pinned host buffers (host); auto: device when the UCX in use moves CUDA memory"},
     {"busy-poll-us", AFD_OPT_INT, "200", O(busy_poll_us), 0, 1000000, 0,
      "spin this long for FFN answers before sleeping on the event fd"},
     {"step-deadline-ms", AFD_OPT_INT, "30000", O(step_deadline_ms), 10, 3600000, 0,
@@ -99,6 +102,9 @@ typedef struct attn_seq {
  * a fresh one, so nothing rewrites memory a send may still read. */
 typedef struct attn_tx {
     net_ucx_buf_t buf;
+    void *dev; /* --data-plane device: the packed A2F in device memory, sent from there */
+    size_t dev_cap;
+    kn_backend_t *dev_be; /* the queue that allocated it */
     int pending;
     struct attn_tx *next; /* on the retired list */
 } attn_tx_t;
@@ -141,6 +147,9 @@ typedef struct attn_mb {
     struct attn_tx *tx; /* packed A2F */
     net_wire_hdr_t txh;
     net_ucx_buf_t rx[ATTN_MAX_FFN]; /* F2A answers, one per FFN node */
+    void *d_rx[ATTN_MAX_FFN];       /* --data-plane device: F2A answers pulled into the device */
+    size_t d_rx_cap;                /* bytes of each d_rx */
+    int rx_dev[ATTN_MAX_FFN];       /* this layer's answer from node f is in d_rx[f] */
     int got;                        /* F2A answers received for `want_layer` */
     uint64_t sent_us;               /* when that layer's A2F went out */
     int want_layer;
@@ -202,10 +211,12 @@ typedef struct attn_node {
     float *top_logits;
     double *top_lse;
     afd_trace_t *trace; /* --trace-file: the pipeline's timeline */
+    int dev_plane;      /* A2F sent from, F2A received into device memory */
     /* stats */
     uint64_t attn_us, wait_us, idle_us, xfer_us, step_us, steps, a2f_bytes, f2a_bytes, tokens,
         preemptions;
     uint64_t graph_launches, graph_captures, graph_fallbacks;
+    uint64_t f2a_in_device, f2a_staged; /* F2A answers added from device / host memory */
 } attn_node_t;
 
 static volatile sig_atomic_t g_stop;
@@ -219,7 +230,8 @@ static void on_signal(int sig)
 
 static uint8_t g_empty[8];
 
-static void *attn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
+static void *attn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len, int rndv,
+                        int *device)
 {
     attn_node_t *a = arg;
     const char *why;
@@ -244,6 +256,13 @@ static void *attn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
         return NULL;
     }
     if (len == 0) return g_empty;
+    /* a rendezvous answer goes straight into the device; an eager one (a peer that sends
+     * from host memory, a short answer) to the host, uploaded by add_f2a */
+    mb->rx_dev[fi] = a->dev_plane && rndv && mb->d_rx[fi] && len <= mb->d_rx_cap;
+    if (mb->rx_dev[fi]) {
+        *device = 1;
+        return mb->d_rx[fi];
+    }
     if (net_ucx_buf_reserve(a->ucx, &mb->rx[fi], len)) return NULL;
     return mb->rx[fi].p;
 }
@@ -286,6 +305,7 @@ static void tx_sweep(attn_node_t *a)
         }
         *p = t->next;
         net_ucx_buf_free(a->ucx, &t->buf);
+        if (t->dev) t->dev_be->ops->free(t->dev_be, t->dev);
         free(t);
     }
 }
@@ -468,6 +488,17 @@ static afd_status_t mb_reserve(attn_node_t *a, attn_mb_t *mb, int ntok, int nseq
             return AFD_ERR_NOMEM;
         mb->cap_tok = c;
     }
+    if (a->dev_plane) { /* an F2A answer per FFN node, at most float32 rows of cap_tok */
+        size_t need = 4 * (size_t)mb->cap_tok * H;
+        for (int f = 0; f < ATTN_MAX_FFN; f++) /* no answer is in flight between steps */
+            if (mb->d_rx[f] && (mb->d_rx_cap < need || f >= a->ffn.n)) {
+                be->ops->free(be, mb->d_rx[f]);
+                mb->d_rx[f] = NULL;
+            }
+        mb->d_rx_cap = need;
+        for (int f = 0; f < a->ffn.n; f++)
+            if (!mb->d_rx[f] && !(mb->d_rx[f] = be->ops->alloc(be, need))) return AFD_ERR_NOMEM;
+    }
     return mdl_ws_reserve(a->m, &mb->ws, ntok > 0 ? ntok : 1);
 }
 
@@ -486,6 +517,8 @@ static void mb_free(attn_node_t *a, attn_mb_t *mb)
     void *dev[] = {mb->x, mb->g, mb->wts, mb->ids, mb->d_wire};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i]) be->ops->free(be, dev[i]);
+    for (int f = 0; f < ATTN_MAX_FFN; f++)
+        if (mb->d_rx[f]) be->ops->free(be, mb->d_rx[f]);
     free(mb->tok);
     free(mb->pos);
     free(mb->rows);
@@ -539,19 +572,36 @@ static afd_status_t a2f_queue(attn_node_t *a, attn_mb_t *mb, int layer)
     if (st) return st;
     uint32_t H = (uint32_t)c->hidden_size, k = c->is_moe[layer] ? (uint32_t)c->top_k : 0;
     uint64_t bytes = net_wire_payload_bytes(NET_WIRE_A2F, (uint32_t)mb->ntok, H, a->a2f, k);
-    if ((st = net_ucx_buf_reserve(a->ucx, &mb->tx->buf, bytes))) return st;
     size_t n = (size_t)mb->ntok, rb = afd_rows_bytes(a->a2f, n, H), rk = 4 * n * k;
-    uint8_t *p = mb->tx->buf.p;
-    if (n && be->ops->host_memory) {
-        kn_rows_encode(be, a->a2f, mb->g, (int)n, (int)H, p);
-        memcpy(p + rb, mb->ids, rk);
-        memcpy(p + rb + rk, mb->wts, rk);
-    } else if (n) {
-        kn_rows_encode(be, a->a2f, mb->g, (int)n, (int)H, mb->d_wire);
-        kn_download_async(be, p, mb->d_wire, rb);
-        if (k) {
-            kn_download_async(be, p + rb, mb->ids, rk);
-            kn_download_async(be, p + rb + rk, mb->wts, rk);
+    attn_tx_t *t = mb->tx;
+    if (a->dev_plane) { /* packed in device memory, sent from there once the event is done */
+        if (bytes > t->dev_cap) { /* no send reads it any more (wait_tx) */
+            if (t->dev) t->dev_be->ops->free(t->dev_be, t->dev);
+            t->dev_cap = 0;
+            if (!(t->dev = be->ops->alloc(be, bytes))) return AFD_ERR_NOMEM;
+            t->dev_cap = bytes;
+            t->dev_be = be;
+        }
+        uint8_t *d = t->dev;
+        kn_rows_encode(be, a->a2f, mb->g, (int)n, (int)H, d);
+        if (n && k) { /* the routing behind the rows, copied on the device */
+            kn_copy(be, d + rb, mb->ids, rk);
+            kn_copy(be, d + rb + rk, mb->wts, rk);
+        }
+    } else {
+        if ((st = net_ucx_buf_reserve(a->ucx, &t->buf, bytes))) return st;
+        uint8_t *p = t->buf.p;
+        if (n && be->ops->host_memory) {
+            kn_rows_encode(be, a->a2f, mb->g, (int)n, (int)H, p);
+            memcpy(p + rb, mb->ids, rk);
+            memcpy(p + rb + rk, mb->wts, rk);
+        } else if (n) {
+            kn_rows_encode(be, a->a2f, mb->g, (int)n, (int)H, mb->d_wire);
+            kn_download_async(be, p, mb->d_wire, rb);
+            if (k) {
+                kn_download_async(be, p + rb, mb->ids, rk);
+                kn_download_async(be, p + rb + rk, mb->wts, rk);
+            }
         }
     }
     kn_event_record(be, mb->ev);
@@ -589,8 +639,11 @@ static afd_status_t a2f_send(attn_node_t *a, attn_mb_t *mb, int mbi)
         h->send_ns = net_wire_now_ns();
         attn_tx_t *t = mb->tx;
         t->pending++;
-        afd_status_t st = net_ucx_send(a->ffn.ep[f], h, sizeof(*h), t->buf.p, bytes,
-                                       bytes ? t->buf.memh : NULL, attn_send_done, t);
+        afd_status_t st = a->dev_plane
+                              ? net_ucx_send(a->ffn.ep[f], h, sizeof(*h), t->dev, bytes, NULL,
+                                             NET_UCX_DEVICE, attn_send_done, t)
+                              : net_ucx_send(a->ffn.ep[f], h, sizeof(*h), t->buf.p, bytes,
+                                             bytes ? t->buf.memh : NULL, 0, attn_send_done, t);
         if (st) {
             t->pending--;
             return st;
@@ -626,7 +679,11 @@ static void add_f2a(attn_node_t *a, attn_mb_t *mb)
     for (int f = 0; f < a->ffn.n; f++) {
         if (be->ops->host_memory) {
             kn_rows_add(be, a->f2a, mb->rx[f].p, n, H, mb->x);
+        } else if (mb->rx_dev[f]) { /* pulled into the device by the data plane */
+            kn_rows_add(be, a->f2a, mb->d_rx[f], n, H, mb->x);
+            a->f2a_in_device++;
         } else {
+            a->f2a_staged++;
             be->ops->upload(be, mb->d_wire, mb->rx[f].p, rb);
             kn_rows_add(be, a->f2a, mb->d_wire, n, H, mb->x);
         }
@@ -1279,6 +1336,10 @@ int main(int argc, char **argv)
         afd_error("--model and --cluster-token are required");
         return 2;
     }
+    if (!net_plane_mode_ok(a.o.data_plane)) {
+        afd_error("--data-plane: '%s' is not auto, host or device", a.o.data_plane);
+        return 2;
+    }
     afd_dtype_t kvdt = afd_dtype_parse(a.o.kv_dtype);
     a.a2f = afd_dtype_parse(a.o.a2f_dtype);
     a.f2a = afd_dtype_parse(a.o.f2a_dtype);
@@ -1331,13 +1392,20 @@ int main(int argc, char **argv)
                          .recv_cb = attn_recv,
                          .err_cb = attn_peer_err,
                          .arg = &a};
-    if (!be->ops->host_memory) { /* data-plane buffers the device copies into and out of */
+    int dev = !be->ops->host_memory, cuda = be->ops->cuda_memory;
+    if (dev) { /* data-plane buffers the device copies into and out of */
         uo.host_alloc = kn_host_alloc_cb;
         uo.host_free = kn_host_free_cb;
         uo.host_arg = be;
+        uo.device_host = net_plane_device_host(dev, cuda);
     }
     if (net_ucx_create(&uo, &a.ucx)) return 1;
-    if (!be->ops->host_memory)
+    if ((a.dev_plane = net_plane_choose(a.o.data_plane, dev, cuda, a.ucx)) < 0) return 2;
+    if (a.dev_plane)
+        afd_info("data plane: A2F packed on the device and sent from device memory; F2A "
+                 "pulled into device memory and added there (short answers sent eagerly "
+                 "from host memory are uploaded)");
+    else if (dev)
         afd_info("data plane: A2F packed and F2A added on the device, sent and received "
                  "through pinned, registered host buffers (this UCX %s CUDA memory)",
                  net_ucx_cuda_memory(a.ucx) ? "also moves" : "does not move");
@@ -1423,6 +1491,10 @@ int main(int argc, char **argv)
                  "recording that could not hold them",
                  (unsigned long long)a.graph_launches, (unsigned long long)a.graph_captures,
                  (unsigned long long)a.graph_fallbacks);
+    if (a.dev_plane)
+        afd_info("data plane: %llu F2A answers pulled into device memory, %llu staged through "
+                 "host memory",
+                 (unsigned long long)a.f2a_in_device, (unsigned long long)a.f2a_staged);
     net_metrics_stop(a.metrics);
     net_node_close(&a.ctl);
     for (int k = 0; k < a.nplans; k++)
@@ -1446,6 +1518,7 @@ int main(int argc, char **argv)
         attn_tx_t *t = a.retired;
         a.retired = t->next;
         net_ucx_buf_forget(&t->buf);
+        if (t->dev) t->dev_be->ops->free(t->dev_be, t->dev);
         free(t);
     }
     if (a.trace) {

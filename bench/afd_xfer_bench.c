@@ -105,9 +105,11 @@ static int xfer(int fd, void *p, size_t n, int wr)
 
 /* ---- receiver ---- */
 
-static void *rx_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
+static void *rx_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len, int rndv, int *device)
 {
     (void)hdr;
+    (void)rndv;
+    (void)device;
     bench_t *b = arg;
     if (hdr_len != sizeof(bhdr_t) || len > b->slot_len) return NULL;
     if (len == 0) return b->buf;
@@ -152,7 +154,8 @@ static int run_receiver(bench_t *b)
         net_ucx_progress(b->u);
         if (b->ack_pending) {
             b->ack_pending = 0;
-            if (net_ucx_send(b->peer, &b->ack, sizeof(b->ack), NULL, 0, NULL, NULL, NULL) != AFD_OK)
+            if (net_ucx_send(b->peer, &b->ack, sizeof(b->ack), NULL, 0, NULL, 0, NULL, NULL) !=
+                AFD_OK)
                 return 1;
         }
     }
@@ -161,11 +164,13 @@ static int run_receiver(bench_t *b)
 
 /* ---- sender ---- */
 
-static void *tx_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
+static void *tx_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len, int rndv, int *device)
 {
     (void)hdr;
     (void)hdr_len;
     (void)len;
+    (void)rndv;
+    (void)device;
     return arg; /* only acks come this way: no payload, any non-NULL pointer accepts */
 }
 
@@ -199,7 +204,8 @@ static int send_phase(bench_t *b, uint32_t phase, size_t size, uint64_t count, l
     for (uint64_t i = 0; i < count && !b->failed;) {
         if (b->inflight < (uint64_t)window) {
             b->inflight++;
-            if (net_ucx_send(b->peer, &h, sizeof(h), b->buf, size, b->memh, tx_done, b) != AFD_OK)
+            if (net_ucx_send(b->peer, &h, sizeof(h), b->buf, size, b->memh, 0, tx_done, b) !=
+                AFD_OK)
                 return -1;
             i++;
         } else {
@@ -348,7 +354,7 @@ int main(int argc, char **argv)
         if (rc) afd_error("transfer failed");
         bhdr_t q = {.magic = BENCH_MAGIC, .phase = PH_QUIT};
         b.inflight++;
-        if (net_ucx_send(b.peer, &q, sizeof(q), NULL, 0, NULL, tx_done, &b) == AFD_OK) {
+        if (net_ucx_send(b.peer, &q, sizeof(q), NULL, 0, NULL, 0, tx_done, &b) == AFD_OK) {
             double d = now_s() + 5;
             while (b.inflight && now_s() < d)
                 net_ucx_progress(b.u);

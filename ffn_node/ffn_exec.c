@@ -206,6 +206,26 @@ void ffn_exec_get_rows(ffn_exec_t *x, int off, int ntok, afd_dtype_t dt, void *d
     kn_download_async(be, dst, stage, afd_rows_bytes(dt, (size_t)ntok, (size_t)x->hidden));
 }
 
+void ffn_exec_get_rows_device(ffn_exec_t *x, int off, int ntok, afd_dtype_t dt, void *dst)
+{
+    AFD_ASSERT(off >= 0 && ntok >= 0 && off + ntok <= x->cap && !host_backend(x));
+    if (!ntok) return;
+    kn_rows_encode(x->grp->rank[0], dt, x->out[0] + (size_t)off * (size_t)x->hidden, ntok,
+                   x->hidden, dst);
+}
+
+void *ffn_exec_dev_alloc(ffn_exec_t *x, size_t bytes)
+{
+    kn_backend_t *be = x->grp->rank[0];
+    return be->ops->alloc(be, bytes);
+}
+
+void ffn_exec_dev_free(ffn_exec_t *x, void *p)
+{
+    kn_backend_t *be = x->grp->rank[0];
+    if (p) be->ops->free(be, p);
+}
+
 void ffn_exec_wait(ffn_exec_t *x)
 {
     kn_backend_t *be = x->grp->rank[0];

@@ -74,6 +74,12 @@ void ffn_exec_run(ffn_exec_t *x, int layer, int n);
 /* Output rows [off, off + ntok) packed in dt (bf16 or f32) into dst (host memory, from the
  * data plane's buffers), complete after ffn_exec_wait. */
 void ffn_exec_get_rows(ffn_exec_t *x, int off, int ntok, afd_dtype_t dt, void *dst);
+/* The same into dst in rank 0's device memory (ffn_exec_dev_alloc), for a data plane that
+ * sends device memory; complete after ffn_exec_wait. */
+void ffn_exec_get_rows_device(ffn_exec_t *x, int off, int ntok, afd_dtype_t dt, void *dst);
+/* Rank 0's memory for such answers (a device backend's; NULL when out of memory). */
+void *ffn_exec_dev_alloc(ffn_exec_t *x, size_t bytes);
+void ffn_exec_dev_free(ffn_exec_t *x, void *p);
 /* Waits until every get_rows copy has landed. */
 void ffn_exec_wait(ffn_exec_t *x);
 /* Checkpoint bytes the ranks read. */

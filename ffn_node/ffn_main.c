@@ -29,7 +29,7 @@
 #define FFN_MAX_SLOTS 32
 
 typedef struct ffn_opts {
-    char *coordinator, *cluster_token, *model, *backend, *name, *trace_file, *devices;
+    char *coordinator, *cluster_token, *model, *backend, *name, *trace_file, *devices, *data_plane;
     long trace_events, threads, tp, busy_poll_us, max_tokens, cpu, heartbeat_ms, metrics_port,
         coordinator_wait_s;
     int ucx_peer_errors;
@@ -53,6 +53,9 @@ static const afd_opt_t ffn_table[] = {
      "the ranks' devices, comma-separated (default: AFD_CUDA_DEVICE or 0, and the ones "
      "after it)"},
     {"cpu", AFD_OPT_INT, "-1", O(cpu), -1, 4095, 0, "pin the process to this CPU (-1: no)"},
+    {"data-plane", AFD_OPT_STRING, "auto", O(data_plane), 0, 0, 0,
+     "device backends: F2A answers sent from device memory (device) or staged through "
+     "pinned host buffers (host); auto: device when the UCX in use moves CUDA memory"},
     {"busy-poll-us", AFD_OPT_INT, "200", O(busy_poll_us), 0, 1000000, 0,
      "spin this long for data-plane messages before sleeping on the event fd"},
     {"max-tokens", AFD_OPT_INT, "65536", O(max_tokens), 1, 1 << 22, 0,
@@ -79,6 +82,8 @@ typedef struct ffn_slot {
     net_wire_hdr_t hdr[FFN_MAX_ATTN];
     net_ucx_buf_t rx[FFN_MAX_ATTN]; /* A2F slices, one per attention node */
     net_ucx_buf_t tx[FFN_MAX_ATTN]; /* F2A answers */
+    void *dtx[FFN_MAX_ATTN];        /* F2A answers in device memory (--data-plane device) */
+    size_t dtx_cap[FFN_MAX_ATTN];
     net_wire_hdr_t txh[FFN_MAX_ATTN];
     int have;
     uint64_t first_us;
@@ -96,6 +101,7 @@ typedef struct ffn_node {
     net_metrics_server_t *metrics;
     net_wire_limits_t lim;
     afd_trace_t *trace; /* --trace-file: the pipeline's timeline */
+    int dev_plane;      /* F2A answers go out from device memory */
     /* stats */
     uint64_t ffn_us, wait_us, idle_us, steps, a2f_bytes, f2a_bytes, tokens, errors;
 } ffn_node_t;
@@ -137,9 +143,14 @@ static ffn_slot_t *slot_find(ffn_node_t *f, const net_wire_hdr_t *h, int create)
 
 static uint8_t g_empty[8];
 
-static void *ffn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
+/* A2F slices land in host memory whatever the data plane: the routing in them is read on
+ * the host, and the rows are uploaded once to rank 0 and broadcast. */
+static void *ffn_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len, int rndv,
+                       int *device)
 {
     ffn_node_t *f = arg;
+    (void)rndv;
+    (void)device;
     const char *why;
     if (net_wire_check(hdr, hdr_len, &f->lim, &why)) {
         afd_error("dropping a malformed data-plane message: %s", why);
@@ -261,12 +272,26 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         const net_wire_hdr_t *h = &s->hdr[a];
         afd_dtype_t rdt = (afd_dtype_t)h->reply_dtype;
         size_t bytes = (size_t)h->ntok * H * afd_dtype_size(rdt);
-        if (net_ucx_buf_reserve(f->ucx, &s->tx[a], bytes)) {
-            afd_error("out of memory for the F2A buffer");
-            off += (int)h->ntok;
-            continue;
+        if (f->dev_plane) { /* packed into this slot's device buffer, sent from there */
+            if (bytes > s->dtx_cap[a]) { /* the slot's earlier sends are over */
+                ffn_exec_dev_free(&f->x, s->dtx[a]);
+                s->dtx_cap[a] = 0;
+                if (!(s->dtx[a] = ffn_exec_dev_alloc(&f->x, bytes))) {
+                    afd_error("out of device memory for the F2A buffer");
+                    off += (int)h->ntok;
+                    continue;
+                }
+                s->dtx_cap[a] = bytes;
+            }
+            ffn_exec_get_rows_device(&f->x, off, (int)h->ntok, rdt, s->dtx[a]);
+        } else {
+            if (net_ucx_buf_reserve(f->ucx, &s->tx[a], bytes)) {
+                afd_error("out of memory for the F2A buffer");
+                off += (int)h->ntok;
+                continue;
+            }
+            ffn_exec_get_rows(&f->x, off, (int)h->ntok, rdt, s->tx[a].p);
         }
-        ffn_exec_get_rows(&f->x, off, (int)h->ntok, rdt, s->tx[a].p);
         off += (int)h->ntok;
         ok[a] = 1;
     }
@@ -286,8 +311,11 @@ static void ffn_process(ffn_node_t *f, ffn_slot_t *s)
         r->payload = bytes;
         r->send_ns = net_wire_now_ns();
         s->sends++;
-        afd_status_t st = net_ucx_send(f->attn.ep[a], r, sizeof(*r), s->tx[a].p, bytes,
-                                       bytes ? s->tx[a].memh : NULL, ffn_send_done, s);
+        afd_status_t st = f->dev_plane
+                              ? net_ucx_send(f->attn.ep[a], r, sizeof(*r), s->dtx[a], bytes, NULL,
+                                             NET_UCX_DEVICE, ffn_send_done, s)
+                              : net_ucx_send(f->attn.ep[a], r, sizeof(*r), s->tx[a].p, bytes,
+                                             bytes ? s->tx[a].memh : NULL, 0, ffn_send_done, s);
         if (st) {
             s->sends--;
             afd_error("F2A to node %u: %s", h->src, afd_status_str(st));
@@ -383,6 +411,10 @@ int main(int argc, char **argv)
         afd_error("--model and --cluster-token are required");
         return 2;
     }
+    if (!net_plane_mode_ok(f.o.data_plane)) {
+        afd_error("--data-plane: '%s' is not auto, host or device", f.o.data_plane);
+        return 2;
+    }
     net_node_pin_cpu(f.o.cpu);
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
@@ -434,13 +466,20 @@ int main(int argc, char **argv)
                          .err_cb = ffn_peer_err,
                          .arg = &f};
     kn_backend_t *be = f.x.grp->rank[0];
-    if (!be->ops->host_memory) { /* data-plane buffers the device copies into and out of */
+    int dev = !be->ops->host_memory, cuda = be->ops->cuda_memory;
+    if (dev) { /* data-plane buffers the device copies into and out of */
         uo.host_alloc = kn_host_alloc_cb;
         uo.host_free = kn_host_free_cb;
         uo.host_arg = be;
+        uo.device_host = net_plane_device_host(dev, cuda);
     }
     if (net_ucx_create(&uo, &f.ucx)) return 1;
-    if (!be->ops->host_memory)
+    if ((f.dev_plane = net_plane_choose(f.o.data_plane, dev, cuda, f.ucx)) < 0) return 2;
+    if (f.dev_plane)
+        afd_info("data plane: A2F received into pinned host buffers (the routing is read on "
+                 "the host) and unpacked on the device; F2A packed on the device and sent "
+                 "from device memory");
+    else if (dev)
         afd_info("data plane: A2F unpacked and F2A packed on the device, received and sent "
                  "through pinned, registered host buffers (this UCX %s CUDA memory)",
                  net_ucx_cuda_memory(f.ucx) ? "also moves" : "does not move");
@@ -536,7 +575,10 @@ int main(int argc, char **argv)
             net_ucx_buf_free(f.ucx, &f.slots[i].rx[a]);
             net_ucx_buf_free(f.ucx, &f.slots[i].tx[a]);
         }
-    net_ucx_destroy(f.ucx);
+    net_ucx_destroy(f.ucx); /* no send reads the device buffers after this */
+    for (int i = 0; i < FFN_MAX_SLOTS; i++)
+        for (int a = 0; a < FFN_MAX_ATTN; a++)
+            ffn_exec_dev_free(&f.x, f.slots[i].dtx[a]);
     ffn_exec_unload(&f.x);
     mdl_ckpt_close(ck);
     if (f.trace) {

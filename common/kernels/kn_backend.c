@@ -68,6 +68,17 @@ void kn_download_async(kn_backend_t *be, void *dst, const void *src, size_t byte
         be->ops->download(be, dst, src, bytes);
 }
 
+void kn_copy(kn_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    if (!bytes) return;
+    if (be->ops->copy) {
+        be->ops->copy(be, dst, src, bytes);
+        return;
+    }
+    AFD_ASSERT(be->ops->host_memory);
+    memmove(dst, src, bytes);
+}
+
 void *kn_event_new(kn_backend_t *be)
 {
     return be->ops->event_new ? be->ops->event_new(be) : NULL;

@@ -63,6 +63,7 @@ typedef struct kn_backend kn_backend_t;
 typedef struct kn_ops {
     const char *name;
     int host_memory; /* buffers are plain host memory (no upload/download needed to read) */
+    int cuda_memory; /* buffers are CUDA device memory (what a CUDA-aware UCX can move) */
     void (*destroy)(kn_backend_t *be);
     /* memory in the backend's space; alloc returns zeroed memory or NULL */
     void *(*alloc)(kn_backend_t *be, size_t bytes);
@@ -143,6 +144,9 @@ typedef struct kn_ops {
      * backends without queues (every op has finished when it returns).
      */
     kn_backend_t *(*fork)(kn_backend_t *be);
+    /* Optional (NULL for host-memory backends: memcpy): queues a copy inside the backend's
+     * memory, ordered like any op. */
+    void (*copy)(kn_backend_t *be, void *dst, const void *src, size_t bytes);
     /* Optional (NULL: download): queues a copy to the host that an event recorded after it
      * reports done; dst should come from host_alloc. */
     void (*download_async)(kn_backend_t *be, void *dst, const void *src, size_t bytes);
@@ -261,6 +265,7 @@ kn_backend_t *kn_fork(kn_backend_t *be);
 /* The optional asynchronous ops with their synchronous meaning where a backend has none:
  * kn_event_new may return NULL (then kn_event_done is always 1). */
 void kn_download_async(kn_backend_t *be, void *dst, const void *src, size_t bytes);
+void kn_copy(kn_backend_t *be, void *dst, const void *src, size_t bytes);
 void *kn_event_new(kn_backend_t *be);
 void kn_event_record(kn_backend_t *be, void *ev);
 int kn_event_done(kn_backend_t *be, void *ev);

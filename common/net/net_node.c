@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -255,4 +256,32 @@ afd_status_t net_node_send_heartbeat(net_node_t *n, Afd__NodeStats *stats)
     f.body_case = AFD__FRAME__BODY_HEARTBEAT;
     f.heartbeat = &hb;
     return net_node_send(n, &f);
+}
+
+/* ---- the data plane's memory ---- */
+
+int net_plane_mode_ok(const char *mode)
+{
+    return mode && (!strcmp(mode, "auto") || !strcmp(mode, "host") || !strcmp(mode, "device"));
+}
+
+int net_plane_device_host(int device_backend, int cuda_backend)
+{
+    if (!device_backend) return 0;
+    if (!cuda_backend) return 1;
+    const char *e = getenv("AFD_UCX_DEVICE_HOST");
+    return e && !strcmp(e, "1");
+}
+
+int net_plane_choose(const char *mode, int device_backend, int cuda_backend, const net_ucx_t *u)
+{
+    if (!device_backend || !strcmp(mode, "host")) return 0;
+    if (!strcmp(mode, "auto")) return cuda_backend && net_ucx_cuda_memory(u);
+    if (!net_ucx_device_ok(u)) {
+        afd_error("--data-plane device: this UCX does not move CUDA memory (no cuda_copy, "
+                  "cuda_ipc or gdr_copy transport); use --data-plane host or a UCX built "
+                  "with CUDA");
+        return -1;
+    }
+    return 1;
 }

@@ -46,6 +46,22 @@ uint64_t net_now_us(void);
 void net_node_pin_cpu(long cpu);
 /* Sends Ready with this node's UCX worker address. */
 afd_status_t net_node_send_ready(net_node_t *n, net_ucx_t *ucx);
+
+/*
+ * The A2F/F2A data plane of a node on a device backend: staged through pinned host
+ * buffers, or straight from and into device memory (net_ucx NET_UCX_DEVICE).
+ * net_plane_device_host: the net_ucx_opts device_host a node sets, 1 when its device
+ * memory is host memory (a backend taking the device code paths on the host, or
+ * AFD_UCX_DEVICE_HOST=1 for the CPU emulator of CUDA).
+ * net_plane_choose: for --data-plane MODE (auto, host or device) on a backend with
+ * device memory (device_backend) that is CUDA memory (cuda_backend): 1 device, 0 host,
+ * -1 (logged) when device was asked for and cannot be had. auto takes device memory
+ * when the backend's is CUDA memory and the UCX in use moves it.
+ */
+int net_plane_device_host(int device_backend, int cuda_backend);
+int net_plane_choose(const char *mode, int device_backend, int cuda_backend, const net_ucx_t *u);
+/* 1 when MODE is one of auto, host, device */
+int net_plane_mode_ok(const char *mode);
 /* Sends a heartbeat carrying the node's counters. */
 afd_status_t net_node_send_heartbeat(net_node_t *n, Afd__NodeStats *stats);
 /* Sends Connected for an epoch. */

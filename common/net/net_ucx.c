@@ -17,6 +17,11 @@
  *     from the handler without starting the receive: UCX 1.13 then releases the
  *     descriptor itself and acks the sender, whose send completes with UCS_OK
  *     (calling ucp_am_data_release inside the handler would release it twice).
+ * alloc_cb learns which of the two it is, and may return device memory for a rendezvous
+ * payload (*device: the receive names the CUDA memory type, or host with device_host);
+ * an eager payload given device memory is refused through recv_cb (no host memcpy into
+ * device memory). A NET_UCX_DEVICE send names the payload's memory type too and forces
+ * rendezvous, so a device payload always reaches the receiver's choice of buffer.
  * Every alloc_cb that returns non-NULL is matched by exactly one recv_cb (status
  * AFD_OK or the transfer error), unless the worker is destroyed with the transfer
  * still pending.
@@ -296,12 +301,20 @@ static ucs_status_t ucx_am_cb(void *arg, const void *header, size_t header_lengt
         return UCS_OK;
     }
 
+    int device = 0;
     if (!rndv) {
         if (header_length) memcpy(u->hdr_buf, header, header_length);
-        void *dst = u->opts.alloc_cb(u->opts.arg, u->hdr_buf, header_length, length);
+        void *dst = u->opts.alloc_cb(u->opts.arg, u->hdr_buf, header_length, length, 0, &device);
         if (!dst) {
             afd_warn("ucx: no buffer for a %zu-byte message: dropped", length);
             ucx_drop(u);
+            return UCS_OK;
+        }
+        if (length && device && !u->opts.device_host) { /* not reachable by memcpy */
+            afd_error("ucx: a device buffer for a %zu-byte eager message: dropped", length);
+            u->st.rx_dropped++;
+            u->events++;
+            u->opts.recv_cb(u->opts.arg, u->hdr_buf, header_length, dst, length, AFD_ERR_INVALID);
             return UCS_OK;
         }
         if (length) memcpy(dst, data, length);
@@ -323,7 +336,7 @@ static ucs_status_t ucx_am_cb(void *arg, const void *header, size_t header_lengt
     if (header_length) memcpy(hdr, header, header_length);
     r->hdr_len = header_length;
     r->len = length;
-    r->dst = u->opts.alloc_cb(u->opts.arg, hdr, header_length, length);
+    r->dst = u->opts.alloc_cb(u->opts.arg, hdr, header_length, length, 1, &device);
     if (!r->dst) {
         afd_warn("ucx: no buffer for a %zu-byte message: dropped", length);
         rec_put(u, r);
@@ -336,10 +349,14 @@ static ucs_status_t ucx_am_cb(void *arg, const void *header, size_t header_lengt
         .cb.recv_am = ucx_recv_done,
         .user_data = r,
     };
-    ucx_region_t *reg = region_find(u, r->dst, length);
+    ucx_region_t *reg = device ? NULL : region_find(u, r->dst, length);
     if (reg) {
         rp.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
         rp.memh = reg->memh;
+    }
+    if (device) {
+        rp.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+        rp.memory_type = u->opts.device_host ? UCS_MEMORY_TYPE_HOST : UCS_MEMORY_TYPE_CUDA;
     }
     /* counted first: the completion callback may run inside ucp_am_recv_data_nbx */
     u->outstanding++;
@@ -883,7 +900,7 @@ static void ucx_send_done(void *request, ucs_status_t status, void *user_data)
 }
 
 afd_status_t net_ucx_send(net_ucx_peer_t *p, const void *hdr, size_t hdr_len, const void *data,
-                          size_t len, void *memh, net_ucx_send_cb cb, void *arg)
+                          size_t len, void *memh, unsigned flags, net_ucx_send_cb cb, void *arg)
 {
     if (!p || (hdr_len && !hdr) || (len && !data)) {
         afd_error("ucx: send: bad arguments");
@@ -897,6 +914,13 @@ afd_status_t net_ucx_send(net_ucx_peer_t *p, const void *hdr, size_t hdr_len, co
     }
     if (u->destroying) return AFD_ERR_SHUTDOWN;
     if (p->failed) return AFD_ERR_PEER; /* logged when the failure was seen */
+    int device = (flags & NET_UCX_DEVICE) && len;
+    if (device && !net_ucx_device_ok(u)) {
+        afd_error("ucx: send to peer %u: a device payload, but this UCX does not move CUDA "
+                  "memory",
+                  p->id);
+        return AFD_ERR_UNSUPPORTED;
+    }
 
     ucx_region_t *reg = len ? memh : NULL; /* nothing to register for an empty payload */
     if (reg) {
@@ -930,6 +954,11 @@ afd_status_t net_ucx_send(net_ucx_peer_t *p, const void *hdr, size_t hdr_len, co
         sp_param.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
         sp_param.memh = reg->memh;
     }
+    if (device) {
+        sp_param.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMORY_TYPE | UCP_OP_ATTR_FIELD_FLAGS;
+        sp_param.memory_type = u->opts.device_host ? UCS_MEMORY_TYPE_HOST : UCS_MEMORY_TYPE_CUDA;
+        sp_param.flags = UCP_AM_SEND_FLAG_RNDV;
+    }
     u->outstanding++;
     ucs_status_ptr_t sp = ucp_am_send_nbx(p->ep, NET_UCX_AM_ID, h, hdr_len, data, len, &sp_param);
     if (sp == NULL) {
@@ -953,6 +982,11 @@ afd_status_t net_ucx_send(net_ucx_peer_t *p, const void *hdr, size_t hdr_len, co
 int net_ucx_cuda_memory(const net_ucx_t *u)
 {
     return u->cuda_memory;
+}
+
+int net_ucx_device_ok(const net_ucx_t *u)
+{
+    return u->cuda_memory || u->opts.device_host;
 }
 
 void net_ucx_get_stats(net_ucx_t *u, net_ucx_stats_t *st)

@@ -23,9 +23,14 @@ typedef struct net_ucx_peer net_ucx_peer_t;
 /*
  * Called from inside progress when a message arrives: returns where its `len` payload
  * bytes must go (NULL drops the message: the transport logs it and discards the data).
- * hdr is valid only during the call.
+ * hdr is valid only during the call. rndv is 1 when the payload is still at the sender
+ * (rendezvous: it is pulled straight into the buffer), 0 when it arrived with the header
+ * (eager: it is copied). Setting *device to 1 says the buffer is device memory (see
+ * net_ucx_device_ok); only a rendezvous payload may go there unless the options'
+ * device_host says device memory is host memory.
  */
-typedef void *(*net_ucx_alloc_cb)(void *arg, const void *hdr, size_t hdr_len, size_t len);
+typedef void *(*net_ucx_alloc_cb)(void *arg, const void *hdr, size_t hdr_len, size_t len, int rndv,
+                                  int *device);
 /* Called from inside progress once the payload is in `data` (the alloc result); status is
  * AFD_OK or the transfer error (then data holds garbage). hdr is a copy valid during the
  * call. */
@@ -49,6 +54,10 @@ typedef struct net_ucx_opts {
     void *(*host_alloc)(void *host_arg, size_t bytes);
     void (*host_free)(void *host_arg, void *p);
     void *host_arg;
+    /* device buffers (NET_UCX_DEVICE sends, alloc_cb's *device) are host memory after all
+     * (a backend that only takes the device code paths, or the CPU emulator of CUDA):
+     * they are moved as host memory, and by any UCX */
+    int device_host;
 } net_ucx_opts_t;
 
 afd_status_t net_ucx_create(const net_ucx_opts_t *opts, net_ucx_t **out);
@@ -96,13 +105,19 @@ afd_status_t net_ucx_connect(net_ucx_t *u, const void *addr, size_t len, uint32_
 /* Closes an endpoint (forcefully when the peer failed). */
 void net_ucx_disconnect(net_ucx_peer_t *p);
 
+/* net_ucx_send flags */
+#define NET_UCX_DEVICE                                                                             \
+    1u /* the payload is device memory: always rendezvous, so that the                             \
+        * receiver can pull it straight into its own device buffer */
+
 /*
  * Sends hdr (copied before return) and the payload (must stay valid until cb) to a peer;
  * memh is the payload's registration or NULL. cb may run before this returns (immediate
- * completion). Large payloads use rendezvous.
+ * completion). Large payloads use rendezvous. A NET_UCX_DEVICE send needs
+ * net_ucx_device_ok (else AFD_ERR_UNSUPPORTED).
  */
 afd_status_t net_ucx_send(net_ucx_peer_t *p, const void *hdr, size_t hdr_len, const void *data,
-                          size_t len, void *memh, net_ucx_send_cb cb, void *arg);
+                          size_t len, void *memh, unsigned flags, net_ucx_send_cb cb, void *arg);
 
 /* Counters, for metrics and benchmarks. */
 typedef struct net_ucx_stats {
@@ -111,8 +126,10 @@ typedef struct net_ucx_stats {
 void net_ucx_get_stats(net_ucx_t *u, net_ucx_stats_t *st);
 
 /* 1 when the UCX in use can move CUDA device memory (its context lists the CUDA memory
- * type: a build with cuda_copy, cuda_ipc or gdr_copy), else 0. The nodes stage A2F/F2A
- * through registered host buffers either way; this says whether a device path could. */
+ * type: a build with cuda_copy, cuda_ipc or gdr_copy), else 0. */
 int net_ucx_cuda_memory(const net_ucx_t *u);
+/* 1 when device buffers can be sent and received: the UCX moves CUDA memory, or the
+ * options' device_host says device memory is host memory. */
+int net_ucx_device_ok(const net_ucx_t *u);
 
 #endif

@@ -9,7 +9,9 @@ FFN node with float32 and with the production wire (fp8 A2F, bf16 F2A; afd_run r
 the same points); two tensor-parallel ranks on one device (the
 partial sums added on the device after a cross-stream wait); two ranks on devices 0 and 1
 (NCCL) when the machine has two GPUs; and the attention node replaying its decode layers
-as CUDA graphs (AFD_CUDA_GRAPHS=1, production wire). Each answer is held to afd_run --backend cpu like
+as CUDA graphs (AFD_CUDA_GRAPHS=1, production wire); and the nodes sending and receiving
+device memory (--data-plane device) when the UCX moves CUDA memory, or on the CPU
+emulator (CLUSTER_CHECK_DEVICE_HOST=1: its device memory is host memory). Each answer is held to afd_run --backend cpu like
 model_check, whose notes say why the reference rounds its GEMM inputs as the device
 does (AFD_CPU_GEMM_ROUND=device; on these tiny models every weight is bf16 on the
 device) and why the bound is TOL: every token equal except at a near tie (the cpu's
@@ -22,6 +24,7 @@ CLUSTER_CHECK_GPUS: the device count, instead of nvidia-smi's)
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +73,16 @@ def compare(ref, answers, tol):
     return worst <= tol, worst, "; ".join(notes) or "all tokens equal"
 
 
+def ucx_moves_cuda():
+    """A CUDA memory domain in `ucx_info -d` (a UCX built with cuda_copy or gdr_copy)."""
+    try:
+        out = subprocess.run(["ucx_info", "-d"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any("Memory domain:" in x and ("cuda" in x or "gdr" in x)
+               for x in out.stdout.splitlines())
+
+
 def gpu_count():
     if os.environ.get("CLUSTER_CHECK_GPUS"):  # a count given (the CPU emulator's devices)
         return int(os.environ["CLUSTER_CHECK_GPUS"])
@@ -100,6 +113,16 @@ def main():
     cases = [c + ({},) for c in cases]
     if backend == "cuda":  # the attention node's decode layers replayed as CUDA graphs
         cases.append(("cluster_cuda_1a1f_graphs", (), (), {"AFD_CUDA_GRAPHS": "1"}))
+    # --data-plane device: A2F sent from device memory, F2A pulled into it
+    if backend == "cuda" and os.environ.get("CLUSTER_CHECK_DEVICE_HOST") == "1":
+        # the CPU emulator: its device memory is host memory, open to UCX
+        cases.append(("cluster_cuda_1a1f_device_plane", (), (),
+                      {"AFD_DATA_PLANE": "device", "AFD_UCX_DEVICE_HOST": "1",
+                       "KN_EMU_PROTECT": "0"}))
+    elif backend == "cuda" and ucx_moves_cuda():
+        cases.append(("cluster_cuda_1a1f_device_plane", (), (), {"AFD_DATA_PLANE": "device"}))
+    elif backend == "cuda":
+        print("# this UCX does not move CUDA memory: the device data plane not checked")
     if backend == "cuda" and gpu_count() >= 2:
         cases.append(("cluster_cuda_ffn_tp2_two_devices", ("--ffn-tp", "2", "--ffn-devices", "0,1"),
                       F32, {}))
@@ -136,6 +159,14 @@ def main():
                         else:
                             line = [x for x in log.splitlines() if "tensor-parallel ranks" in x]
                             detail += "; " + line[0].split("info: ")[-1][:140]
+                if ok and env.get("AFD_DATA_PLANE") == "device":
+                    log = open(os.path.join(logdir, "attn-0.log")).read()
+                    m = re.search(r"data plane: (\d+) F2A answers pulled into device memory, "
+                                  r"(\d+) staged", log)
+                    if not m or int(m.group(1)) == 0:
+                        ok, detail = False, "no F2A answer was pulled into device memory"
+                    else:
+                        detail += "; " + m.group(0)
                 if ok and env.get("AFD_CUDA_GRAPHS"):
                     log = open(os.path.join(logdir, "attn-0.log")).read()
                     line = [x for x in log.splitlines() if "graphs: " in x]

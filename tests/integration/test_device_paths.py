@@ -12,9 +12,12 @@ one on cpu-dev, answer the same requests: greedy with log-probabilities, seeded 
 sampling (drawn from the candidates), seeded sampling over the whole vocabulary and top-p
 (drawn from the copied row). The answers must be identical, token for token and
 log-probability for log-probability: the two backends compute the same numbers in the
-same order, so any difference is a mistake in a device path.
+same order, so any difference is a mistake in a device path. A third cluster, cpu-dev with
+--data-plane device (A2F sent from the backend's memory, F2A pulled into it), must answer
+the same again.
 """
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -38,8 +41,9 @@ REQS = [
 ]
 
 
-def answers(backend, model):
+def answers(backend, model, data_plane="auto"):
     out = {}
+    os.environ["AFD_DATA_PLANE"] = data_plane  # the nodes' --data-plane
     with LocalUp(model, 1, 2, 2, extra=("--backend", backend, "--ffn-tp", "2")) as c:
         for name, body in REQS:
             body = dict(body, ignore_eos=True)
@@ -47,7 +51,8 @@ def answers(backend, model):
             ch = ans["choices"][0] if st == 200 else {}
             out[name] = (st, ch.get("token_ids"), (ch.get("logprobs") or {}).get("token_logprobs"),
                          (ch.get("logprobs") or {}).get("top_logprobs"))
-        logs = {f: open(os.path.join(c.logdir, f)).read() for f in os.listdir(c.logdir)}
+    logs = {f: open(os.path.join(c.logdir, f)).read() for f in os.listdir(c.logdir)}
+    os.environ.pop("AFD_DATA_PLANE")
     return out, logs
 
 
@@ -64,5 +69,24 @@ ck.check("cpu-dev: each FFN node unpacks and packs through its 2 ranks",
 for name, _ in REQS:
     r, g = ref[name], got[name]
     ck.check(f"{name}: cpu-dev answers exactly as cpu ({len(r[1] or [])} tokens)",
+             r[0] == 200 and g == r, f"cpu {r[:2]} cpu-dev {g[:2]}")
+
+# --data-plane device: A2F sent from the backend's memory, F2A pulled into it (cpu-dev's
+# device memory is host memory, so any UCX moves it)
+got, logs = answers("cpu-dev", model, "device")
+attn_log = "".join(v for k, v in logs.items() if k.startswith("attn"))
+ffn_log = "".join(v for k, v in logs.items() if k.startswith("ffn"))
+pulled = re.search(r"data plane: (\d+) F2A answers pulled into device memory, (\d+) staged",
+                   attn_log)
+ck.check("device data plane: the attention node sends A2F from device memory and every F2A "
+         f"answer lands there ({pulled.group(0) if pulled else 'no count'})",
+         "A2F packed on the device and sent from device memory" in attn_log and pulled and
+         int(pulled.group(1)) > 0 and int(pulled.group(2)) == 0, attn_log[-400:])
+ck.check("device data plane: both FFN nodes send F2A from device memory",
+         ffn_log.count("F2A packed on the device and sent from device memory") == 2,
+         ffn_log[-300:])
+for name, _ in REQS:
+    r, g = ref[name], got[name]
+    ck.check(f"{name}: cpu-dev with the device data plane answers exactly as cpu",
              r[0] == 200 and g == r, f"cpu {r[:2]} cpu-dev {g[:2]}")
 sys.exit(ck.done())

@@ -29,8 +29,10 @@ static void on_signal(int s)
     g_stop = 1;
 }
 
-static void *no_alloc(void *arg, const void *hdr, size_t hl, size_t len)
+static void *no_alloc(void *arg, const void *hdr, size_t hl, size_t len, int rndv, int *device)
 {
+    (void)rndv;
+    (void)device;
     (void)arg;
     (void)hdr;
     (void)hl;
@@ -132,19 +134,21 @@ int main(int argc, char **argv)
                     bad.payload =
                         net_wire_payload_bytes(NET_WIRE_A2F, 1, (uint32_t)hidden, AFD_DTYPE_F32, 0);
                     pending++;
-                    net_ucx_send(ffn.ep[f], &bad, sizeof(bad), payload, bad.payload, NULL, sent,
+                    net_ucx_send(ffn.ep[f], &bad, sizeof(bad), payload, bad.payload, NULL, 0, sent,
                                  &pending);
                     net_wire_hdr_t lie = h; /* the header promises more than it carries */
                     lie.payload = 12345;
                     pending++;
-                    net_ucx_send(ffn.ep[f], &lie, sizeof(lie), payload, 100, NULL, sent, &pending);
+                    net_ucx_send(ffn.ep[f], &lie, sizeof(lie), payload, 100, NULL, 0, sent,
+                                 &pending);
                     for (int l = 0; l < moe_layer; l++) { /* valid, empty: the step goes on */
                         net_wire_hdr_t ok = h;
                         ok.layer = (uint16_t)l;
                         ok.ntok = 0;
                         ok.payload = 0;
                         pending++;
-                        net_ucx_send(ffn.ep[f], &ok, sizeof(ok), payload, 0, NULL, sent, &pending);
+                        net_ucx_send(ffn.ep[f], &ok, sizeof(ok), payload, 0, NULL, 0, sent,
+                                     &pending);
                     }
                     net_wire_hdr_t ids = h; /* expert ids out of range in a MoE layer */
                     ids.layer = (uint16_t)moe_layer;
@@ -153,7 +157,7 @@ int main(int argc, char **argv)
                                                          AFD_DTYPE_F32, (uint32_t)topk);
                     memset(payload, 0x7f, sizeof(payload));
                     pending++;
-                    net_ucx_send(ffn.ep[f], &ids, sizeof(ids), payload, ids.payload, NULL, sent,
+                    net_ucx_send(ffn.ep[f], &ids, sizeof(ids), payload, ids.payload, NULL, 0, sent,
                                  &pending);
                 }
                 attacked = 1;

@@ -3,9 +3,11 @@
  *   - two workers in one process: messages of 0 B .. 16 MiB both ways (eager and
  *     rendezvous), content and header checked, stats; a header above the sender's
  *     max_hdr is refused with AFD_ERR_RANGE; a memh that does not cover the payload
- *     is refused; destroying a worker while a rendezvous receive is in flight and the
- *     sender is not progressing returns in bounded time and still ends the receive
- *     with one recv_cb;
+ *     is refused; device payloads (NET_UCX_DEVICE) always go by rendezvous into the
+ *     receiver's device buffers, and are refused where they cannot be moved (and the
+ *     nodes' --data-plane choice follows what the UCX moves); destroying a worker
+ * while a rendezvous receive is in flight and the sender is not progressing returns in bounded time
+ * and still ends the receive with one recv_cb;
  *   - a fork()ed peer (addresses exchanged over a socketpair), under the default
  *     transports and under UCX_TLS=tcp UCX_NET_DEVICES=lo:
  *       * sizes 0, 1, 100, 8 KiB, 1 MiB, 16 MiB sent both ways at once, from
@@ -33,6 +35,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "net_node.h"
 #include "net_ucx.h"
 
 #include <dirent.h>
@@ -70,10 +73,14 @@ typedef struct side {
     size_t arena_len, arena_used;
     void *arena_memh;
     int n_alloc, n_recv, n_recv_err, n_bad;
+    int n_rndv;    /* alloc_cb calls for rendezvous payloads */
+    int dev_rndv;  /* alloc_cb: rendezvous payloads go to "device" buffers */
+    int dev_eager; /* alloc_cb: eager payloads too */
     uint32_t recv_mask;
     unsigned char dummy;
     /* send */
     int n_sent_ok, n_sent_err;
+    unsigned send_flags; /* net_ucx_send flags of t_send */
     /* peer errors */
     int n_peer_err;
     uint32_t err_peer;
@@ -213,10 +220,12 @@ static void use_tls(int tcp)
 
 /* ---- callbacks ---- */
 
-static void *t_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len)
+static void *t_alloc(void *arg, const void *hdr, size_t hdr_len, size_t len, int rndv, int *device)
 {
     side_t *s = arg;
     s->n_alloc++;
+    s->n_rndv += rndv;
+    if (rndv ? s->dev_rndv : s->dev_eager) *device = 1;
     thdr_t h;
     if (hdr_len < sizeof(h)) {
         s->n_bad++;
@@ -310,7 +319,7 @@ static afd_status_t t_send(side_t *s, uint32_t seq, size_t len, size_t hdr_len, 
     memcpy(hdr, &h, sizeof(h));
     for (size_t j = 0; j + sizeof(h) < hdr_len; j++)
         hdr[sizeof(h) + j] = (uint8_t)(j * 7 + seq);
-    return net_ucx_send(s->peer, hdr, hdr_len, buf, len, memh, t_sent, s);
+    return net_ucx_send(s->peer, hdr, hdr_len, buf, len, memh, s->send_flags, t_sent, s);
 }
 
 #define PUMP_UNTIL(s, cond, ms)                                                                    \
@@ -787,7 +796,7 @@ static void test_two_workers(void **state)
 
     /* header limits and memh checks on the sending side */
     unsigned char big[200] = {0};
-    assert_int_equal(net_ucx_send(a.peer, big, 129, NULL, 0, NULL, t_sent, &a), AFD_ERR_RANGE);
+    assert_int_equal(net_ucx_send(a.peer, big, 129, NULL, 0, NULL, 0, t_sent, &a), AFD_ERR_RANGE);
     unsigned char *reg = malloc(4096), *other = malloc(4096);
     void *mh;
     assert_int_equal(net_ucx_mem_map(a.u, reg, 4096, &mh), AFD_OK);
@@ -887,6 +896,131 @@ static void test_idle_alone(void **state)
     t_destroy(a.u);
 }
 
+/* Two connected workers in this process; device_host as given. */
+static void pair_up(side_t *a, side_t *b, int device_host)
+{
+    net_ucx_opts_t oa = t_opts(a, 0, 128, 64 * MiB), ob = t_opts(b, 0, 128, 64 * MiB);
+    oa.device_host = ob.device_host = device_host;
+    assert_int_equal(net_ucx_create(&oa, &a->u), AFD_OK);
+    track(a->u);
+    assert_int_equal(net_ucx_create(&ob, &b->u), AFD_OK);
+    track(b->u);
+    const void *aa, *ba;
+    size_t al, bl;
+    assert_int_equal(net_ucx_address(a->u, &aa, &al), AFD_OK);
+    assert_int_equal(net_ucx_address(b->u, &ba, &bl), AFD_OK);
+    assert_int_equal(net_ucx_connect(a->u, ba, bl, 2, &a->peer), AFD_OK);
+    assert_int_equal(net_ucx_connect(b->u, aa, al, 1, &b->peer), AFD_OK);
+}
+
+static void pair_down(side_t *a, side_t *b)
+{
+    net_ucx_disconnect(a->peer);
+    net_ucx_disconnect(b->peer);
+    for (int i = 0; i < 50; i++)
+        pump2(a, b);
+    t_destroy(a->u);
+    t_destroy(b->u);
+}
+
+/*
+ * Device payloads (NET_UCX_DEVICE) on workers whose device memory is host memory
+ * (device_host, as for a backend that only takes the device code paths): every size, even
+ * 1 byte, goes by rendezvous and lands in the receiver's "device" buffer intact. Without
+ * device_host, on a UCX that does not move CUDA memory, such a send is refused before
+ * anything goes out; and an eager payload handed a device buffer ends in one recv_cb
+ * with an error instead of a host copy into device memory.
+ */
+static void test_device_buffers(void **state)
+{
+    (void)state;
+    use_tls(0);
+    side_t a = {0}, b = {0};
+    pair_up(&a, &b, 1);
+    assert_true(net_ucx_device_ok(a.u));
+    a.send_flags = NET_UCX_DEVICE;
+    b.dev_rndv = 1;
+    unsigned char *bufs[N_SIZES];
+    int nonempty = 0;
+    for (int i = 0; i < N_SIZES; i++) {
+        bufs[i] = malloc(k_sizes[i] ? k_sizes[i] : 1);
+        assert_non_null(bufs[i]);
+        fill(bufs[i], k_sizes[i], (uint32_t)i);
+        nonempty += k_sizes[i] > 0;
+        assert_int_equal(t_send(&a, (uint32_t)i, k_sizes[i], sizeof(thdr_t), 0, bufs[i], NULL),
+                         AFD_OK);
+    }
+    uint32_t all = (1u << N_SIZES) - 1;
+    double d = now_ms() + DEADLINE;
+    while ((b.recv_mask != all || a.n_sent_ok < N_SIZES) && now_ms() < d)
+        pump2(&a, &b);
+    assert_int_equal(b.recv_mask, all);
+    assert_int_equal(a.n_sent_ok, N_SIZES);
+    assert_int_equal(b.n_rndv, nonempty); /* an empty payload has nothing to pull */
+    assert_int_equal(b.n_bad + b.n_recv_err, 0);
+    pair_down(&a, &b);
+
+    side_t c = {0}, e = {0};
+    pair_up(&c, &e, 0);
+    if (!net_ucx_cuda_memory(c.u)) {
+        assert_false(net_ucx_device_ok(c.u));
+        c.send_flags = NET_UCX_DEVICE;
+        assert_int_equal(t_send(&c, 0, 100, sizeof(thdr_t), 0, bufs[2], NULL), AFD_ERR_UNSUPPORTED);
+        assert_int_equal(c.n_sent_ok + c.n_sent_err, 0);
+        c.send_flags = 0;
+    }
+    e.dev_eager = 1; /* a 100-byte payload comes eager */
+    assert_int_equal(t_send(&c, 2, k_sizes[2], sizeof(thdr_t), 0, bufs[2], NULL), AFD_OK);
+    d = now_ms() + DEADLINE;
+    while (e.n_recv + e.n_recv_err + e.n_bad == 0 && now_ms() < d)
+        pump2(&c, &e);
+    if (e.n_rndv == 0) { /* (a transport that sends even 100 bytes by rendezvous: no eager) */
+        assert_int_equal(e.n_recv_err, 1);
+        assert_int_equal(e.n_recv, 0);
+    }
+    pair_down(&c, &e);
+    for (int i = 0; i < N_SIZES; i++)
+        free(bufs[i]);
+}
+
+/* The nodes' --data-plane choice: host always stages; auto takes device memory only on a
+ * CUDA backend whose UCX moves it; device needs a UCX that moves the backend's memory,
+ * which any UCX does for device memory that is host memory (cpu-dev). */
+static void test_plane_choice(void **state)
+{
+    (void)state;
+    use_tls(0);
+    assert_true(net_plane_mode_ok("auto") && net_plane_mode_ok("host") &&
+                net_plane_mode_ok("device"));
+    assert_false(net_plane_mode_ok("gpu") || net_plane_mode_ok("") || net_plane_mode_ok(NULL));
+    unsetenv("AFD_UCX_DEVICE_HOST");
+    assert_int_equal(net_plane_device_host(0, 0), 0); /* host memory: nothing to stage */
+    assert_int_equal(net_plane_device_host(1, 0), 1); /* cpu-dev */
+    assert_int_equal(net_plane_device_host(1, 1), 0); /* CUDA memory */
+    setenv("AFD_UCX_DEVICE_HOST", "1", 1);            /* the CPU emulator of CUDA */
+    assert_int_equal(net_plane_device_host(1, 1), 1);
+    unsetenv("AFD_UCX_DEVICE_HOST");
+    side_t a = {0}, h = {0};
+    net_ucx_opts_t o = t_opts(&a, 0, 64, MiB), oh = t_opts(&h, 0, 64, MiB);
+    oh.device_host = 1;
+    assert_int_equal(net_ucx_create(&o, &a.u), AFD_OK);
+    track(a.u);
+    assert_int_equal(net_ucx_create(&oh, &h.u), AFD_OK);
+    track(h.u);
+    int cm = net_ucx_cuda_memory(a.u);
+    for (int dev = 0; dev < 2; dev++)
+        for (int cuda = 0; cuda < 2; cuda++) {
+            assert_int_equal(net_plane_choose("host", dev, cuda, a.u), 0);
+            assert_int_equal(net_plane_choose("auto", dev, cuda, a.u), dev && cuda && cm);
+        }
+    assert_int_equal(net_plane_choose("device", 0, 0, a.u), 0); /* a cpu backend */
+    assert_int_equal(net_plane_choose("device", 1, 1, a.u), cm ? 1 : -1);
+    assert_int_equal(net_plane_choose("device", 1, 0, h.u), 1);
+    assert_int_equal(net_plane_choose("device", 1, 1, h.u), 1);
+    t_destroy(a.u);
+    t_destroy(h.u);
+}
+
 /* Whether this UCX moves CUDA memory agrees with ucx_info, an independent view of the same
  * installation: a CUDA memory domain (cuda_cpy, cuda_ipc, gdr_copy) in `ucx_info -d`. */
 static void test_cuda_memory(void **state)
@@ -920,6 +1054,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_idle_alone, teardown),
         cmocka_unit_test_teardown(test_cuda_memory, teardown),
+        cmocka_unit_test_teardown(test_device_buffers, teardown),
+        cmocka_unit_test_teardown(test_plane_choice, teardown),
         cmocka_unit_test_teardown(test_two_workers, teardown),
         cmocka_unit_test_teardown(test_destroy_midway, teardown),
         cmocka_unit_test_teardown(test_sizes_default, teardown),

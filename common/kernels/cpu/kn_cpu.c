@@ -626,6 +626,7 @@ afd_status_t kn_cpu_dev_create(int threads, kn_backend_t **out)
         cpu_dev_ops.name = "cpu-dev";
         cpu_dev_ops.host_memory = 0;
         cpu_dev_ops.download_async = cpu_dev_download_async;
+        cpu_dev_ops.copy = cpu_copy;
         cpu_dev_ops.matmul_segments = cpu_dev_matmul_segments;
         cpu_dev_ops.rows_encode = cpu_dev_rows_encode;
         cpu_dev_ops.rows_decode = cpu_dev_rows_decode;

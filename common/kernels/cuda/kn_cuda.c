@@ -242,6 +242,12 @@ static void cuda_download_async(kn_backend_t *be, void *dst, const void *src, si
     CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cu(be)->stream));
 }
 
+static void cuda_copy(kn_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    if (!bytes) return;
+    CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cu(be)->stream));
+}
+
 static void *cuda_event_new(kn_backend_t *be)
 {
     (void)cu(be);
@@ -1301,6 +1307,7 @@ static void cuda_group_bcast(void *grp, void *const *bufs, size_t bytes)
 static const kn_ops_t cuda_ops = {
     .name = "cuda",
     .host_memory = 0,
+    .cuda_memory = 1,
     .destroy = cuda_destroy,
     .alloc = cuda_alloc,
     .free = cuda_free,
@@ -1327,6 +1334,7 @@ static const kn_ops_t cuda_ops = {
     .attention_batch = cuda_attention_batch,
     .fork = cuda_fork,
     .download_async = cuda_download_async,
+    .copy = cuda_copy,
     .event_new = cuda_event_new,
     .event_record = cuda_event_record,
     .event_done = cuda_event_done,
