@@ -7,7 +7,7 @@
 #   4. the GPU benchmarks at Step3 shapes (cuda_bench) and the projected throughput;
 #   then, while the run is within BUDGET_S (270 s), each skipped with a line otherwise:
 #   5. one decode layer through the ops table at Step3 shapes (afd_layer_bench), and the
-#      FFN share's bf16 expert GEMMs per expert and grouped in one launch;
+#      FFN share's fp8 and bf16 expert GEMMs per expert and grouped in one launch;
 #   6. whole clusters on loopback with cuda nodes (FFN with one and two tensor-parallel
 #      ranks) against afd_run on the cpu (cluster_check.py);
 #   7. a 1A1F cluster decoding the mini model on the GPU (afd_bench decode), without and
@@ -157,13 +157,16 @@ if [ -x "$BIN/afd_mkmodel" ]; then
     fi
 fi
 
-# the FFN share with bf16 weights, its expert GEMMs one launch per expert (cuBLASLt) and
-# one launch for all of them (the grouped kernel), side by side
+# the FFN share, its expert GEMMs one launch per expert (cuBLASLt) and one launch for all
+# of them (the grouped kernels), side by side: fp8 (the production weights) first, then bf16
 if [ -x "$BIN/afd_layer_bench" ] && later layer-grouped; then
-    for moe in segmented grouped; do
-        step "layer ffn bf16 $moe" 60 env AFD_CUDA_MOE=$moe "$BIN/afd_layer_bench" \
-            --backend cuda --dtype bf16 --batch 8 --context 64 --tokens 2048 --experts-here 24 \
-            --tp 8 --share-inter 3072
+    for dt in fp8 bf16; do
+        for moe in segmented grouped; do
+            later "layer ffn $dt $moe" || break 2
+            step "layer ffn $dt $moe" 60 env AFD_CUDA_MOE=$moe "$BIN/afd_layer_bench" \
+                --backend cuda --dtype $dt --batch 8 --context 64 --tokens 2048 \
+                --experts-here 24 --tp 8 --share-inter 3072
+        done
     done
 fi
 

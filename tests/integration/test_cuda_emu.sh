@@ -69,6 +69,8 @@ ran layer_bench_fp8_tp2 "$BIN/afd_layer_bench" --backend cuda --dtype fp8 --tp 2
     "${small[@]}" --experts-here 4
 ran layer_bench_bf16_grouped env AFD_CUDA_MOE=grouped "$BIN/afd_layer_bench" --backend cuda \
     --dtype bf16 "${small[@]}"
+ran layer_bench_fp8_grouped env AFD_CUDA_MOE=grouped "$BIN/afd_layer_bench" --backend cuda \
+    --dtype fp8 "${small[@]}"
 M="$MODELS"
 [ -f "$M/blk128-fp8/config.json" ] ||
     "$BIN/afd_mkmodel" --out "$M/blk128-fp8" --preset tiny --dtype fp8 --hidden 512 \

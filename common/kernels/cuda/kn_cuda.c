@@ -599,6 +599,35 @@ static void cuda_matmul(kn_backend_t *be, const float *x, int n, const kn_weight
  * segment whose shape has no block-scaled algorithm is redone alone by cuda_matmul after
  * the widening (which wrote its rows from an output the GEMM never filled).
  */
+/*
+ * The grouped GEMM's inputs besides x: its tile list and, for each of nptr kinds, the
+ * segments' device addresses (ptrs[p * nseg + s], filled by the caller), in host scratch
+ * of tb + pb bytes; the number of tiles.
+ */
+static int grouped_lists(kn_cuda_t *c, const int32_t *off, int nseg, int nptr, int32_t **tiles,
+                         const void ***ptrs, size_t *tb, size_t *pb)
+{
+    int max_tiles = (off[nseg] - off[0]) / 64 + nseg;
+    *tb = sizeof(int32_t) * 3 * (size_t)max_tiles;
+    *pb = sizeof(void *) * (size_t)nseg * (size_t)nptr;
+    char *h = host_scratch(c, SCR(*tb) + *pb);
+    *tiles = (int32_t *)h;
+    *ptrs = (const void **)(h + SCR(*tb));
+    int ntiles = kn_cu_grouped_gemm_tiles(off, nseg, *tiles, max_tiles);
+    CU_ASSERT(ntiles >= 0);
+    return ntiles;
+}
+
+/* Puts grouped_lists's tables in the scratch arena (after the caller's scratch_begin). */
+static void grouped_upload(kn_cuda_t *c, const int32_t *tiles, int ntiles, const void **ptrs,
+                           size_t tb, size_t pb, int32_t **dt, const void ***dp)
+{
+    *dt = scratch_take(c, tb);
+    *dp = scratch_take(c, pb);
+    cuda_upload(&c->base, *dt, tiles, sizeof(int32_t) * 3 * (size_t)ntiles);
+    cuda_upload(&c->base, *dp, ptrs, pb);
+}
+
 static void cuda_matmul_segments(kn_backend_t *be, const float *x, const int32_t *off, int nseg,
                                  const kn_weight_t *w, float *y)
 {
@@ -607,6 +636,29 @@ static void cuda_matmul_segments(kn_backend_t *be, const float *x, const int32_t
     int total = off[nseg] - off[0], same = 1;
     for (int s = 1; s < nseg; s++)
         same &= w[s].rows == M && w[s].cols == K && ((const kn_cu_weight_t *)w[s].aux)->fp8 == fp8;
+    int32_t *tiles, *dt;
+    const void **ptrs, **dp;
+    size_t tb, pb, nk = (size_t)total * K, nm = (size_t)total * M;
+    if (same && fp8 && c->moe_grouped && kn_cu_grouped_gemm_fp8_ok(M, K) && total > 0) {
+        /* block-scaled experts in one launch: the activations quantised once (row-major
+         * scales, the kernel's layout), the weights' data and block scales by address */
+        int ntiles = grouped_lists(c, off, nseg, 2, &tiles, &ptrs, &tb, &pb);
+        for (int s = 0; s < nseg; s++) {
+            ptrs[s] = w[s].data;
+            ptrs[nseg + s] = ((const kn_cu_weight_t *)w[s].aux)->scale_rm;
+        }
+        size_t xsb = sizeof(float) * (size_t)total * (size_t)(K / 128);
+        scratch_begin(c, SCR(nk) + SCR(xsb) + SCR(tb) + SCR(pb));
+        uint8_t *xq = scratch_take(c, nk);
+        float *xs = scratch_take(c, xsb);
+        grouped_upload(c, tiles, ntiles, ptrs, tb, pb, &dt, &dp);
+        CU_CHECK(kn_cu_quant_fp8(x + (size_t)off[0] * K, total, K, xq, xs, KN_SCALE_INNER_FAST,
+                                 c->stream));
+        CU_CHECK(kn_cu_grouped_gemm_fp8(xq, xs, (const uint8_t *const *)dp,
+                                        (const float *const *)(dp + nseg), dt, ntiles, M, K,
+                                        y + (size_t)off[0] * M, c->stream));
+        return;
+    }
     if (!same || M == 0 || K == 0 || (fp8 && c->order_x != KN_SCALE_INNER_FAST)) {
         for (int s = 0; s < nseg; s++) /* the general path, segment by segment */
             if (off[s + 1] > off[s])
@@ -616,27 +668,18 @@ static void cuda_matmul_segments(kn_backend_t *be, const float *x, const int32_t
     }
     const float *x0 = x + (size_t)off[0] * K;
     float *y0 = y + (size_t)off[0] * M;
-    size_t nk = (size_t)total * K, nm = (size_t)total * M;
     if (!fp8 && c->moe_grouped && kn_cu_grouped_gemm_ok(M, K)) {
         /* every segment's tiles in one launch: the tile list and the weights' addresses
          * go up with the call */
-        int max_tiles = total / 64 + nseg;
-        size_t tb = sizeof(int32_t) * 3 * (size_t)max_tiles, pb = sizeof(void *) * (size_t)nseg;
-        char *h = host_scratch(c, SCR(tb) + pb);
-        int32_t *tiles = (int32_t *)h;
-        const void **ptrs = (const void **)(h + SCR(tb));
-        int ntiles = kn_cu_grouped_gemm_tiles(off, nseg, tiles, max_tiles);
-        CU_ASSERT(ntiles >= 0);
+        int ntiles = grouped_lists(c, off, nseg, 1, &tiles, &ptrs, &tb, &pb);
         for (int s = 0; s < nseg; s++)
             ptrs[s] = w[s].data;
         scratch_begin(c, SCR(2 * nk) + SCR(tb) + SCR(pb));
         uint16_t *xb = scratch_take(c, 2 * nk);
-        int32_t *dt = scratch_take(c, tb);
-        const uint16_t **dp = scratch_take(c, pb);
-        cuda_upload(be, dt, tiles, sizeof(int32_t) * 3 * (size_t)ntiles);
-        cuda_upload(be, dp, ptrs, pb);
+        grouped_upload(c, tiles, ntiles, ptrs, tb, pb, &dt, &dp);
         CU_CHECK(kn_cu_f32_to_bf16(x0, xb, nk, c->stream));
-        CU_CHECK(kn_cu_grouped_gemm_bf16(xb, dp, dt, ntiles, M, K, y0, c->stream));
+        CU_CHECK(kn_cu_grouped_gemm_bf16(xb, (const uint16_t *const *)dp, dt, ntiles, M, K, y0,
+                                         c->stream));
         return;
     }
     if (!fp8) {

@@ -71,6 +71,15 @@ int kn_cu_grouped_gemm_tiles(const int32_t *off, int nseg, int32_t *tiles, int m
 cudaError_t kn_cu_grouped_gemm_bf16(const uint16_t *x, const uint16_t *const *w,
                                     const int32_t *tiles, int ntiles, int M, int K, float *y,
                                     cudaStream_t stream);
+/* Whether the fp8 grouped GEMM takes (M, K): whole 128x128 blocks. */
+int kn_cu_grouped_gemm_fp8_ok(int M, int K);
+/* The same for block-scaled e4m3: xq e4m3 (rows, K) with per-128 scales xs (rows, K / 128)
+ * row-major (kn_cu_quant_fp8 with KN_SCALE_INNER_FAST), w and ws device arrays of the
+ * segments' e4m3 (M, K) weights and row-major (M / 128, K / 128) block scales; y float32
+ * (rows, M), each value rounded to bf16 as the block-scaled GEMM's output. */
+cudaError_t kn_cu_grouped_gemm_fp8(const uint8_t *xq, const float *xs, const uint8_t *const *w,
+                                   const float *const *ws, const int32_t *tiles, int ntiles, int M,
+                                   int K, float *y, cudaStream_t stream);
 /* y = (accumulate ? y : 0) + float(d) for bf16 d */
 cudaError_t kn_cu_bf16_to_f32(const uint16_t *d, float *y, size_t n, int accumulate,
                               cudaStream_t stream);
