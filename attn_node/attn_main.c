@@ -1258,6 +1258,9 @@ static void send_heartbeat(attn_node_t *a)
     ns.a2f_bytes = a->a2f_bytes;
     ns.f2a_bytes = a->f2a_bytes;
     ns.tokens = a->tokens;
+    ns.data_plane_device = a->dev_plane;
+    ns.f2a_in_device = a->f2a_in_device;
+    ns.f2a_staged = a->f2a_staged;
     Afd__LatencyHist hs[ATTN_MAX_FFN], *hp[ATTN_MAX_FFN];
     net_lat_to_proto(a->ffn.lat, a->ffn.n, hs, hp);
     ns.n_peer_latency = (size_t)a->ffn.n;

@@ -345,6 +345,7 @@ static void send_heartbeat(ffn_node_t *f)
     ns.a2f_bytes = f->a2f_bytes;
     ns.f2a_bytes = f->f2a_bytes;
     ns.tokens = f->tokens;
+    ns.data_plane_device = f->dev_plane;
     Afd__LatencyHist hs[FFN_MAX_ATTN], *hp[FFN_MAX_ATTN];
     net_lat_to_proto(f->attn.lat, f->attn.n, hs, hp);
     ns.n_peer_latency = (size_t)f->attn.n;

@@ -170,7 +170,20 @@ char *net_metrics_render_node(const Afd__NodeStats *st, const char *role, uint32
                     "afd_node_data_plane_bytes_total{%s,direction=\"a2f\"} %llu\n"
                     "afd_node_data_plane_bytes_total{%s,direction=\"f2a\"} %llu\n",
                     lab, (unsigned long long)st->a2f_bytes, lab, (unsigned long long)st->f2a_bytes);
+    afd_sbuf_printf(&b,
+                    "# HELP afd_node_data_plane_device 1 when A2F/F2A move from and into device "
+                    "memory, 0 when staged through host memory (or a host backend).\n"
+                    "# TYPE afd_node_data_plane_device gauge\nafd_node_data_plane_device{%s} %d\n",
+                    lab, st->data_plane_device ? 1 : 0);
     if (!strcmp(role, "attention")) {
+        afd_sbuf_printf(&b,
+                        "# HELP afd_node_f2a_answers_total FFN answers added on a device "
+                        "backend, by the memory they arrived in.\n"
+                        "# TYPE afd_node_f2a_answers_total counter\n"
+                        "afd_node_f2a_answers_total{%s,memory=\"device\"} %llu\n"
+                        "afd_node_f2a_answers_total{%s,memory=\"host\"} %llu\n",
+                        lab, (unsigned long long)st->f2a_in_device, lab,
+                        (unsigned long long)st->f2a_staged);
         afd_sbuf_printf(&b,
                         "# HELP afd_node_kv_blocks KV cache blocks of this node, by state.\n"
                         "# TYPE afd_node_kv_blocks gauge\n"

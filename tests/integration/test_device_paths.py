@@ -14,11 +14,13 @@ sampling (drawn from the candidates), seeded sampling over the whole vocabulary 
 log-probability for log-probability: the two backends compute the same numbers in the
 same order, so any difference is a mistake in a device path. A third cluster, cpu-dev with
 --data-plane device (A2F sent from the backend's memory, F2A pulled into it), must answer
-the same again.
+the same again, and every node's /metrics must say which data plane it took.
 """
 import os
 import re
 import sys
+import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cluster import Checks, LocalUp, post  # noqa: E402
@@ -41,9 +43,28 @@ REQS = [
 ]
 
 
+def scrape_nodes(logdir):
+    """Each node's /metrics (AFD_METRICS_PORT=0: the port each node logged), by log name."""
+    out = {}
+    for f in os.listdir(logdir):
+        m = re.search(r"metrics on port (\d+)", open(os.path.join(logdir, f)).read())
+        if m and not f.startswith("coord"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/metrics", timeout=10) as r:
+                out[f] = r.read().decode()
+    return out
+
+
+def metric(text, name, **labels):
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def answers(backend, model, data_plane="auto"):
     out = {}
     os.environ["AFD_DATA_PLANE"] = data_plane  # the nodes' --data-plane
+    os.environ["AFD_METRICS_PORT"] = "0"  # the nodes' --metrics-port: any free port
     with LocalUp(model, 1, 2, 2, extra=("--backend", backend, "--ffn-tp", "2")) as c:
         for name, body in REQS:
             body = dict(body, ignore_eos=True)
@@ -51,8 +72,12 @@ def answers(backend, model, data_plane="auto"):
             ch = ans["choices"][0] if st == 200 else {}
             out[name] = (st, ch.get("token_ids"), (ch.get("logprobs") or {}).get("token_logprobs"),
                          (ch.get("logprobs") or {}).get("top_logprobs"))
+        if data_plane == "device":
+            time.sleep(2.5)  # the nodes publish their counters with each heartbeat (1 s)
+            out["metrics"] = scrape_nodes(c.logdir)
     logs = {f: open(os.path.join(c.logdir, f)).read() for f in os.listdir(c.logdir)}
     os.environ.pop("AFD_DATA_PLANE")
+    os.environ.pop("AFD_METRICS_PORT")
     return out, logs
 
 
@@ -89,4 +114,15 @@ for name, _ in REQS:
     r, g = ref[name], got[name]
     ck.check(f"{name}: cpu-dev with the device data plane answers exactly as cpu",
              r[0] == 200 and g == r, f"cpu {r[:2]} cpu-dev {g[:2]}")
+mt = got["metrics"]
+attn_m = [t for f, t in mt.items() if f.startswith("attn")]
+ffn_m = [t for f, t in mt.items() if f.startswith("ffn")]
+ck.check("device data plane: every node's /metrics says so (afd_node_data_plane_device 1)",
+         len(attn_m) == 1 and len(ffn_m) == 2 and
+         all(metric(t, "afd_node_data_plane_device") == 1 for t in attn_m + ffn_m),
+         str({f: metric(t, "afd_node_data_plane_device") for f, t in mt.items()}))
+ck.check("device data plane: the attention node counts its F2A answers by memory",
+         attn_m and (metric(attn_m[0], "afd_node_f2a_answers_total", memory="device") or 0) > 0 and
+         metric(attn_m[0], "afd_node_f2a_answers_total", memory="host") == 0,
+         attn_m[0][:200] if attn_m else "no attention metrics")
 sys.exit(ck.done())

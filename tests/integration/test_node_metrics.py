@@ -61,6 +61,8 @@ try:
                  (value(text, "afd_node_data_plane_bytes_total", direction="a2f") or 0) > 0 and
                  (value(text, "afd_node_peer_latency_seconds_count") or 0) > 0,
                  text[:300])
+        ck.check(f"the {name} node reports its data plane as staged (a host backend)",
+                 value(text, "afd_node_data_plane_device") == 0, text[:300])
     text = scrape(m_attn)
     ck.check("the attention node reports its KV blocks",
              (value(text, "afd_node_kv_blocks", state="total") or 0) > 0 and
