@@ -561,9 +561,9 @@ static double jnum(const cJSON *o, const char *k)
 
 static void print_nodes(const cJSON *root)
 {
-    printf("%-4s %-10s %-5s %-14s %-8s %-10s %-12s %-16s %-8s %-16s %s\n", "ID", "ROLE", "INDEX",
-           "NAME", "STATE", "BACKEND", "EXPERTS", "KV USED/TOTAL", "RUNNING", "BUSY/WAIT s",
-           "PEER: LATENCY[/ANSWER] (mean us)");
+    printf("%-4s %-10s %-5s %-14s %-8s %-10s %-6s %-12s %-16s %-8s %-16s %s\n", "ID", "ROLE",
+           "INDEX", "NAME", "STATE", "BACKEND", "PLANE", "EXPERTS", "KV USED/TOTAL", "RUNNING",
+           "BUSY/WAIT s", "PEER: LATENCY[/ANSWER] (mean us)");
     const cJSON *n;
     cJSON_ArrayForEach(n, cJSON_GetObjectItem(root, "nodes"))
     {
@@ -593,9 +593,10 @@ static void print_nodes(const cJSON *root)
             lat + k, sizeof(lat) - k,
             cJSON_GetObjectItem(l, "answer_mean_us") ? "%s%.0f:%.0f/%.0f" : "%s%.0f:%.0f",
             k ? " " : "", jnum(l, "peer"), jnum(l, "mean_us"), jnum(l, "answer_mean_us"));
-        printf("%-4.0f %-10s %-5.0f %-14s %-8s %-10s %-12s %-16s %-8s %-16s %s\n", jnum(n, "id"),
-               jstr(n, "role"), jnum(n, "index"), jstr(n, "name"), jstr(n, "state"), backend,
-               experts, kv, run, busy, lat);
+        printf("%-4.0f %-10s %-5.0f %-14s %-8s %-10s %-6s %-12s %-16s %-8s %-16s %s\n",
+               jnum(n, "id"), jstr(n, "role"), jnum(n, "index"), jstr(n, "name"), jstr(n, "state"),
+               backend, *jstr(n, "data_plane") ? jstr(n, "data_plane") : "-", experts, kv, run,
+               busy, lat);
     }
 }
 

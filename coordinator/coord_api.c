@@ -976,6 +976,8 @@ static void handle_status(coord_t *c, net_http_req_t *req)
             cJSON_AddNumberToObject(o, "tokens", (double)st->tokens);
             cJSON_AddNumberToObject(o, "a2f_bytes", (double)st->a2f_bytes);
             cJSON_AddNumberToObject(o, "f2a_bytes", (double)st->f2a_bytes);
+            /* where A2F/F2A travel from and to: device memory, or staged through the host */
+            cJSON_AddStringToObject(o, "data_plane", st->data_plane_device ? "device" : "host");
             cJSON_AddItemToObject(o, "busy", times_json(st->busy));
             cJSON *lat = cJSON_AddArrayToObject(o, "peer_latency");
             for (size_t k = 0; k < st->n_peer_latency; k++) {

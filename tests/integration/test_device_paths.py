@@ -23,7 +23,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cluster import Checks, LocalUp, post  # noqa: E402
+from cluster import Checks, LocalUp, get, post  # noqa: E402
 
 MODELS = os.environ.get("MODELS", "build/models")
 ck = Checks()
@@ -75,6 +75,7 @@ def answers(backend, model, data_plane="auto"):
         if data_plane == "device":
             time.sleep(2.5)  # the nodes publish their counters with each heartbeat (1 s)
             out["metrics"] = scrape_nodes(c.logdir)
+            out["status"] = get(c.admin, "/admin/status")[1]
     logs = {f: open(os.path.join(c.logdir, f)).read() for f in os.listdir(c.logdir)}
     os.environ.pop("AFD_DATA_PLANE")
     os.environ.pop("AFD_METRICS_PORT")
@@ -121,6 +122,9 @@ ck.check("device data plane: every node's /metrics says so (afd_node_data_plane_
          len(attn_m) == 1 and len(ffn_m) == 2 and
          all(metric(t, "afd_node_data_plane_device") == 1 for t in attn_m + ffn_m),
          str({f: metric(t, "afd_node_data_plane_device") for f, t in mt.items()}))
+planes = [(n["role"], n.get("data_plane")) for n in got["status"].get("nodes", [])]
+ck.check("device data plane: the admin status (afdctl nodes) shows each node's as device",
+         len(planes) == 3 and all(p == "device" for _, p in planes), str(planes))
 ck.check("device data plane: the attention node counts its F2A answers by memory",
          attn_m and (metric(attn_m[0], "afd_node_f2a_answers_total", memory="device") or 0) > 0 and
          metric(attn_m[0], "afd_node_f2a_answers_total", memory="host") == 0,
