@@ -5,7 +5,8 @@
 # against the cpu backend (cuda_check), a tiny checkpoint through afd_run (model_check)
 # and whole clusters whose nodes run --backend cuda (cluster_check). The emulator is
 # strict where a GPU is silent (device memory the host cannot touch, streams that run
-# only when waited for, checked copies and launches); its own checks come first. Some
+# only when waited for, checked copies and launches, guard pages after every allocation
+# when asked); its own checks come first. Some
 # runs change the emulator's thread order or the order its streams run in, the scale
 # layout its block-scaled GEMM reads, or take that GEMM away (the backend's bf16
 # fallback), or ask for the tensor-core decode attention or the grouped expert GEMMs.
@@ -53,11 +54,15 @@ for order in forward reverse random; do
     step "selftest_$order" env KN_EMU_ORDER=$order "$BUILD/emu/emu_selftest"
 done
 step selftest_shuffled_streams env KN_EMU_STREAMS=shuffle "$BUILD/emu/emu_selftest"
+step selftest_guard_pages env KN_EMU_GUARD=1 "$BUILD/emu/emu_selftest"
 step kernels "$check"
 step kernels_reverse_inner_scales env KN_EMU_ORDER=reverse KN_EMU_SCALE_X=inner_fast \
     KN_EMU_SCALE_W=outer_tight "$check" --quick
 step kernels_no_fp8_gemm env KN_EMU_FP8=0 "$check" --quick matmul
 step kernels_grouped_moe env AFD_CUDA_MOE=grouped KN_EMU_ORDER=random "$check" --quick matmul
+# every allocation against a guard page: a kernel that reads or writes past the end of a
+# buffer dies naming the kernel, its block and thread and the allocation
+step kernels_guard_pages env KN_EMU_GUARD=1 "$check" --quick
 # two devices without NCCL: the ranks' partial sums cross by peer copies
 step group_two_devices env KN_EMU_DEVICES=2 AFD_CUDA_NCCL=0 "$check" group
 step attention_tc_random env AFD_CUDA_ATTN=tc KN_EMU_ORDER=random "$check" --quick attention
@@ -87,6 +92,7 @@ step cluster python3 tests/cuda/cluster_check.py "$BIN" "$M"
 seed=$((RANDOM * 32768 + RANDOM))
 step "cluster_shuffled_streams_seed_$seed" env KN_EMU_STREAMS=shuffle KN_EMU_SEED=$seed \
     python3 tests/cuda/cluster_check.py "$BIN" "$M"
+step cluster_guard_pages env KN_EMU_GUARD=1 python3 tests/cuda/cluster_check.py "$BIN" "$M" 1a1f
 step cluster_two_devices env KN_EMU_DEVICES=2 AFD_CUDA_NCCL=0 CLUSTER_CHECK_GPUS=2 \
     python3 tests/cuda/cluster_check.py "$BIN" "$M" two_devices
 [ "$fails" -eq 0 ]

@@ -3,13 +3,13 @@
  * kernels right and make the faults it claims to expose show: a missing __syncthreads
  * changes the result between thread orders, a barrier some threads never reach is a
  * deadlock, a full-mask shuffle in a partial warp is refused, host code touching device
- * memory dies with a message, another device's memory or stream is refused without peer
- * access, a pageable pointer
- * passed to a kernel is refused, an asynchronous copy read before its stream is waited
- * for shows the old bytes, a read that another stream overwrites without waiting shows
- * the new ones under KN_EMU_STREAMS=shuffle, copies out of bounds fail, and dynamic shared memory
- * past the kernel's limit fails to launch. Faults that end the process run in a child. Prints "ok -
- * NAME" / "not ok - NAME" lines.
+ * memory dies with a message (with KN_EMU_GUARD=1 instead: a kernel writing past an
+ * allocation's end dies naming it), another device's memory or stream is refused without
+ * peer access, a pageable pointer passed to a kernel is refused, an asynchronous copy read
+ * before its stream is waited for shows the old bytes, a read that another stream
+ * overwrites without waiting shows the new ones under KN_EMU_STREAMS=shuffle, copies out
+ * of bounds fail, and dynamic shared memory past the kernel's limit fails to launch.
+ * Faults that end the process run in a child. Prints "ok - NAME" / "not ok - NAME" lines.
  */
 #include "kn_cuda_common.cuh"
 
@@ -161,6 +161,14 @@ static void child_host_touch(void)
 {
     float *d = dev_floats(NULL, 4);
     d[1] = 2.0f; /* a device pointer used as a host one */
+}
+
+/* 33 floats, written by 40 threads: past the allocation's end (KN_EMU_GUARD) */
+static void child_overrun(void)
+{
+    float *d = dev_floats(NULL, 33);
+    KN_LAUNCH(touch, 1, 40, 0, 0)(d);
+    cudaDeviceSynchronize();
 }
 
 static void child_pageable_arg(void)
@@ -416,8 +424,15 @@ int main(void)
     report("partial_warp_shuffle_reported", died, seen);
     died = dies_with(child_peer_memory, "without peer access", seen, sizeof(seen));
     report("peer_memory_without_access_reported", died, seen);
-    died = dies_with(child_host_touch, "host code touched device memory", seen, sizeof(seen));
-    report("host_touch_reported", died, seen);
+    const char *guard = getenv("KN_EMU_GUARD");
+    if (guard && !strcmp(guard, "1")) { /* device memory open to the host, guard pages */
+        died =
+            dies_with(child_overrun, "past the end of the device allocation", seen, sizeof(seen));
+        report("overrun_reported", died, seen);
+    } else {
+        died = dies_with(child_host_touch, "host code touched device memory", seen, sizeof(seen));
+        report("host_touch_reported", died, seen);
+    }
     died = dies_with(child_pageable_arg, "pageable host memory", seen, sizeof(seen));
     report("pageable_argument_reported", died, seen);
     return failures ? 1 : 0;

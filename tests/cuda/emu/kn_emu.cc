@@ -31,7 +31,10 @@
  * exist), KN_EMU_SCALE_W / KN_EMU_SCALE_X (outer_fast, inner_fast, outer_tight: where the
  * block-scaled matmul reads its scales), KN_EMU_PROTECT (1), KN_EMU_ORDER (forward),
  * KN_EMU_STREAMS (lazy, shuffle), KN_EMU_SEED (0: the random order's and the shuffle's
- * seed), KN_EMU_MEM_GB (64: the device region's size).
+ * seed), KN_EMU_GUARD (0; 1: each allocation ends at an inaccessible page, so that an
+ * access past its end faults with a message naming the kernel, its block and thread and
+ * the allocation; device memory is then open to the host, KN_EMU_PROTECT's check off),
+ * KN_EMU_MEM_GB (64: the device region's size).
  */
 #include "cublasLt.h"
 #include "cuda_bf16.h"
@@ -73,7 +76,7 @@ int env_int(const char *name, int def)
 enum order_t { ORDER_FORWARD, ORDER_REVERSE, ORDER_RANDOM };
 
 struct config {
-    int devices, fp8, protect, scale_w, scale_x;
+    int devices, fp8, protect, guard, scale_w, scale_x;
     order_t order;
     bool shuffle; /* KN_EMU_STREAMS=shuffle: other streams' work runs early, at random */
     unsigned long long seed;
@@ -86,7 +89,8 @@ struct config {
         seed = sd && *sd ? strtoull(sd, nullptr, 0) : 0;
         devices = env_int("KN_EMU_DEVICES", 1);
         fp8 = env_int("KN_EMU_FP8", 1);
-        protect = env_int("KN_EMU_PROTECT", 1);
+        guard = env_int("KN_EMU_GUARD", 0);
+        protect = guard ? 0 : env_int("KN_EMU_PROTECT", 1); /* guard pages instead */
         scale_w = scale_order(getenv("KN_EMU_SCALE_W"));
         scale_x = scale_order(getenv("KN_EMU_SCALE_X"));
         const char *o = getenv("KN_EMU_ORDER");
@@ -171,11 +175,17 @@ struct devmem {
     std::map<uintptr_t, int> dev_of;   /* address -> the device it was allocated on */
     int depth = 0;                     /* open (accessible) while > 0 */
     std::map<uintptr_t, size_t> pinned;
+    /* KN_EMU_GUARD: each allocation ends where an inaccessible page begins (its data
+     * right-aligned to 16 bytes before it), and its pages are always open: a read or
+     * write past the end faults at once, in a kernel or anywhere else */
+    std::map<uintptr_t, std::pair<size_t, size_t>> span; /* address -> (offset, pages) */
+    size_t page = 0;
 
     void init()
     {
         if (base) return;
         cap = cfg().mem_bytes;
+        page = (size_t)sysconf(_SC_PAGESIZE);
         void *p = mmap(nullptr, cap, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (p == MAP_FAILED) fatal("cannot reserve %zu bytes of address space", cap);
         base = (char *)p;
@@ -214,9 +224,69 @@ struct devmem {
         --it;
         return a >= it->first && a <= it->first + it->second;
     }
+    /* a free run of n pages from the free list or the top; its offset, or SIZE_MAX */
+    size_t take_pages(size_t n)
+    {
+        size_t want = n * page;
+        for (auto it = free_ext.begin(); it != free_ext.end(); ++it)
+            if (it->second >= want) {
+                size_t off = it->first, rest = it->second - want;
+                free_ext.erase(it);
+                if (rest) free_ext[off + want] = rest;
+                return off;
+            }
+        if (top + want > cap) return SIZE_MAX;
+        top += want;
+        return top - want;
+    }
+    void *alloc_guarded(size_t bytes)
+    {
+        size_t sz = (std::max<size_t>(bytes, 1) + 15) & ~(size_t)15;
+        size_t np = (sz + page - 1) / page, off = take_pages(np + 1); /* + the guard page */
+        if (off == SIZE_MAX) return nullptr;
+        mprotect(base + off, np * page, PROT_READ | PROT_WRITE);
+        char *p = base + off + np * page - sz;
+        live[(uintptr_t)p] = bytes;
+        dev_of[(uintptr_t)p] = g_device;
+        span[(uintptr_t)p] = {off, np};
+        memset(p, 0xcd, std::min<size_t>(sz, (size_t)1 << 20));
+        return p;
+    }
+    bool release_guarded(void *p)
+    {
+        auto it = span.find((uintptr_t)p);
+        if (it == span.end()) return false;
+        size_t off = it->second.first, np = it->second.second;
+        span.erase(it);
+        live.erase((uintptr_t)p);
+        dev_of.erase((uintptr_t)p);
+        mprotect(base + off, np * page, PROT_NONE);
+        madvise(base + off, np * page, MADV_DONTNEED);
+        give_back(off, (np + 1) * page);
+        return true;
+    }
+    void give_back(size_t off, size_t sz)
+    {
+        auto nx = free_ext.lower_bound(off); /* coalesce with the neighbours */
+        if (nx != free_ext.end() && nx->first == off + sz) {
+            sz += nx->second;
+            free_ext.erase(nx);
+        }
+        auto pv = free_ext.lower_bound(off);
+        if (pv != free_ext.begin()) {
+            --pv;
+            if (pv->first + pv->second == off) {
+                off = pv->first;
+                sz += pv->second;
+                free_ext.erase(pv);
+            }
+        }
+        free_ext[off] = sz;
+    }
     void *alloc(size_t bytes)
     {
         init();
+        if (cfg().guard) return alloc_guarded(bytes);
         size_t sz = (std::max<size_t>(bytes, 1) + 255) & ~(size_t)255;
         size_t off = SIZE_MAX;
         for (auto it = free_ext.begin(); it != free_ext.end(); ++it)
@@ -248,6 +318,7 @@ struct devmem {
     }
     bool release(void *p)
     {
+        if (cfg().guard) return release_guarded(p);
         auto it = live.find((uintptr_t)p);
         if (it == live.end()) return false;
         size_t off = (size_t)((char *)p - base);
@@ -255,21 +326,7 @@ struct devmem {
         live.erase(it);
         dev_of.erase((uintptr_t)p);
         if (sz >= ((size_t)1 << 20)) madvise(p, sz, MADV_DONTNEED);
-        auto nx = free_ext.lower_bound(off); /* coalesce with the neighbours */
-        if (nx != free_ext.end() && nx->first == off + sz) {
-            sz += nx->second;
-            free_ext.erase(nx);
-        }
-        auto pv = free_ext.lower_bound(off);
-        if (pv != free_ext.begin()) {
-            --pv;
-            if (pv->first + pv->second == off) {
-                off = pv->first;
-                sz += pv->second;
-                free_ext.erase(pv);
-            }
-        }
-        free_ext[off] = sz;
+        give_back(off, sz);
         return true;
     }
 };
@@ -289,8 +346,53 @@ struct dev_access {
 
 struct sigaction g_old_segv;
 
+/* what runs on the device now, for a fault's message: the kernel ("" outside one) and
+ * the thread of its block */
+const char *g_fault_kernel = "";
+unsigned g_fault_thread;
+
+/* KN_EMU_GUARD: an access that reached a guard page, named by the allocations around it */
+void guard_fault(void *addr)
+{
+    char msg[512];
+    uintptr_t a = (uintptr_t)addr;
+    int n = 0;
+    if (*g_fault_kernel)
+        n = snprintf(msg, sizeof(msg),
+                     "kn_emu: kernel %s, block (%u,%u,%u) thread %u: ", g_fault_kernel,
+                     kn_emu::block_idx.x, kn_emu::block_idx.y, kn_emu::block_idx.z, g_fault_thread);
+    else
+        n = snprintf(msg, sizeof(msg), "kn_emu: device work or host code: ");
+    auto it = g_mem.live.upper_bound(a);
+    if (it != g_mem.live.begin()) {
+        auto below = std::prev(it);
+        n += snprintf(msg + n, sizeof(msg) - (size_t)n,
+                      "an access %zu bytes past the end of the device allocation at %p (%zu "
+                      "bytes)",
+                      (size_t)(a - below->first - below->second), (void *)below->first,
+                      below->second);
+    } else {
+        n += snprintf(msg + n, sizeof(msg) - (size_t)n, "an access to %p", addr);
+    }
+    if (it != g_mem.live.end())
+        n += snprintf(msg + n, sizeof(msg) - (size_t)n,
+                      " (or %zu bytes before the one at %p, %zu bytes)", (size_t)(it->first - a),
+                      (void *)it->first, it->second);
+    n += snprintf(msg + n, sizeof(msg) - (size_t)n, ": outside every allocation\n");
+    if (write(2, msg, (size_t)n) < 0) { /* nothing more to do */
+    }
+}
+
 void on_segv(int sig, siginfo_t *si, void *uc)
 {
+    if (g_mem.in_region(si->si_addr) && cfg().guard) {
+        guard_fault(si->si_addr);
+        void *bt[32];
+        int k = backtrace(bt, 32);
+        backtrace_symbols_fd(bt, k, 2);
+        signal(SIGSEGV, SIG_DFL);
+        return; /* the access faults again, now fatally */
+    }
     if (g_mem.in_region(si->si_addr)) {
         char msg[256];
         size_t off = (size_t)((char *)si->si_addr - g_mem.base);
@@ -629,6 +731,7 @@ void to_scheduler()
 void to_fiber(fiber *f)
 {
     g_cur = f;
+    g_fault_thread = f->lin;
 #if defined(__x86_64__)
     kn_emu_switch(&g_sched_sp, f->sp);
 #else
@@ -757,6 +860,7 @@ void run_launch(const char *name, dim3 grid, dim3 block, size_t smem,
     g_nthreads = block.x * block.y * block.z;
     g_body = &body;
     g_kernel_name = name;
+    g_fault_kernel = name;
     g_smem.assign(smem + 128, (char)0xff);
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
@@ -766,6 +870,7 @@ void run_launch(const char *name, dim3 grid, dim3 block, size_t smem,
                 run_block();
             }
     g_body = nullptr;
+    g_fault_kernel = "";
 }
 
 } // namespace
