@@ -88,11 +88,10 @@ export CLUSTER_CHECK_DEVICE_HOST=1
 step cluster python3 tests/cuda/cluster_check.py "$BIN" "$M"
 # the streams' work in a random order a device could take (other streams run early): a
 # missing wait between micro-batches, ranks or copies shows as a wrong answer; the seed
-# is in the step's name, to run it again
+# is in the step's name, to run it again. With guard pages after every allocation, too.
 seed=$((RANDOM * 32768 + RANDOM))
-step "cluster_shuffled_streams_seed_$seed" env KN_EMU_STREAMS=shuffle KN_EMU_SEED=$seed \
-    python3 tests/cuda/cluster_check.py "$BIN" "$M"
-step cluster_guard_pages env KN_EMU_GUARD=1 python3 tests/cuda/cluster_check.py "$BIN" "$M" 1a1f
+step "cluster_shuffled_streams_guard_pages_seed_$seed" env KN_EMU_STREAMS=shuffle \
+    KN_EMU_SEED=$seed KN_EMU_GUARD=1 python3 tests/cuda/cluster_check.py "$BIN" "$M"
 step cluster_two_devices env KN_EMU_DEVICES=2 AFD_CUDA_NCCL=0 CLUSTER_CHECK_GPUS=2 \
     python3 tests/cuda/cluster_check.py "$BIN" "$M" two_devices
 [ "$fails" -eq 0 ]
