@@ -153,6 +153,21 @@ def get(url, path, timeout=10):
         return e.code, json.loads(e.read() or b"null")
 
 
+def scrape(url):
+    """The Prometheus text at url + /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_value(text, name, **labels):
+    """The value of the first sample of metric `name` carrying every label given, or None."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def stream(url, path, body, timeout=60):
     """POST with stream=true; returns the list of decoded data events (the last is '[DONE]')."""
     req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",

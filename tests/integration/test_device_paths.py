@@ -20,10 +20,10 @@ import os
 import re
 import sys
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cluster import Checks, LocalUp, get, post  # noqa: E402
+from cluster import Checks, LocalUp, get, post, scrape  # noqa: E402
+from cluster import metric_value as metric  # noqa: E402
 
 MODELS = os.environ.get("MODELS", "build/models")
 ck = Checks()
@@ -49,16 +49,8 @@ def scrape_nodes(logdir):
     for f in os.listdir(logdir):
         m = re.search(r"metrics on port (\d+)", open(os.path.join(logdir, f)).read())
         if m and not f.startswith("coord"):
-            with urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/metrics", timeout=10) as r:
-                out[f] = r.read().decode()
+            out[f] = scrape(f"http://127.0.0.1:{m.group(1)}")
     return out
-
-
-def metric(text, name, **labels):
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def answers(backend, model, data_plane="auto"):

@@ -11,23 +11,11 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cluster import Checks, LocalUp, post  # noqa: E402
+from cluster import metric_value as value, scrape as metrics  # noqa: E402
 
 MODELS = os.environ.get("MODELS", "build/models")
 model = os.path.join(MODELS, "tiny-bf16")
 ck = Checks()
-
-
-def metrics(url):
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
-def value(text, name, **labels):
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 with LocalUp(model, 1, 2, 3) as c:

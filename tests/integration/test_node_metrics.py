@@ -10,6 +10,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cluster import BIN, TMP, Checks, free_port, get, post  # noqa: E402
+from cluster import metric_value as value, scrape as scrape_url  # noqa: E402
 
 MODELS = os.environ.get("MODELS", "build/models")
 model = os.path.join(MODELS, "tiny-bf16")
@@ -25,15 +26,7 @@ def start(name, argv):
 
 
 def scrape(p):
-    with urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
-def value(text, name, **labels):
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    return scrape_url(f"http://127.0.0.1:{p}")
 
 
 start("coordinator", [os.path.join(BIN, "afd_coordinator"), "--model", model, "--cluster-token",

@@ -224,10 +224,9 @@ struct devmem {
         --it;
         return a >= it->first && a <= it->first + it->second;
     }
-    /* a free run of n pages from the free list or the top; its offset, or SIZE_MAX */
-    size_t take_pages(size_t n)
+    /* want bytes from the free list (first fit) or the top; the offset, or SIZE_MAX */
+    size_t take(size_t want)
     {
-        size_t want = n * page;
         for (auto it = free_ext.begin(); it != free_ext.end(); ++it)
             if (it->second >= want) {
                 size_t off = it->first, rest = it->second - want;
@@ -242,7 +241,7 @@ struct devmem {
     void *alloc_guarded(size_t bytes)
     {
         size_t sz = (std::max<size_t>(bytes, 1) + 15) & ~(size_t)15;
-        size_t np = (sz + page - 1) / page, off = take_pages(np + 1); /* + the guard page */
+        size_t np = (sz + page - 1) / page, off = take((np + 1) * page); /* + the guard page */
         if (off == SIZE_MAX) return nullptr;
         mprotect(base + off, np * page, PROT_READ | PROT_WRITE);
         char *p = base + off + np * page - sz;
@@ -288,25 +287,12 @@ struct devmem {
         init();
         if (cfg().guard) return alloc_guarded(bytes);
         size_t sz = (std::max<size_t>(bytes, 1) + 255) & ~(size_t)255;
-        size_t off = SIZE_MAX;
-        for (auto it = free_ext.begin(); it != free_ext.end(); ++it)
-            if (it->second >= sz) {
-                off = it->first;
-                size_t rest = it->second - sz;
-                free_ext.erase(it);
-                if (rest) free_ext[off + sz] = rest;
-                break;
-            }
-        if (off == SIZE_MAX) {
-            if (top + sz > cap) return nullptr;
-            off = top;
-            top += sz;
-            size_t page = (size_t)sysconf(_SC_PAGESIZE);
-            size_t nh = (top + page - 1) / page * page;
-            if (nh > hwm) {
-                if (depth > 0 || !protect()) mprotect(base + hwm, nh - hwm, PROT_READ | PROT_WRITE);
-                hwm = nh;
-            }
+        size_t off = take(sz);
+        if (off == SIZE_MAX) return nullptr;
+        size_t nh = (top + page - 1) / page * page;
+        if (nh > hwm) { /* the top grew: its new pages open with the rest */
+            if (depth > 0 || !protect()) mprotect(base + hwm, nh - hwm, PROT_READ | PROT_WRITE);
+            hwm = nh;
         }
         char *p = base + off;
         live[(uintptr_t)p] = bytes;
@@ -343,95 +329,6 @@ struct dev_access {
         g_mem.close();
     }
 };
-
-struct sigaction g_old_segv;
-
-/* what runs on the device now, for a fault's message: the kernel ("" outside one) and
- * the thread of its block */
-const char *g_fault_kernel = "";
-unsigned g_fault_thread;
-
-/* KN_EMU_GUARD: an access that reached a guard page, named by the allocations around it */
-void guard_fault(void *addr)
-{
-    char msg[512];
-    uintptr_t a = (uintptr_t)addr;
-    int n = 0;
-    if (*g_fault_kernel)
-        n = snprintf(msg, sizeof(msg),
-                     "kn_emu: kernel %s, block (%u,%u,%u) thread %u: ", g_fault_kernel,
-                     kn_emu::block_idx.x, kn_emu::block_idx.y, kn_emu::block_idx.z, g_fault_thread);
-    else
-        n = snprintf(msg, sizeof(msg), "kn_emu: device work or host code: ");
-    auto it = g_mem.live.upper_bound(a);
-    if (it != g_mem.live.begin()) {
-        auto below = std::prev(it);
-        n += snprintf(msg + n, sizeof(msg) - (size_t)n,
-                      "an access %zu bytes past the end of the device allocation at %p (%zu "
-                      "bytes)",
-                      (size_t)(a - below->first - below->second), (void *)below->first,
-                      below->second);
-    } else {
-        n += snprintf(msg + n, sizeof(msg) - (size_t)n, "an access to %p", addr);
-    }
-    if (it != g_mem.live.end())
-        n += snprintf(msg + n, sizeof(msg) - (size_t)n,
-                      " (or %zu bytes before the one at %p, %zu bytes)", (size_t)(it->first - a),
-                      (void *)it->first, it->second);
-    n += snprintf(msg + n, sizeof(msg) - (size_t)n, ": outside every allocation\n");
-    if (write(2, msg, (size_t)n) < 0) { /* nothing more to do */
-    }
-}
-
-void on_segv(int sig, siginfo_t *si, void *uc)
-{
-    if (g_mem.in_region(si->si_addr) && cfg().guard) {
-        guard_fault(si->si_addr);
-        void *bt[32];
-        int k = backtrace(bt, 32);
-        backtrace_symbols_fd(bt, k, 2);
-        signal(SIGSEGV, SIG_DFL);
-        return; /* the access faults again, now fatally */
-    }
-    if (g_mem.in_region(si->si_addr)) {
-        char msg[256];
-        size_t off = (size_t)((char *)si->si_addr - g_mem.base);
-        int n = snprintf(msg, sizeof(msg),
-                         "kn_emu: host code touched device memory at %p (offset %zu of the "
-                         "device region): a device pointer used as a host one\n",
-                         si->si_addr, off);
-        if (write(2, msg, (size_t)n) < 0) { /* nothing more to do */
-        }
-        void *bt[32];
-        int k = backtrace(bt, 32);
-        backtrace_symbols_fd(bt, k, 2);
-        signal(SIGSEGV, SIG_DFL);
-        return; /* the access faults again, now fatally */
-    }
-    if (g_old_segv.sa_flags & SA_SIGINFO && g_old_segv.sa_sigaction) {
-        g_old_segv.sa_sigaction(sig, si, uc);
-        return;
-    }
-    if (g_old_segv.sa_handler != SIG_DFL && g_old_segv.sa_handler != SIG_IGN &&
-        g_old_segv.sa_handler) {
-        g_old_segv.sa_handler(sig);
-        return;
-    }
-    signal(SIGSEGV, SIG_DFL);
-}
-
-void install_segv()
-{
-    static bool done;
-    if (done) return;
-    done = true;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_sigaction = on_segv;
-    sa.sa_flags = SA_SIGINFO;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGSEGV, &sa, &g_old_segv);
-}
 
 /* ---- streams and events ---- */
 
@@ -521,12 +418,7 @@ void flush_until(kn_emu_stream *s, uint64_t seq)
 {
     if (s->q.empty() || s->q.front().seq > seq) return;
     dev_access a; /* once for the run of operations */
-    if (cfg().shuffle && g_flush_depth == 0) {
-        g_flush_depth++;
-        shuffle_others(s);
-        g_flush_depth--;
-    }
-    g_flush_depth++;
+    if (g_flush_depth++ == 0 && cfg().shuffle) shuffle_others(s);
     run_until(s, seq);
     g_flush_depth--;
 }
@@ -683,6 +575,89 @@ const std::function<void()> *g_body;
 unsigned g_nthreads;
 std::vector<char> g_smem;
 const char *g_kernel_name = "";
+
+/* ---- faults in device memory ---- */
+
+struct sigaction g_old_segv;
+
+/* KN_EMU_GUARD: an access that reached a guard page, named by the allocations around it */
+void guard_fault(void *addr)
+{
+    char msg[512];
+    uintptr_t a = (uintptr_t)addr;
+    int n = 0;
+    if (g_cur) /* inside a kernel */
+        n = snprintf(msg, sizeof(msg),
+                     "kn_emu: kernel %s, block (%u,%u,%u) thread %u: ", g_kernel_name,
+                     kn_emu::block_idx.x, kn_emu::block_idx.y, kn_emu::block_idx.z, g_cur->lin);
+    else
+        n = snprintf(msg, sizeof(msg), "kn_emu: device work or host code: ");
+    auto it = g_mem.live.upper_bound(a);
+    if (it != g_mem.live.begin()) {
+        auto below = std::prev(it);
+        n += snprintf(msg + n, sizeof(msg) - (size_t)n,
+                      "an access %zu bytes past the end of the device allocation at %p (%zu "
+                      "bytes)",
+                      (size_t)(a - below->first - below->second), (void *)below->first,
+                      below->second);
+    } else {
+        n += snprintf(msg + n, sizeof(msg) - (size_t)n, "an access to %p", addr);
+    }
+    if (it != g_mem.live.end())
+        n += snprintf(msg + n, sizeof(msg) - (size_t)n,
+                      " (or %zu bytes before the one at %p, %zu bytes)", (size_t)(it->first - a),
+                      (void *)it->first, it->second);
+    n += snprintf(msg + n, sizeof(msg) - (size_t)n, ": outside every allocation\n");
+    if (write(2, msg, (size_t)n) < 0) { /* nothing more to do */
+    }
+}
+
+void on_segv(int sig, siginfo_t *si, void *uc)
+{
+    if (g_mem.in_region(si->si_addr)) {
+        if (cfg().guard) {
+            guard_fault(si->si_addr);
+        } else {
+            char msg[256];
+            size_t off = (size_t)((char *)si->si_addr - g_mem.base);
+            int n = snprintf(msg, sizeof(msg),
+                             "kn_emu: host code touched device memory at %p (offset %zu of the "
+                             "device region): a device pointer used as a host one\n",
+                             si->si_addr, off);
+            if (write(2, msg, (size_t)n) < 0) { /* nothing more to do */
+            }
+        }
+        void *bt[32];
+        int k = backtrace(bt, 32);
+        backtrace_symbols_fd(bt, k, 2);
+        signal(SIGSEGV, SIG_DFL);
+        return; /* the access faults again, now fatally */
+    }
+    if (g_old_segv.sa_flags & SA_SIGINFO && g_old_segv.sa_sigaction) {
+        g_old_segv.sa_sigaction(sig, si, uc);
+        return;
+    }
+    if (g_old_segv.sa_handler != SIG_DFL && g_old_segv.sa_handler != SIG_IGN &&
+        g_old_segv.sa_handler) {
+        g_old_segv.sa_handler(sig);
+        return;
+    }
+    signal(SIGSEGV, SIG_DFL);
+}
+
+void install_segv()
+{
+    static bool done;
+    if (done) return;
+    done = true;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+}
+
 #if !defined(__x86_64__)
 ucontext_t g_sched_uc;
 #endif
@@ -731,7 +706,6 @@ void to_scheduler()
 void to_fiber(fiber *f)
 {
     g_cur = f;
-    g_fault_thread = f->lin;
 #if defined(__x86_64__)
     kn_emu_switch(&g_sched_sp, f->sp);
 #else
@@ -860,7 +834,6 @@ void run_launch(const char *name, dim3 grid, dim3 block, size_t smem,
     g_nthreads = block.x * block.y * block.z;
     g_body = &body;
     g_kernel_name = name;
-    g_fault_kernel = name;
     g_smem.assign(smem + 128, (char)0xff);
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
@@ -870,7 +843,7 @@ void run_launch(const char *name, dim3 grid, dim3 block, size_t smem,
                 run_block();
             }
     g_body = nullptr;
-    g_fault_kernel = "";
+    g_kernel_name = "";
 }
 
 } // namespace
